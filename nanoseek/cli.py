@@ -1,0 +1,82 @@
+"""`nanoseek <command>`: one entry point, each command implemented in the module that owns the idea.
+
+A command module exposes `add_arguments(parser)` and `run(args) -> int | None`. Modules are imported
+lazily so `nanoseek info` does not pay for importing the trainer. A `UserError` anywhere becomes one line
+on stderr and exit code 2 (bad config, data, checkpoint or argument); other exceptions are bugs and keep
+their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from nanoseek.errors import UserError
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("nanoseek.info", "parameter, KV-cache, FLOP and cost accounting of a model config"),
+    "tokenizer": ("nanoseek.tokenizer", "train a byte-level BPE tokenizer on the task corpus"),
+    "pretrain": ("nanoseek.train.commands", "pretrain a model (next-token + MTP + balancing)"),
+    "sft": ("nanoseek.train.commands", "supervised fine-tuning on chat data, loss on responses"),
+    "extend": ("nanoseek.train.commands", "context extension with YaRN (V3 §4.3)"),
+    "generate": ("nanoseek.rl.commands", "sample completions from a checkpoint"),
+    "chat": ("nanoseek.rl.commands", "interactive chat with a checkpoint"),
+    "grpo": ("nanoseek.rl.commands", "GRPO reinforcement learning with rule-based rewards"),
+    "ppo": ("nanoseek.rl.commands", "PPO baseline with a value model and GAE"),
+    "eval": ("nanoseek.eval", "pass@1 over k samples, cons@k, format rate, with 95%% intervals"),
+    "coldstart": ("nanoseek.pipeline", "R1 stage 1: build cold-start long-CoT data and SFT from the base"),
+    "rejection": ("nanoseek.pipeline", "R1 stage 3: rejection sampling into an SFT data set"),
+    "reward-model": ("nanoseek.rl.reward_model", "train a Bradley-Terry reward model on preference pairs"),
+    "distill": ("nanoseek.distill", "distil a teacher's traces into a dense student"),
+    "pipeline": ("nanoseek.pipeline", "the whole R1 story on an embedded default, ending in a report"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 training, end to end.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:  # only import the module of the command being run
+            _module(name).add_arguments(p)
+    return parser
+
+
+def _module(name: str):
+    module, _ = COMMANDS[name]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("nanoseek"):
+            raise UserError(f"command {name!r} is not available in this build ({e.name} missing)") from None
+        raise
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        parser = build_parser(command if command in COMMANDS else None)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # argparse already printed a one-line usage error
+            return int(e.code or 0)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        handler = getattr(_module(args.command), "run")
+        rc = handler(args)
+        return int(rc or 0)
+    except UserError as e:
+        print(f"nanoseek {command or ''}: error: {e}".replace("  ", " "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
