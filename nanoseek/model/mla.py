@@ -1,0 +1,130 @@
+"""Multi-head latent attention (DeepSeek-V2 §2.1, V3 §2.1.1) and its latent KV cache.
+
+Keys and values are compressed jointly into c_kv [kv_lora_rank] per token; the position signal rides on ONE
+extra rope head k_pe [qk_rope_head_dim] shared by all heads (decoupled RoPE). Two ways to attend:
+
+- full path (training, scoring): expand c_kv into per-head k_nope and v with W_kvb and run SDPA;
+- latent path (decoding with a cache): keep only [c_kv | rotated k_pe] (576 values/token/layer for V3) and
+  fold W_kvb into the computation: q_nope·k_nope = (W_uk^T q_nope)·c_kv and o = W_uv (Σ p·c_kv), so
+  attention is multi-query over the latent. Both paths give the same outputs to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.errors import UserError
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import apply_rope, softmax_scale
+
+
+class MLACache:
+    """Latent KV cache: latent [L, B, S, kv_lora_rank + qk_rope_head_dim]; slots [0, length) are filled."""
+
+    def __init__(self, latent: torch.Tensor):
+        self.latent = latent
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.latent.shape[2]
+
+    def update(self, layer: int, new: torch.Tensor) -> torch.Tensor:
+        """Write new [B, T, D] at slots [length, length+T) of `layer`; return slots [0, length+T)."""
+        end = self.length + new.shape[1]
+        if end > self.max_len:
+            raise UserError(f"KV cache holds {self.max_len} tokens but {end} are needed; create it with a larger max_len")
+        self.latent[layer, :, self.length:end] = new
+        return self.latent[layer, :, :end]
+
+    def select(self, rows: torch.Tensor) -> "MLACache":
+        """Keep (and reorder) batch rows: a long index or a bool mask [B]. Returns self."""
+        self.latent = self.latent[:, rows]
+        return self
+
+    reorder = select
+
+
+def attention_mask_for(attention_mask: torch.Tensor | None, T: int, past: int,
+                       device: torch.device) -> torch.Tensor | None:
+    """Boolean SDPA mask [B|1, 1, T, past+T]: query t (slot past+t) sees slot s <= past+t that is a real token.
+
+    None when plain causal attention over T keys suffices (SDPA's is_causal). A query always sees itself, so
+    rows of left padding stay finite (their outputs are never used)."""
+    if attention_mask is None and past == 0:
+        return None
+    q_slot = torch.arange(T, device=device)[:, None] + past                    # [T, 1]
+    k_slot = torch.arange(past + T, device=device)[None, :]                    # [1, S]
+    allowed = (k_slot <= q_slot)[None, None]                                    # [1, 1, T, S]
+    if attention_mask is not None:
+        allowed = (allowed & attention_mask[:, None, None, :].bool()) | (k_slot == q_slot)
+    return allowed
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        self.scale = softmax_scale(cfg)
+        self.q_lora = cfg.q_lora_rank is not None
+        H, nh, qk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, nh * qk, bias=False)
+        else:                                                   # low-rank query (V3): W_qb · RMSNorm(W_qa · h)
+            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, nh * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(nh * cfg.v_head_dim, H, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None, cache: MLACache | None = None) -> torch.Tensor:
+        """x [B, T, H]; cos/sin [B, T, rope/2]; mask from `attention_mask_for` -> [B, T, H]."""
+        B, T, _ = x.shape
+        nh = self.n_heads
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        q_nope, q_pe = q.view(B, T, nh, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)  # [B, nh, T, *]
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)         # [B, T, r], [B, T, rope]
+        c_kv = self.kv_a_layernorm(c_kv)
+        cos, sin = cos[:, None], sin[:, None]                                                    # [B, 1, T, rope/2]
+        q_pe = apply_rope(q_pe, cos, sin)                                                        # [B, nh, T, rope]
+        k_pe = apply_rope(k_pe[:, None], cos, sin)                                               # [B, 1, T, rope]
+        if cache is None:
+            o = self._attend_expanded(q_nope, q_pe, c_kv, k_pe, mask)
+        else:
+            o = self._attend_latent(q_nope, q_pe, c_kv, k_pe, mask, cache)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, nh * self.v_dim))
+
+    def _attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Full path: per-head keys/values from c_kv; SDPA over [B, nh, T, qk] -> [B, nh, T, v]."""
+        B, T, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)                   # [B, nh, T, nope], [B, nh, T, v]
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, self.n_heads, -1, -1)], dim=-1)
+        qk_dim = q.shape[-1]
+        if q.is_cuda and self.v_dim < qk_dim:       # flash attention wants equal head dims: pad v, slice after
+            v = F.pad(v, (0, qk_dim - self.v_dim))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return o[..., :self.v_dim]
+
+    def _attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask, cache):
+        """Absorbed path: multi-query attention over the cached latent [c_kv | k_pe] -> [B, nh, T, v]."""
+        B, nh = q_nope.shape[0], self.n_heads
+        w_kvb = self.kv_b_proj.weight.view(nh, self.nope + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w_kvb[:, :self.nope], w_kvb[:, self.nope:]                 # [nh, nope, r], [nh, v, r]
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)                      # [B, nh, T, r]
+        latent = cache.update(self.layer_idx, torch.cat([c_kv, k_pe[:, 0]], dim=-1)).to(q_lat.dtype)  # [B, S, r+rope]
+        S = latent.shape[1]
+        kv = latent[:, None].expand(B, nh, S, latent.shape[-1])
+        o_lat = F.scaled_dot_product_attention(torch.cat([q_lat, q_pe], dim=-1), kv, kv[..., :self.kv_rank],
+                                               attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return torch.einsum("bhtr,hdr->bhtd", o_lat, w_uv)                        # [B, nh, T, v]

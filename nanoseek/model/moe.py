@@ -1,0 +1,177 @@
+"""DeepSeekMoE (V3 §2.1.2): fine-grained routed experts + shared experts, auxiliary-loss-free balancing.
+
+Routing runs in float32 (the gate is one of the few fp32 parts, V3 §3.3). The selection bias b only decides
+WHICH experts a token goes to; the mixing weights come from the unbiased scores, so b needs no gradient and
+is moved by the load-based rule in `update_router_biases` instead. Group-limited routing keeps each token on
+at most `topk_group` of `n_group` expert groups (node-limited routing: groups = nodes under expert parallel).
+
+Execution: the N·K (token, expert) pairs are sorted by expert and every expert runs once on its contiguous
+slice (no token dropping, no dense all-experts pass). All expert GEMMs go through `grouped_mm`, the one seam
+that FP8 and expert parallelism replace.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: dense layers (first_k_dense_replace) and the shared experts."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Scores, group-limited top-k selection with the balancing bias, and normalised mixing weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scoring_func, self.norm_topk_prob = cfg.scoring_func, cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # b of V3 §2.1.2 (selection only) and the per-expert token counts it is updated from
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) must not round the bias and counters: a γ = 1e-3 step vanishes in bf16.
+        super()._apply(fn, recurse)
+        for name in ("e_score_correction_bias", "expert_load"):
+            if self._buffers[name].dtype != torch.float32:
+                self._buffers[name] = self._buffers[name].float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> scores [N, E] fp32, expert ids [N, K], weights [N, K] fp32."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores.detach() + self.e_score_correction_bias                     # [N, E], selection only
+        if self.topk_group < self.n_group:
+            groups = choice.view(-1, self.n_group, self.n_experts // self.n_group)  # [N, G, E/G]
+            # group score: sum of its top-2 (V3); the max for V2's softmax router
+            if self.scoring_func == "sigmoid":
+                group_scores = groups.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_scores = groups.amax(-1)
+            kept = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices  # [N, topk_group]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+            choice = groups.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+        idx = choice.topk(self.top_k, dim=-1, sorted=False).indices                 # [N, K]
+        weights = scores.gather(1, idx)                                              # unbiased scores
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return scores, idx, weights * self.routed_scaling_factor
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Per-expert x_e @ w[e]^T for x [N, in] sorted by expert, w [E, out, in], offs [E] int32 cumulative
+    row ends -> [N, out]. One CUDA kernel in bf16 (torch._grouped_mm); elsewhere a loop over the non-empty
+    slices (it reads offs on the host)."""
+    if x.is_cuda and hasattr(torch, "_grouped_mm"):
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        if dtype == torch.bfloat16:
+            return torch._grouped_mm(x.bfloat16(), w.bfloat16().transpose(-2, -1), offs=offs)
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    outs = [F.linear(x[s:e], w[i]) for i, (s, e) in enumerate(zip(starts, ends)) if e > s]
+    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored fused as transformers >= 5 does: gate_up_proj [E, 2I, H] (gate rows first),
+    down_proj [E, H, I]."""
+
+    def __init__(self, n_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
+
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """x_sorted [N, H] grouped by expert, tokens_per_expert [E] -> [N, H]."""
+        offs = tokens_per_expert.cumsum(0).to(torch.int32)
+        gate, up = grouped_mm(x_sorted, self.gate_up_proj, offs).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.down_proj, offs)
+
+
+class MoE(nn.Module):
+    """y = Σ_k w_k · Expert_{idx_k}(x) + SharedExperts(x), plus the sequence-wise balance statistic."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> (y [B, T, H], balance loss Σ_i f_i P_i averaged over the B sequences)."""
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)                                                   # [N, H]
+        scores, idx, weights = self.gate(flat)                                    # [N, E], [N, K], [N, K]
+        flat_idx = idx.view(-1)                                                   # [N*K]
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
+        counts.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))               # tokens per expert [E]
+        if self.training:
+            with torch.no_grad():
+                self.gate.expert_load += counts
+        order = flat_idx.argsort(stable=True)                                     # (token, k) slots by expert
+        y_sorted = self.experts(flat[order // self.top_k], counts)                # [N*K, H]
+        y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)            # back to (token, k) order
+        y = (y.view(-1, self.top_k, H) * weights.unsqueeze(-1).to(y.dtype)).sum(1).to(x.dtype)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(B, T, H), self._balance_loss(scores, idx, B, T)
+
+    def _balance_loss(self, scores: torch.Tensor, idx: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """V3 eq. 17-20: f_i = E/(K·T)·#tokens of the sequence sent to i, P_i = mean_t s_i,t / Σ_j s_j,t."""
+        E, K = self.n_experts, self.top_k
+        P = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)       # [B, E]
+        hits = torch.zeros(B, E, dtype=scores.dtype, device=scores.device)
+        hits.scatter_add_(1, idx.view(B, T * K), torch.ones(B, T * K, dtype=scores.dtype, device=scores.device))
+        f = hits * (E / (K * T))                                                  # [B, E], no gradient
+        return (f * P).sum(-1).mean()
+
+
+# ---- auxiliary-loss-free balancing, exposed to the trainer (V3 §2.1.2) ----
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """Every MoE layer of the model, MTP modules included, in module order."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def expert_loads(model: nn.Module) -> torch.Tensor:
+    """[L_moe, E] token counts accumulated since the last bias update (all-reduce this under data parallel)."""
+    layers = moe_layers(model)
+    if not layers:
+        return torch.zeros(0, 0)
+    return torch.stack([m.gate.expert_load for m in layers])
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module, loads: torch.Tensor, gamma: float) -> None:
+    """b_i += γ · sign(mean(c) − c_i) per layer (underloaded experts get more tokens), then reset the counts."""
+    for m, c in zip(moe_layers(model), loads):
+        c = c.to(m.gate.e_score_correction_bias)
+        m.gate.e_score_correction_bias += gamma * torch.sign(c.mean() - c)
+        m.gate.expert_load.zero_()
+
+
+def max_violation(loads: torch.Tensor) -> torch.Tensor:
+    """MaxVio per layer: (max load − mean load) / mean load, for loads [L_moe, E] -> [L_moe]."""
+    loads = loads.float()
+    mean = loads.mean(-1)
+    return (loads.amax(-1) - mean) / mean.clamp_min(1e-12)
