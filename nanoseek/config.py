@@ -172,7 +172,8 @@ class ModelConfig:
             architectures=["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"],
             num_key_value_heads=self.num_attention_heads,
             hidden_act="silu",
-            topk_method="noaux_tc" if self.scoring_func == "sigmoid" else "greedy",
+            topk_method=("noaux_tc" if self.scoring_func == "sigmoid"
+                         else "group_limited_greedy" if self.n_group > 1 else "greedy"),
             rope_interleave=True,
             attention_bias=False,
             torch_dtype="float32",

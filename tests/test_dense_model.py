@@ -1,0 +1,125 @@
+"""Dense Llama/Qwen2 student: logits against transformers, padding, KV-cache decoding, loss, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from nanoseek.config import DenseConfig
+from nanoseek.errors import UserError
+from nanoseek.model import build_model
+from nanoseek.model.dense import DenseForCausalLM
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+LINEAR = {"rope_type": "linear", "factor": 2.0}
+
+
+def tiny(model_type="llama", tied=False, rope=None, **over):
+    kw = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, tie_word_embeddings=tied, rope_theta=10000.0, max_position_embeddings=256)
+    kw.update(over)
+    hf_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if model_type == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    hf = model_cls(hf_cls(**kw, rope_parameters={"rope_theta": 10000.0, **rope} if rope else None)).eval()
+    with torch.no_grad():                       # transformers initialises biases to zero: make them count
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.1)
+    ours = DenseForCausalLM(DenseConfig(**kw, model_type=model_type, rope_scaling=rope)).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return hf, ours
+
+
+def left_padded(B=3, T=12, vocab=97, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b in range(B):
+        mask[b, : 3 * b] = 0                    # row b has 3b pad slots on the left
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+@pytest.mark.parametrize("model_type,tied,rope", [
+    ("llama", False, None), ("llama", True, LLAMA3), ("llama", False, LINEAR), ("qwen2", False, None),
+    ("qwen2", True, YARN)])
+def test_logits_match_transformers(model_type, tied, rope):
+    torch.manual_seed(0)
+    hf, ours = tiny(model_type, tied, rope)
+    assert (ours.model.layers[0].self_attn.q_proj.bias is not None) == (model_type == "qwen2")
+    if tied:
+        assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    ids = torch.randint(0, 97, (2, 40))         # 40 > original context 16: the rope scaling matters
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids).logits).abs().max() <= 1e-5
+        ids, mask, pos = left_padded()
+        ref = hf(ids, attention_mask=mask, position_ids=pos).logits
+        out = ours(ids, attention_mask=mask, position_ids=pos).logits
+    real = mask.bool()
+    assert (ref[real] - out[real]).abs().max() <= 1e-5
+    assert torch.isfinite(out).all()            # padded query rows stay finite
+
+
+def test_cache_decoding_matches_full_forward():
+    torch.manual_seed(0)
+    _, model = tiny("qwen2", num_key_value_heads=1)   # MQA: one shared K/V head
+    ids, mask, pos = left_padded(B=3, T=14)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=pos).logits
+        cache = model.new_cache(3, 16)
+        assert cache.k.shape == (2, 3, 1, 16, 16)
+        P = 8                                        # prefill 8 slots, then decode one token at a time
+        out = model(ids[:, :P], attention_mask=mask[:, :P], position_ids=pos[:, :P], cache=cache).logits
+        assert cache.length == P
+        steps = [out]
+        for t in range(P, 14):
+            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                               cache=cache).logits)
+        dec = torch.cat(steps, dim=1)
+        real = mask.bool()
+        assert (dec[real] - full[real]).abs().max() <= 1e-5
+
+        # dropping a finished row keeps the others decoding exactly
+        cache = model.new_cache(3, 16)
+        model(ids[:, :P], attention_mask=mask[:, :P], position_ids=pos[:, :P], cache=cache)
+        cache.select(torch.tensor([2, 0]))
+        step = model(ids[[2, 0], P:P + 1], attention_mask=mask[[2, 0], :P + 1], position_ids=pos[[2, 0], P:P + 1],
+                     cache=cache).logits
+        assert (step[:, 0] - full[[2, 0], P]).abs().max() <= 1e-5
+        with pytest.raises(UserError, match="KV cache holds 16"):
+            model(ids, cache=cache)
+
+
+def test_loss_and_output_fields():
+    torch.manual_seed(0)
+    model = build_model(DenseConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=4))
+    assert isinstance(model, DenseForCausalLM)
+    ids = torch.randint(0, 50, (2, 9))
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)   # aligned: target of position t
+    labels[0, :3] = -100
+    out = model(ids, labels=labels)
+    keep = labels != -100
+    ref = F.cross_entropy(out.logits.double()[keep], labels[keep])
+    assert abs(out.loss.item() - ref.item()) < 1e-6
+    assert out.mtp_loss.item() == 0 and out.balance_loss.item() == 0
+    assert out.hidden_states.shape == (2, 9, 32) and out.logits.shape == (2, 9, 50)
+    out.loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model(ids).loss is None
+
+
+def test_meta_build_counts_and_errors():
+    cfg = DenseConfig(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                      num_attention_heads=8, num_key_value_heads=2, model_type="qwen2", tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    H, hd, I, L = 64, 8, 160, 3
+    attn = H * 8 * hd + 8 * hd + 2 * (H * 2 * hd + 2 * hd) + 8 * hd * H     # q, k, v (+ biases), o
+    per_layer = attn + 3 * H * I + 2 * H
+    assert sum(p.numel() for p in model.parameters()) == 1000 * H + L * per_layer + H
+    with pytest.raises(UserError, match="rope_scaling type 'dynamic'"):
+        DenseForCausalLM(cfg.replace(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    with pytest.raises(UserError, match="needs 'low_freq_factor'"):
+        DenseForCausalLM(cfg.replace(rope_scaling={"rope_type": "llama3", "factor": 8.0}))
