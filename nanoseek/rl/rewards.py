@@ -1,0 +1,108 @@
+"""Rule-based rewards for reasoning RL (R1 §2.2.2, §2.3.3; DAPO §3.4). Pure functions of strings.
+
+R1 trains with rules, not a learned reward model, because rules cannot be reward-hacked by a policy that
+finds a model's blind spots. Each component here is a pure function that never raises and is fast on any
+string (the verifiers cap what they read; the format check only counts and finds substrings):
+
+- accuracy: the task's verifier (nanoseek.tasks), math-verify for GSM8K / MATH data. 0 or 1.
+- format: "<think>…</think>" then "<answer>…</answer>", each tag exactly once, both non-empty, nothing
+  outside but whitespace. When the prompt already ends with "<think>" (the R1 template primes it), the
+  completion starts inside the reasoning: `starts_in_think=True` checks it as if "<think>" preceded it.
+- language consistency: share of chain-of-thought words in the target register (R1 §2.3.3 adds it to the
+  accuracy reward to stop language mixing, at a small cost in accuracy).
+- overlong: DAPO's soft length penalty, eq. (13): 0 up to L_max - L_cache tokens, then linear down to -1 at
+  L_max, -1 beyond; it tells truncated-by-length samples apart from wrong ones without a cliff.
+
+The weighted sum is `compute_rewards(...)["total"]`. Defaults (R1-Zero): accuracy 1.0 dominates; format
+0.2 is enough signal to learn the template within a group (GRPO normalises by the group's std) but never
+lets a well-formatted wrong answer beat a correct one; language 0.0 and no overlong penalty (turn them on
+for R1's reasoning stage / long-output runs in the recipe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nanoseek.errors import UserError
+from nanoseek.tasks import Problem, get_family
+from nanoseek.tasks.language import REGISTERS, language_share
+
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def accuracy_reward(problem: Problem, completion: str) -> float:
+    """1.0 if the completion's answer is right by the problem family's verifier, else 0.0."""
+    return get_family(problem.family).score(problem, completion)
+
+
+def format_reward(completion: str, starts_in_think: bool = False) -> float:
+    """1.0 for exactly `<think>R</think> <answer>A</answer>` (R, A non-blank; only whitespace around), else 0.0."""
+    text = ("<think>" + completion if starts_in_think else completion).strip()
+    if any(text.count(tag) != 1 for tag in TAGS):
+        return 0.0
+    if not (text.startswith("<think>") and text.endswith("</answer>")):
+        return 0.0
+    think_end, answer_start = text.find("</think>"), text.find("<answer>")
+    ok = (think_end < answer_start
+          and text[think_end + len("</think>"):answer_start].strip() == ""
+          and text[len("<think>"):think_end].strip() != ""
+          and text[answer_start + len("<answer>"):-len("</answer>")].strip() != "")
+    return 1.0 if ok else 0.0
+
+
+def reasoning_text(completion: str) -> str:
+    """The chain of thought: up to the first </think> (after any <think>), else up to <answer>, else all."""
+    end = completion.find("</think>")
+    if end < 0:
+        end = completion.find("<answer>")
+    text = completion if end < 0 else completion[:end]
+    start = text.find("<think>")
+    return text if start < 0 else text[start + len("<think>"):]
+
+
+def language_consistency(completion: str, register: str = "en") -> float:
+    """Share of the chain-of-thought words written in `register` (0.0 when it has no words)."""
+    return language_share(reasoning_text(completion), register)
+
+
+def overlong_penalty(n_tokens: int, max_tokens: int, cache_tokens: int) -> float:
+    """DAPO eq. (13): 0 if n <= L_max - L_cache; (L_max - L_cache - n) / L_cache up to L_max; -1 beyond."""
+    soft_start = max_tokens - cache_tokens
+    if n_tokens <= soft_start:
+        return 0.0
+    if n_tokens > max_tokens or cache_tokens <= 0:
+        return -1.0
+    return (soft_start - n_tokens) / cache_tokens
+
+
+@dataclass
+class RewardConfig:
+    accuracy: float = 1.0         # weight of the verifier's 0/1
+    format: float = 0.2           # weight of the template check
+    language: float = 0.0         # weight of language consistency (R1 stage 2 turns it on)
+    overlong: float = 1.0         # weight of the DAPO penalty (active only when max_tokens > 0)
+    max_tokens: int = 0           # L_max; 0 = no overlong penalty
+    cache_tokens: int = 0         # L_cache, the soft band below L_max (DAPO: 4096 of 20480)
+    register: str = "en"          # target register when the problem does not name one (meta["register"])
+    starts_in_think: bool = False  # the prompt ends with "<think>", so completions start inside it
+
+    def __post_init__(self) -> None:
+        if self.register not in REGISTERS:
+            raise UserError(f"rewards.register={self.register!r}; choose one of {', '.join(REGISTERS)}")
+        if self.max_tokens < 0 or not 0 <= self.cache_tokens <= self.max_tokens:
+            raise UserError(f"rewards.max_tokens={self.max_tokens}, cache_tokens={self.cache_tokens}: need "
+                            "0 <= cache_tokens <= max_tokens (max_tokens 0 turns the penalty off)")
+
+
+def compute_rewards(cfg: RewardConfig, problem: Problem, completion: str, n_tokens: int) -> dict[str, float]:
+    """Each unweighted component and the weighted "total" for one completion of `n_tokens` tokens."""
+    register = problem.meta.get("register", cfg.register)
+    out = {
+        "accuracy": accuracy_reward(problem, completion),
+        "format": format_reward(completion, cfg.starts_in_think),
+        "language": language_consistency(completion, register),
+        "overlong": overlong_penalty(n_tokens, cfg.max_tokens, cfg.cache_tokens) if cfg.max_tokens else 0.0,
+    }
+    out["total"] = (cfg.accuracy * out["accuracy"] + cfg.format * out["format"]
+                    + cfg.language * out["language"] + cfg.overlong * out["overlong"])
+    return out
