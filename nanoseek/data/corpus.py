@@ -1,0 +1,231 @@
+"""The pretraining corpus: task-family documents of mixed quality, so the base model knows the domain but
+is imperfect — the starting point R1-Zero's RL needs (R1 report §2.2).
+
+Every document comes from a TRAIN-split problem (asserted; test-split problems are what pass@1 measures).
+A document is one of these kinds, drawn by the fractions in CorpusConfig:
+
+    r1zero   the R1-Zero prompt, then reasoning, "</think> <answer> A </answer>"  (RL from the base has a
+             format to reinforce; the base produces it only sometimes)
+    think    "Question: Q\\n<think>\\nreasoning\\n</think>\\n<answer>A</answer>"
+    plain    "Question: Q\\nSolution: reasoning\\nAnswer: A"                        (reasoning without tags)
+    bare     "Question: Q\\nAnswer: A", or the R1-Zero prompt with an empty think    (no reasoning at all)
+    general  non-reasoning Q&A ("Is 17 prime?"), the kind R1 §2.3.3 mixes into SFT
+
+Quality knobs on task documents: `wrong` of them carry a plausible mistake — one digit of the final
+answer changed, in the reasoning's last line too, checked wrong with the family's own verifier; `short`
+keep only the last lines of the reasoning. Language: `register` of them are written wholly in the second
+register, `mixed` have only some reasoning lines switched — the language mixing that R1's
+language-consistency reward (§2.3.2) later removes.
+
+    cfg = CorpusConfig(n_documents=20_000, seed=0)
+    docs = build_corpus(cfg)                  # list[Document(text, kind, family, correct, language)]
+    general_examples(n, seed) -> list[{"prompt", "response"}]
+    prepare_corpus(out_dir, cfg, tok) -> (out_dir/"train", out_dir/"val")   # token shards, reused when unchanged
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanoseek.data.shards import INDEX, load_index, tokenizer_fingerprint, write_shards
+from nanoseek.errors import UserError
+from nanoseek.recipe import to_dict
+from nanoseek.tasks import Problem, get_family, sample_problems
+from nanoseek.tasks.language import mix, render
+from nanoseek.tokenizer import ANSWER, END_ANSWER, END_THINK, THINK, r1_zero_prompt
+
+KINDS = ("r1zero", "think", "plain", "bare", "general")
+
+
+@dataclass
+class CorpusConfig:
+    n_documents: int = 20_000         # training documents (~100 tokens each with the default tokenizer)
+    val_documents: int = 500          # held-out documents for the validation loss (fresh draws, train split)
+    families: list[str] = field(default_factory=lambda: ["arithmetic", "countdown", "linear"])
+    difficulty: dict = field(default_factory=dict)  # {family: level}; unlisted families use their default range
+    # kind mix (normalised to sum 1)
+    r1zero: float = 0.30
+    think: float = 0.25
+    plain: float = 0.15
+    bare: float = 0.20
+    general: float = 0.10
+    # quality and language, as fractions of the task documents
+    wrong: float = 0.20               # plausible mistakes (R1-Zero needs a base that is not always right)
+    short: float = 0.20               # reasoning cut to its last lines
+    register: float = 0.10            # written wholly in the second ("alt") register, question included
+    mixed: float = 0.10               # reasoning that switches register line by line
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        weights = [getattr(self, k) for k in KINDS]
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise UserError(f"corpus kind fractions {dict(zip(KINDS, weights))} must be >= 0 with a positive sum")
+        for name in ("wrong", "short", "register", "mixed"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"corpus.{name}={getattr(self, name)} must be a fraction in [0, 1]")
+        if self.register + self.mixed > 1:
+            raise UserError("corpus.register + corpus.mixed must be <= 1")
+        if self.n_documents < 1 or self.val_documents < 0:
+            raise UserError("corpus.n_documents must be >= 1 and corpus.val_documents >= 0")
+
+
+@dataclass
+class Document:
+    text: str
+    kind: str                         # one of KINDS
+    family: str                       # task family, or "general"
+    correct: bool                     # False for the deliberate mistakes
+    language: str                     # "en", "alt" or "mixed"
+    problem: Problem | None = None    # the task problem it was written from (None for general text)
+
+
+def build_corpus(cfg: CorpusConfig, part: str = "train") -> list[Document]:
+    """`cfg.n_documents` documents for part "train", `cfg.val_documents` fresh ones for "val"; a pure
+    function of (cfg, part). Both parts draw only TRAIN-split problems."""
+    n = cfg.n_documents if part == "train" else cfg.val_documents
+    rng = random.Random(_subseed(cfg.seed, part, "documents"))
+    kinds = rng.choices(KINDS, weights=[getattr(cfg, k) for k in KINDS], k=n)
+    n_task = sum(k != "general" for k in kinds)
+    problems = iter(sample_problems(cfg.families, n_task, split="train", seed=_subseed(cfg.seed, part, "problems"),
+                                    difficulty=cfg.difficulty or None))
+    general = iter(general_examples(n - n_task, _subseed(cfg.seed, part, "general")))
+    docs = []
+    for kind in kinds:
+        if kind == "general":
+            g = next(general)
+            docs.append(Document(f"Question: {g['prompt']}\nAnswer: {g['response']}", kind, kind, True, "en"))
+            continue
+        problem = next(problems)
+        assert problem.split == "train", "a test-split problem reached the pretraining corpus"
+        docs.append(_task_document(problem, kind, cfg, rng))
+    return docs
+
+
+def _task_document(problem: Problem, kind: str, cfg: CorpusConfig, rng: random.Random) -> Document:
+    prompt, answer, reasoning = problem.prompt, problem.answer, problem.solution
+    correct = rng.random() >= cfg.wrong
+    if not correct:
+        wrong = _plausible_mistake(problem, rng)
+        if wrong is None:        # no digit to change (never for the built-in families)
+            correct = True
+        else:
+            head, sep, last = reasoning.rpartition("\n")
+            reasoning = head + sep + _replace_last(last, answer, wrong)   # the final step slips
+            answer = wrong
+    if rng.random() < cfg.short:
+        reasoning = "\n".join(reasoning.split("\n")[-rng.randint(1, 2):])
+    u = rng.random()
+    language = "alt" if u < cfg.register else "mixed" if u < cfg.register + cfg.mixed else "en"
+    if language == "alt":
+        prompt, reasoning = render(prompt, "alt"), render(reasoning, "alt")
+    elif language == "mixed":
+        reasoning = mix(reasoning, rng, p_alt=0.5)
+    if kind == "r1zero":
+        text = f"{r1_zero_prompt(prompt)} {reasoning} {END_THINK} {ANSWER} {answer} {END_ANSWER}"
+    elif kind == "think":
+        text = f"Question: {prompt}\n{THINK}\n{reasoning}\n{END_THINK}\n{ANSWER}{answer}{END_ANSWER}"
+    elif kind == "plain":
+        text = f"Question: {prompt}\nSolution: {reasoning}\nAnswer: {answer}"
+    elif rng.random() < 0.5:     # bare, two surfaces
+        text = f"Question: {prompt}\nAnswer: {answer}"
+    else:
+        text = f"{r1_zero_prompt(prompt)} {END_THINK} {ANSWER} {answer} {END_ANSWER}"
+    if kind == "bare" and language == "mixed":   # no reasoning to mix
+        language = "en"
+    return Document(text, kind, problem.family, correct, language, problem)
+
+
+def _plausible_mistake(problem: Problem, rng: random.Random) -> str | None:
+    """The answer with one digit changed (off by a little, like a slipped carry), verified wrong."""
+    family, answer = get_family(problem.family), problem.answer
+    positions = [m.start() for m in re.finditer(r"\d", answer)]
+    for _ in range(10 if positions else 0):
+        i = rng.choice(positions)
+        wrong = answer[:i] + str((int(answer[i]) + rng.choice([-2, -1, 1, 2])) % 10) + answer[i + 1:]
+        if not re.search(r"(?<!\d)0\d", wrong) and family.score(problem, f"{ANSWER}{wrong}{END_ANSWER}") == 0.0:
+            return wrong         # no leading zeros ("07"), and really wrong
+    return None
+
+
+def _replace_last(text: str, old: str, new: str) -> str:
+    head, sep, tail = text.rpartition(old)
+    return head + new + tail if sep else text
+
+
+def _subseed(seed: int, *parts: str) -> int:
+    """Independent, stable random streams per purpose (seed 1's train must not be seed 0's val)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{'/'.join(parts)}".encode(), digest_size=8).digest(), "big")
+
+
+# ---- general (non-reasoning) data: R1 §2.3.3 mixes it into the final SFT; a little also goes into pretraining
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
+        "seventeen eighteen nineteen".split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_NOUNS = "apple river stone garden window planet pencil rabbit candle forest bridge mirror ocean ladder".split()
+
+
+def number_words(n: int) -> str:
+    """0..999_999 in English words ("four hundred and two")."""
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else "-" + _ONES[n % 10])
+    if n < 1000:
+        return _ONES[n // 100] + " hundred" + ("" if n % 100 == 0 else " and " + number_words(n % 100))
+    return number_words(n // 1000) + " thousand" + ("" if n % 1000 == 0 else " " + number_words(n % 1000))
+
+
+def _smallest_factor(n: int) -> int:
+    return next((p for p in range(2, int(n ** 0.5) + 1) if n % p == 0), n)
+
+
+def _general(rng: random.Random) -> tuple[str, str]:
+    n, word = rng.randint(2, 999), rng.choice(_NOUNS)
+    match rng.randrange(6):
+        case 0:
+            return f"Write the number {n} in words.", number_words(n) + "."
+        case 1:
+            p = _smallest_factor(n)
+            return f"Is {n} prime?", f"Yes, {n} is prime." if p == n else f"No, {n} = {p} * {n // p}."
+        case 2:
+            return f"Is {n} even or odd?", f"{n} is {'odd' if n % 2 else 'even'}."
+        case 3:
+            m = rng.randint(2, 999)
+            return (f"Which is larger, {n} or {m}?",
+                    "They are equal." if n == m else f"{max(n, m)} is larger than {min(n, m)}.")
+        case 4:
+            return f"Spell the word {word} backwards.", word[::-1] + "."
+        case _:
+            return f"How many letters are in the word {word}?", f"The word {word} has {len(word)} letters."
+
+
+def general_examples(n: int, seed: int = 0) -> list[dict]:
+    """n short non-reasoning Q&A records {"prompt", "response"} (templated: numbers in words, primes, ...)."""
+    rng = random.Random(seed)
+    return [dict(zip(("prompt", "response"), _general(rng))) for _ in range(n)]
+
+
+# ---- shards for a run
+def prepare_corpus(out_dir: str | Path, cfg: CorpusConfig, tok, progress: bool = True) -> tuple[Path, Path]:
+    """Token shards of the train and val corpora under out_dir/{train,val}, each written atomically and
+    reused as is when built from the same config and tokenizer (so `--resume` does not rebuild them)."""
+    out_dir = Path(out_dir)
+    config = to_dict(cfg)
+    for part in ("train", "val"):
+        path = out_dir / part
+        if (path / INDEX).is_file():
+            index = load_index(path)
+            if index["meta"].get("corpus") == config and index["tokenizer"] == tokenizer_fingerprint(tok):
+                continue
+        docs = build_corpus(cfg, part)
+        if not docs:
+            raise UserError(f"the {part} corpus is empty; set corpus.{'n' if part == 'train' else 'val'}_documents > 0")
+        meta = {"corpus": config, "part": part, "kinds": dict(Counter(d.kind for d in docs)),
+                "wrong": sum(not d.correct for d in docs), "languages": dict(Counter(d.language for d in docs))}
+        write_shards([d.text for d in docs], tok, path, meta=meta, progress=progress)
+    return out_dir / "train", out_dir / "val"
