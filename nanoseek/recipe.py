@@ -9,6 +9,7 @@ are `UserError`s that name the key, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -29,8 +30,11 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(tree: dict, sets: list[str] | None) -> dict:
-    """Apply `key.sub=value` strings to a nested dict (in place) and return it."""
-    for item in sets or []:
+    """Apply `key.sub=value` strings to a nested dict (in place) and return it. One string may hold several
+    assignments separated by commas (`parallel.dp=2,parallel.ep=2`); a comma inside a value such as a
+    list (`[1, 2]`) is not followed by `key=` and stays part of the value."""
+    items = [part for s in (sets or []) for part in re.split(r",(?=\s*[A-Za-z_][\w.]*=)", s)]
+    for item in items:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=3e-4")
         key, text = item.split("=", 1)
