@@ -46,9 +46,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
+    compiled = None     # set by `compile_blocks`: compiled `DecoderLayer.block` for the full-sequence path
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: MLACache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, H] -> (x [B, T, H], this layer's balance loss or None for a dense layer)."""
+        if cache is None and self.compiled is not None:
+            return self.compiled(self, x, cos, sin, mask)
+        return self.block(x, cos, sin, mask, cache)
+
+    def block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+              cache: MLACache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
@@ -69,6 +77,8 @@ class DeepseekV3Model(nn.Module):
 
 
 class DeepseekV3ForCausalLM(nn.Module):
+    loss_fn = staticmethod(cross_entropy)   # `compile_blocks` swaps in a compiled copy
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         from nanoseek.model.mtp import MTPModule   # mtp.py builds on DecoderLayer above
@@ -126,7 +136,7 @@ class DeepseekV3ForCausalLM(nn.Module):
 
         loss, mtp_loss = None, balance.new_zeros(())
         if labels is not None:
-            loss = cross_entropy(logits, labels)
+            loss = self.loss_fn(logits, labels)
             if len(self.mtp):
                 mtp_loss, mtp_balance = self._mtp_losses(h, input_ids, labels, cos, sin, mask)
                 balance = balance + mtp_balance
@@ -140,7 +150,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             ids_k = F.pad(input_ids[:, k:], (0, k), value=0)                    # [B, T] token at i+k
             labels_k = F.pad(labels[:, k:], (0, k), value=-100)                 # [B, T] target of depth k
             h, b = module(h, self.model.embed_tokens(ids_k), cos, sin, mask)
-            losses.append(cross_entropy(self.lm_head(h), labels_k))
+            losses.append(self.loss_fn(self.lm_head(h), labels_k))
             balance = balance + b if b is not None else balance
         return torch.stack(losses).mean(), balance
 
@@ -149,3 +159,17 @@ class DeepseekV3ForCausalLM(nn.Module):
         from nanoseek.hf import save_pretrained
 
         save_pretrained(self, path, dtype)
+
+
+def compile_blocks(model: DeepseekV3ForCausalLM, **compile_kwargs) -> DeepseekV3ForCausalLM:
+    """Regional torch.compile for training (in place; returns the model). Each decoder layer and MTP block
+    gets a compiled `block`, used whenever no KV cache is passed; layers of one kind share one graph, so the
+    cost is a few compiles, not one per layer. The loss is compiled too: the fused cross-entropy reads the
+    bf16 logits once and never writes fp32 log-probabilities [B·T, V]. Decoding with a cache stays eager
+    (its shapes change every step). Shapes are static by default (`dynamic=False`): one compile per
+    (batch, seq_len), as in pretraining. Parameters, state dict and outputs are unchanged."""
+    compile_kwargs = {"dynamic": False, **compile_kwargs}
+    for layer in (*model.model.layers, *model.mtp):
+        layer.compiled = torch.compile(type(layer).block, **compile_kwargs)
+    model.loss_fn = torch.compile(cross_entropy, **compile_kwargs)
+    return model

@@ -64,6 +64,22 @@ def attention_mask_for(attention_mask: torch.Tensor | None, T: int, past: int,
     return allowed
 
 
+_CUDNN_TAKES: dict[tuple, bool] = {}
+
+
+@torch.compiler.assume_constant_result
+def _cudnn_takes(device_index: int, dtype: torch.dtype, qk_dim: int, v_dim: int) -> bool:
+    """Whether SDPA's cuDNN backend runs causal attention with v's head dim below q/k's (Hopper and newer with
+    a recent cuDNN do): then v needs no zero padding, which spends a third of the P·V FLOPs on zeros here.
+    Asked once per (device, dtype, dims) on tiny tensors; a constant to torch.compile."""
+    key = (device_index, dtype, qk_dim, v_dim)
+    if key not in _CUDNN_TAKES:
+        q = torch.zeros(1, 1, 128, qk_dim, device=torch.device("cuda", device_index), dtype=dtype)
+        params = torch.backends.cuda.SDPAParams(q, q, q[..., :v_dim], None, 0.0, True, False)
+        _CUDNN_TAKES[key] = bool(torch.backends.cuda.can_use_cudnn_attention(params))
+    return _CUDNN_TAKES[key]
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -111,10 +127,11 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, self.n_heads, -1, -1)], dim=-1)
         qk_dim = q.shape[-1]
-        if q.is_cuda and self.v_dim < qk_dim:       # flash attention wants equal head dims: pad v, slice after
+        pad = q.is_cuda and self.v_dim < qk_dim and not _cudnn_takes(q.device.index, q.dtype, qk_dim, self.v_dim)
+        if pad:                                     # flash attention wants equal head dims: pad v, slice after
             v = F.pad(v, (0, qk_dim - self.v_dim))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
-        return o[..., :self.v_dim]
+        return o[..., :self.v_dim] if pad else o
 
     def _attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask, cache):
         """Absorbed path: multi-query attention over the cached latent [c_kv | k_pe] -> [B, nh, T, v]."""

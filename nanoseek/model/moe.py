@@ -7,7 +7,9 @@ at most `topk_group` of `n_group` expert groups (node-limited routing: groups = 
 
 Execution: the N·K (token, expert) pairs are sorted by expert and every expert runs once on its contiguous
 slice (no token dropping, no dense all-experts pass). All expert GEMMs go through `grouped_mm`, the one seam
-that FP8 and expert parallelism replace.
+that FP8 and expert parallelism replace. Shapes stay static and nothing reads the device from the host, so on
+CUDA a whole MoE layer compiles into one graph (`nanoseek.model.deepseek.compile_blocks`). Moving rows into
+and out of expert order uses only gathers and dense sums, forward and backward: no atomics, deterministic.
 """
 
 from __future__ import annotations
@@ -30,6 +32,44 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _RouterLogits(torch.autograd.Function):
+    """logits = x·Wᵀ in fp32, also under autocast: expert selection is decided by small score gaps, so the gate
+    stays out of low precision (V3 §3.3). The backward GEMMs run in the activations' precision (the autocast
+    dtype, else x's) with fp32 accumulation, like every other layer's; an fp32 model stays fp32 throughout."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        kind = x.device.type
+        low = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        ctx.save_for_backward(x.to(low), weight)
+        ctx.x_dtype = x.dtype
+        with torch.autocast(kind, enabled=False):
+            return F.linear(x.float(), weight.float())                             # [N, E]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors                                              # x in the low dtype
+        with torch.autocast(x.device.type, enabled=False):
+            g = grad.to(x.dtype)
+            return (g @ weight.to(x.dtype)).to(ctx.x_dtype), (g.t() @ x).to(weight.dtype)
+
+
+def _top2_sum(groups: torch.Tensor) -> torch.Tensor:
+    """Sum of the two largest values along the last dim (= topk(2).values.sum(-1), ties included), as two
+    max-reductions that fuse into one kernel; torch.topk's per-row radix selection is slow on short rows."""
+    first = groups.amax(-1, keepdim=True)
+    is_first = groups == first
+    second = groups.masked_fill(is_first, float("-inf")).amax(-1, keepdim=True)
+    second = torch.where(is_first.sum(-1, keepdim=True) > 1, first, second)      # a tied maximum counts twice
+    return (first + second).squeeze(-1)
+
+
+def _top_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest along the last dim (the set torch.topk picks, up to exact ties), by a sort:
+    rows here are short (E <= 256), where a per-row sort beats torch.topk's radix selection on the GPU."""
+    return x.sort(dim=-1, descending=True).indices[..., :k].contiguous()
 
 
 class Router(nn.Module):
@@ -56,20 +96,17 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] -> scores [N, E] fp32, expert ids [N, K], weights [N, K] fp32."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = _RouterLogits.apply(x, self.weight)                                 # [N, E] fp32
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores.detach() + self.e_score_correction_bias                     # [N, E], selection only
         if self.topk_group < self.n_group:
             groups = choice.view(-1, self.n_group, self.n_experts // self.n_group)  # [N, G, E/G]
             # group score: sum of its top-2 (V3); the max for V2's softmax router
-            if self.scoring_func == "sigmoid":
-                group_scores = groups.topk(2, dim=-1).values.sum(-1)
-            else:
-                group_scores = groups.amax(-1)
-            kept = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices  # [N, topk_group]
+            group_scores = _top2_sum(groups) if self.scoring_func == "sigmoid" else groups.amax(-1)
+            kept = _top_indices(group_scores, self.topk_group)                      # [N, topk_group]
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
             choice = groups.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
-        idx = choice.topk(self.top_k, dim=-1, sorted=False).indices                 # [N, K]
+        idx = _top_indices(choice, self.top_k)                                       # [N, K]
         weights = scores.gather(1, idx)                                              # unbiased scores
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -88,6 +125,45 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     starts = [0] + ends[:-1]
     outs = [F.linear(x[s:e], w[i]) for i, (s, e) in enumerate(zip(starts, ends)) if e > s]
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+
+
+class _Dispatch(torch.autograd.Function):
+    """x_sorted = x[order // K]: every token copied to its K slots in expert order (`order`: sorted position ->
+    (token, k) slot, `inverse` the reverse map). The generic backward of this gather scatter-adds N·K rows onto
+    N with atomics; here it gathers the slot gradients back through `inverse` and sums over k."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return x[order // top_k]                                                  # [N*K, H]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse].view(-1, ctx.top_k, grad.shape[-1]).sum(1), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """y[t] = Σ_k w[t, k] · y_sorted[inverse[t·K + k]]: expert outputs back to their tokens, mixed. Gathers
+    only, forward and backward (the generic backward of the gather would scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, y_sorted: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+                inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(y_sorted, weights, order, inverse)
+        N, K = weights.shape
+        y = y_sorted[inverse].view(N, K, -1)                                      # [N, K, H] (token, k) order
+        return (y * weights.unsqueeze(-1).to(y.dtype)).sum(1)                     # [N, H]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y_sorted, weights, order, inverse = ctx.saved_tensors
+        N, K = weights.shape
+        y = y_sorted[inverse].view(N, K, -1)
+        grad_w = (y * grad.unsqueeze(1)).sum(-1)                                  # [N, K]
+        grad_y = grad[order // K] * weights.view(-1)[order].unsqueeze(-1).to(grad.dtype)  # [N*K, H] expert order
+        return grad_y, grad_w.to(weights.dtype), None, None
 
 
 class GroupedExperts(nn.Module):
@@ -128,10 +204,12 @@ class MoE(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.gate.expert_load += counts
-        order = flat_idx.argsort(stable=True)                                     # (token, k) slots by expert
-        y_sorted = self.experts(flat[order // self.top_k], counts)                # [N*K, H]
-        y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)            # back to (token, k) order
-        y = (y.view(-1, self.top_k, H) * weights.unsqueeze(-1).to(y.dtype)).sum(1).to(x.dtype)
+        order = flat_idx.argsort(stable=True)                                     # sorted position -> slot
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        if torch.is_autocast_enabled(x.device.type):                             # move rows in the GEMM dtype
+            flat = flat.to(torch.get_autocast_dtype(x.device.type))
+        x_sorted = _Dispatch.apply(flat, order, inverse, self.top_k)             # [N*K, H] grouped by expert
+        y = _Combine.apply(self.experts(x_sorted, counts), weights, order, inverse).to(x.dtype)  # [N, H]
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(B, T, H), self._balance_loss(scores, idx, B, T)
