@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 4 benchmarks/parallel.py            # every layout that fits 4 GPUs
     torchrun --nproc-per-node 2 benchmarks/parallel.py --only throughput,allreduce
     python benchmarks/parallel.py --quick                          # CPU, gloo, 2 local processes: checks the script
-    python benchmarks/parallel.py --quick --nproc 4
+    python benchmarks/parallel.py --quick --nproc 4 --param-dtype bfloat16    # ... with the GPU's FSDP dtype
 
 Prints one JSON object per measurement (rank 0):
 - throughput: tokens/s of a full training step (forward_backward + clip + AdamW) per layout and schedule.
@@ -92,8 +92,8 @@ def build(args, layout: dict, device):
     torch.manual_seed(0)
     cfg = ModelConfig(**QUICK_MODEL) if args.quick else ModelConfig.preset(args.preset)
     model = build_model(cfg)
-    if device.type == "cuda" and layout.get("dp_mode", "fsdp") == "fsdp" and layout.get("dp", 1) > 1:
-        layout = dict(layout, param_dtype="bfloat16")
+    if layout.get("dp_mode", "fsdp") == "fsdp" and layout.get("dp", 1) > 1:    # FSDP all-gathers in param_dtype
+        layout = dict(layout, param_dtype=args.param_dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     par = parallelize(model, ParallelConfig(**layout))
     from nanoseek.train.optim import OptimConfig, build_optimizer
     return cfg, par, build_optimizer(par.module(), OptimConfig())
@@ -133,8 +133,8 @@ def bench_throughput_and_bubbles(args, device, world, rank):
         step(par, opt, batch, device)                                   # warm-up (and pipeline stage build)
         t = timed_steps(par, opt, batch, device, args.steps)
         tokens = args.batch * args.seq
-        rec = dict(bench="throughput", layout=name, **layout, world=world, tokens_per_step=tokens,
-                   step_ms=round(t * 1e3, 2), tokens_per_s=round(tokens / t, 1))
+        rec = dict(bench="throughput", layout=name, **layout, param_dtype=par.ctx.cfg.param_dtype, world=world,
+                   tokens_per_step=tokens, step_ms=round(t * 1e3, 2), tokens_per_s=round(tokens / t, 1))
         if par.schedule is not None:
             rec.update(bubble_record(par, opt, batch, device, layout))
         if rank == 0:
@@ -312,6 +312,8 @@ def parse(argv=None):
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median)")
     p.add_argument("--bucket-mb", type=float, default=25.0)
+    p.add_argument("--param-dtype", default="", choices=["", "float32", "bfloat16"],
+                   help="FSDP layouts' compute dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--only", default="", help="comma list of throughput, overlap, allreduce")
     p.add_argument("--layouts", default="", help="comma list of layout names (default: all that fit)")
     args = p.parse_args(argv)

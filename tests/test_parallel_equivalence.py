@@ -6,6 +6,7 @@ same seeded tiny model, runs `Parallel.forward_backward` on its share of one glo
 gradients, losses and expert loads are compared with one process running the plain model on the whole batch.
 """
 
+import contextlib
 import json
 
 import pytest
@@ -24,6 +25,8 @@ LAMBDA, ALPHA = 0.3, 0.1          # α large so the balance-loss gradient path i
 LAYOUTS_2 = {
     "dp-fsdp": dict(dp=2), "dp-ddp": dict(dp=2, dp_mode="ddp"), "dp-hfreduce": dict(dp=2, dp_mode="hfreduce"),
     "dp-fsdp-accum2": dict(dp=2, micro=2), "dp-hfreduce-accum2": dict(dp=2, dp_mode="hfreduce", micro=2),
+    # bf16 all-gathered params (the GPU setting), root outputs unhooked as in torch <= 2.11 (see below)
+    "dp-fsdp-bf16-old-hooks": dict(dp=2, param_dtype="bfloat16", micro=2, old_hooks=True),
     "ep-dedup": dict(dp=2, ep=2), "ep-per-expert": dict(dp=2, ep=2, ep_dedup=False, dp_mode="ddp"),
     "pp-gpipe": dict(pp=2, schedule="gpipe"), "pp-1f1b": dict(pp=2, schedule="1f1b", microbatches=4),
     "pp-zbv": dict(pp=2, schedule="zbv"), "pp-dualpipev": dict(pp=2, schedule="dualpipev"),
@@ -47,12 +50,15 @@ def _fresh_model():
     return build_model(ModelConfig(**TINY))
 
 
-def _reference():
-    model = _fresh_model()
+def _reference(dtype=torch.float32):
+    """Single process, whole batch. bf16 layouts compare with the model run in bf16: FSDP's MixedPrecisionPolicy
+    computes with bf16 copies of the parameters, and against float32 a few bf16-rounded router scores flip an
+    expert choice, which no layout bug explains."""
+    model = _fresh_model().to(dtype)
     x, y = _batch()
     out = model(x, labels=y)
     (out.loss + LAMBDA * out.mtp_loss + ALPHA * out.balance_loss).backward()
-    grads = {n: p.grad for n, p in model.named_parameters()}
+    grads = {n: p.grad.float() for n, p in model.named_parameters()}
     losses = {"loss": out.loss.item(), "mtp_loss": out.mtp_loss.item(), "balance_loss": out.balance_loss.item()}
     return grads, losses, expert_loads(model)
 
@@ -85,16 +91,40 @@ def _hfreduce_vs_all_reduce(out_dir: str) -> None:
         torch.save({"err": err, "buckets": len(reducer.buckets), "differs": differs}, f"{out_dir}/hfreduce.pt")
 
 
+@contextlib.contextmanager
+def _dataclass_outputs_unhooked(on: bool):
+    """FSDP2 of torch <= 2.11 found the output tensors to hang its pre-backward all-gather on with tree_flatten,
+    which treats a dataclass (our ModelOutput) as a leaf: the root got no pre-backward hook. Emulate that on a
+    newer torch, so the layout must work without it (it failed on 4xH200 with freed lm_head storage)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_state
+    from torch.utils._pytree import tree_flatten
+    orig = getattr(_fsdp_state, "collect_grad_tensors", None)
+    if on and orig is not None:
+        _fsdp_state.collect_grad_tensors = lambda out: tuple(
+            t for t in tree_flatten(out)[0] if torch.is_tensor(t) and t.requires_grad)
+    try:
+        yield
+    finally:
+        if orig is not None:
+            _fsdp_state.collect_grad_tensors = orig
+
+
 def _equivalence(layouts: dict, out_path: str) -> None:
-    ref_grads, ref_losses, ref_loads = _reference()
+    refs = {}
     results = {}
     for name, layout in layouts.items():
         layout = dict(layout)
+        bf16 = layout.get("param_dtype") == "bfloat16"
+        if bf16 not in refs:
+            refs[bf16] = _reference(torch.bfloat16 if bf16 else torch.float32)
+        ref_grads, ref_losses, ref_loads = refs[bf16]
         micro = layout.pop("micro", 1)                 # gradient accumulation: the batch in `micro` pieces
+        old_hooks = layout.pop("old_hooks", False)
         x, y = _batch()
         model = _fresh_model()
         par = parallelize(model, ParallelConfig(**layout))
-        metrics = par.forward_backward(list(zip(x.chunk(micro), y.chunk(micro))), LAMBDA, ALPHA)
+        with _dataclass_outputs_unhooked(old_hooks):
+            metrics = par.forward_backward(list(zip(x.chunk(micro), y.chunk(micro))), LAMBDA, ALPHA)
         grads = gather_full([(n, p.grad if p.grad is not None else torch.zeros_like(p))
                              for n, p in par.named_parameters()], par.ctx)
         loads = par.reduce_loads(expert_loads(model))
@@ -102,7 +132,7 @@ def _equivalence(layouts: dict, out_path: str) -> None:
             missing = sorted(set(ref_grads) - set(grads))
             err = max(float((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12))
                       for n, g in ref_grads.items() if n in grads)
-            results[name] = {"grad_rel_err": err, "missing": missing,
+            results[name] = {"grad_rel_err": err, "missing": missing, "bf16": bf16,
                              "loss_err": max(abs(metrics[k] - v) for k, v in ref_losses.items()),
                              "loads_equal": bool(torch.equal(loads.cpu(), ref_loads)),
                              "ep_stats": par.ep_comm.stats if par.ep_comm else None,
@@ -136,8 +166,9 @@ def results4(tmp_path_factory):
 
 def _check(r):
     assert r["missing"] == []
-    assert r["grad_rel_err"] < 2e-5, r
-    assert r["loss_err"] < 1e-5, r
+    # bf16: per-rank bf16 gradients are summed in float32 (reduce_dtype), the reference sums in bf16
+    assert r["grad_rel_err"] < (3e-2 if r["bf16"] else 2e-5), r
+    assert r["loss_err"] < (1e-3 if r["bf16"] else 1e-5), r
     assert r["loads_equal"], "expert loads summed over ranks differ from the single-process loads"
 
 

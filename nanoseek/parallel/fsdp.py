@@ -10,6 +10,14 @@ Mixed precision through `MixedPrecisionPolicy`: parameters are all-gathered in `
 while the sharded master copy and the optimizer stay fp32; gradients are reduced in `reduce_dtype`.
 With pipeline parallelism parameters stay unsharded between a step's micro-batches
 (`reshard_after_forward=False`), as torchtitan does, to avoid one all-gather per micro-batch.
+
+The root unit (embedding, norm, head) is never resharded after forward: its backward starts as soon as its
+forward ends. FSDP2 does that for a root by default, but only when `reshard_after_forward` is not passed; we
+pass False. Resharding it broke on torch 2.11: FSDP2 there finds the forward outputs to hang the pre-backward
+all-gather on with `tree_flatten`, which treats a dataclass (our `ModelOutput`) as a leaf, so a resharded root
+was never gathered again and the lm_head backward read freed storage ("setStorage: sizes [V, H] ... out of
+bounds for storage of size 0"). Kept unsharded it needs no pre-backward hook; its post-backward (reduce-scatter,
+reshard) still runs from FSDP's end-of-backward callback.
 """
 
 from __future__ import annotations
@@ -45,4 +53,4 @@ def apply_fsdp(parts: list[nn.Module], ctx) -> None:
             if cfg.ep > 1 and isinstance(block.mlp, MoE):
                 fully_shard(block.mlp.experts, mesh=ctx.edp_mesh, mp_policy=mp, reshard_after_forward=reshard)
             fully_shard(block, mesh=ctx.dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
-        fully_shard(part, mesh=ctx.dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(part, mesh=ctx.dp_mesh, mp_policy=mp, reshard_after_forward=False)   # see docstring

@@ -1,0 +1,162 @@
+"""GRPO: group-relative advantages and the clipped policy loss (DeepSeekMath §4.1, R1 report §2.2).
+
+GRPO drops PPO's critic: for each prompt it samples a group of G completions, scores them with rule
+rewards, and uses the reward's deviation from the group mean as every token's advantage. The rest is
+PPO's clipped ratio objective plus a KL penalty to a frozen reference model, written inside the loss
+(not folded into the reward). Everything here is a pure function of tensors so it can be tested against
+float64 formulas; the training loop lives in `nanoseek.rl.trainer`.
+
+Variants that matter in practice, all selectable by config:
+- advantage scaling "group" (divide by the group's std, GRPO), "batch" (by the std of all rewards in the
+  batch) or "none" (Dr. GRPO, arXiv 2503.20783 §3: the std division biases toward easy/hard prompts);
+- separate clip bounds ε_low / ε_high ("clip-higher", DAPO arXiv 2503.14476 §3.1, ε_high = 0.28);
+- loss aggregation "grpo" (token mean per sequence, then mean over sequences), "dapo" (token mean over the
+  whole batch, DAPO §3.3) or "drgrpo" (token sum / (batch × max_len), Dr. GRPO: no length bias);
+- dynamic sampling (DAPO §3.2): groups whose rewards are all equal have zero advantage and give no
+  gradient, so they are dropped and more prompts are sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SCALINGS = ("group", "batch", "none")
+AGGREGATIONS = ("grpo", "dapo", "drgrpo")
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8             # G completions per prompt
+    scaling: str = "group"          # advantage scaling: "group" | "batch" | "none" (Dr. GRPO)
+    eps_low: float = 0.2            # ratio clipped to [1 - eps_low, 1 + eps_high]
+    eps_high: float = 0.28          # DAPO's clip-higher
+    beta: float = 0.0               # k3 KL weight; 0 = no reference model at all
+    aggregation: str = "dapo"       # "grpo" | "dapo" | "drgrpo"
+    mu: int = 1                     # policy updates per rollout batch (μ), reusing the old log-probs
+    dynamic_sampling: bool = False  # DAPO: drop zero-variance groups and sample more prompts
+    max_refill: int = 3             # extra rollout rounds allowed to refill dropped groups
+    adv_eps: float = 1e-4           # ε in (r - mean) / (std + ε)
+
+    def __post_init__(self) -> None:
+        from nanoseek.errors import UserError
+
+        if self.scaling not in SCALINGS:
+            raise UserError(f"grpo.scaling={self.scaling!r}; choose one of {', '.join(SCALINGS)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise UserError(f"grpo.aggregation={self.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+        if self.group_size < 2:
+            raise UserError(f"grpo.group_size={self.group_size}: a group needs at least 2 samples")
+        if self.mu < 1:
+            raise UserError(f"grpo.mu={self.mu}: need at least one update per batch")
+        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
+            raise UserError(f"grpo clip bounds eps_low={self.eps_low}, eps_high={self.eps_high}: need 0 <= eps_low < 1, eps_high >= 0")
+        if self.beta < 0:
+            raise UserError(f"grpo.beta={self.beta} must be >= 0")
+
+
+def group_advantages(rewards: Tensor, group_size: int, scaling: str = "group", eps: float = 1e-4) -> Tensor:
+    """Per-sample advantage Â_i (DeepSeekMath eq. 3 with outcome supervision).
+
+    rewards [N] holds N = n_groups × G rewards, the G samples of a prompt contiguous. Returns [N]:
+      "group": (r_i - mean_g) / (std_g + eps)      std_g: the group's sample std (Bessel, as torch.std)
+      "batch": (r_i - mean_g) / (std_all + eps)    std_all: sample std of all N rewards
+      "none":   r_i - mean_g                        (Dr. GRPO)
+    """
+    r = rewards.reshape(-1, group_size)                              # [n_groups, G]
+    centered = r - r.mean(dim=1, keepdim=True)
+    if scaling == "group":
+        centered = centered / (r.std(dim=1, keepdim=True) + eps)
+    elif scaling == "batch":
+        centered = centered / (rewards.std() + eps)
+    elif scaling != "none":
+        raise ValueError(f"unknown advantage scaling {scaling!r}")
+    return centered.reshape(-1)
+
+
+def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """[n_groups] bool: True where every sample of the group got the same reward (no learning signal)."""
+    r = rewards.reshape(-1, group_size)
+    return (r == r[:, :1]).all(dim=1)
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimator of KL(π_θ || π_ref) (Schulman 2020; DeepSeekMath eq. 4): unbiased, >= 0.
+
+    KL_t = exp(ref - logp) - (ref - logp) - 1, where logp, ref_logp are log-probs of the sampled tokens.
+    """
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def aggregate(per_token: Tensor, mask: Tensor, mode: str, max_len: int | None = None,
+              n_seqs: int | None = None, n_tokens: float | None = None) -> Tensor:
+    """Reduce a per-token loss [B, T] with mask [B, T] (1 = response token) to a scalar.
+
+      "grpo":   mean_b ( sum_t ℓ_bt m_bt / sum_t m_bt )     per-sequence token mean, then mean
+      "dapo":   sum_bt ℓ_bt m_bt / sum_bt m_bt              token mean over the batch
+      "drgrpo": sum_bt ℓ_bt m_bt / (B × max_len)            constant normaliser (Dr. GRPO)
+
+    Micro-batching: pass the FULL batch's `n_seqs` (B) and, for "dapo", `n_tokens` (sum of its mask) so
+    the micro-batch losses add up to the full-batch loss. `max_len` defaults to T; the trainer passes the
+    generation budget (max_new_tokens) so the normaliser is the same for every batch.
+    """
+    m = mask.to(per_token.dtype)
+    B, T = per_token.shape
+    n_seqs = B if n_seqs is None else n_seqs
+    if mode == "grpo":
+        per_seq = (per_token * m).sum(1) / m.sum(1).clamp(min=1)
+        return per_seq.sum() / n_seqs
+    if mode == "dapo":
+        n_tokens = m.sum().clamp(min=1) if n_tokens is None else max(float(n_tokens), 1.0)
+        return (per_token * m).sum() / n_tokens
+    if mode == "drgrpo":
+        return (per_token * m).sum() / (n_seqs * (T if max_len is None else max_len))
+    raise ValueError(f"unknown aggregation {mode!r}")
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+                eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0,
+                ref_logp: Tensor | None = None, aggregation: str = "grpo", max_len: int | None = None,
+                n_seqs: int | None = None, n_tokens: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped surrogate loss with an optional k3 KL penalty (DeepSeekMath eq. 3, negated).
+
+    logp, old_logp, ref_logp, mask: [B, T] (log-probs of the sampled response tokens under π_θ, π_old,
+    π_ref). advantages: [B] (GRPO, broadcast over tokens) or [B, T] (PPO/GAE). Per token:
+        ρ = exp(logp - old_logp)
+        ℓ = -min(ρ Â, clip(ρ, 1 - eps_low, 1 + eps_high) Â) + β KL_k3(π_θ, π_ref)
+    reduced with `aggregate`. Returns (loss, stats) with detached stats: "clip_frac" (share of response
+    tokens where the clipped term is the active one), "kl" (mean k3 KL per token, when ref_logp is given),
+    "ratio" (mean ρ).
+    """
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages      # [B, 1] or [B, T]
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    m = mask.to(logp.dtype)
+    denom = m.sum().clamp(min=1)
+    stats = {
+        "clip_frac": (((clipped < unclipped).to(logp.dtype) * m).sum() / denom).detach(),
+        "ratio": ((ratio * m).sum() / denom).detach(),
+    }
+    if ref_logp is not None:
+        kl = kl_k3(logp, ref_logp)
+        stats["kl"] = ((kl * m).sum() / denom).detach()
+        if beta:
+            per_token = per_token + beta * kl
+    return aggregate(per_token, mask, aggregation, max_len, n_seqs, n_tokens), stats
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log softmax(logits)[token] in fp32: logits [B, T, V], tokens [B, T] -> [B, T]."""
+    logits = logits.float()
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy of the softmax at each position in fp32: [B, T, V] -> [B, T]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)

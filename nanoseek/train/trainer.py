@@ -1,0 +1,231 @@
+"""The training loop shared by pretraining, SFT and context extension.
+
+One optimizer step (V3 §2, §4.2):
+
+    for each of `grad_accum` micro-batches:   loss = CE + λ·MTP + α·L_bal   (backward, summed)
+    clip the global grad norm; AdamW step at the warmup-stable-decay LR
+    b_i += γ·sign(mean(c) − c_i)              auxiliary-loss-free balancing (V3 §2.1.2) from the
+                                              step's whole-batch expert loads c (all micro-batches)
+
+CE is weighted by each micro-batch's share of the step's target tokens, so accumulating k micro-batches
+gives the gradient of one k-times larger batch even when SFT masks a different number of tokens per
+micro-batch. Nothing in the loop draws random numbers except through the data iterator, whose position is
+checkpointed, and evaluation runs inside `torch.random.fork_rng`, so a resumed CPU run replays the
+uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import torch
+
+from nanoseek.errors import UserError
+from nanoseek.train.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from nanoseek.train.logger import MetricsLogger
+from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300                  # optimizer steps
+    batch_size: int = 16              # sequences per micro-batch
+    grad_accum: int = 1               # micro-batches per optimizer step
+    seq_len: int = 256                # tokens per training row
+    precision: str = "fp32"           # "fp32" | "bf16" (autocast) | "fp8" (nanoseek.train.fp8, V3 §3.3)
+    device: str = "auto"              # "auto" = cuda if available, else cpu
+    seed: int = 0
+    threads: int = 0                  # torch CPU threads; 0 = torch's default
+    mtp_lambda: float = 0.3           # λ of the MTP loss (V3 §2.2: 0.3 early, 0.1 later)
+    balance_alpha: float = 1e-4       # α of the sequence-wise balance loss (V3 §2.1.2)
+    bias_gamma: float = 1e-3          # γ of the aux-loss-free bias update; 0 switches it off
+    peak_flops: float = 717e12        # accelerator peak for MFU (DESIGN §8: H100 bf16 matmul, measured)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100                  # evaluate every N steps (and after the last); 0 = only after the last
+    val_batches: int = 4              # held-out batches for the validation loss
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic", "countdown", "linear"])
+    problems: int = 48                # held-out TEST-split problems for pass@1 (0 = skip)
+    difficulty: int | None = None     # task level of those problems; None = each family's default mix
+    samples: int = 1                  # samples per problem for pass@1
+    max_new_tokens: int = 96
+    temperature: float = 0.6          # R1 report's evaluation sampling
+    top_p: float = 0.95
+    template: str = "r1_zero"         # prompt format (nanoseek.rl.rollout.encode_prompt): r1_zero | chat | plain
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100                  # save every N steps (and after the last)
+    keep_last: int = 2
+
+
+class Batches(Protocol):
+    """What the loop needs from a data set: an endless iterator of (input_ids, labels) [B, T] long
+    tensors (labels aligned, -100 = ignore) whose position survives `state_dict`/`load_state_dict`."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name!r} but no CUDA device is visible; use train.device=\"cpu\"")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"train.device={name!r} is not a device; use auto, cpu or cuda") from None
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for "bf16" and "fp8" (the FP8 GEMMs run inside it, everything else in bf16); fp32 plain."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision in ("bf16", "fp8"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise UserError(f"train.precision={precision!r}; choose fp32, bf16 or fp8")
+
+
+def prepare_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """Move to the device, keep fp32 master weights, and swap in FP8 linears when asked (V3 §3.3)."""
+    model = model.to(device=device, dtype=torch.float32)
+    if cfg.precision == "fp8":
+        try:
+            from nanoseek.train.fp8 import convert_to_fp8
+        except ImportError:
+            raise UserError("train.precision=\"fp8\" needs nanoseek.train.fp8, which this build lacks; "
+                            "use train.precision=\"bf16\"") from None
+        model = convert_to_fp8(model) or model
+    model.train()
+    return model
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token as `nanoseek info` counts them: 6 × activated matmul weights + attention."""
+    from nanoseek.info import account
+    return float(account(model.config, seq_len)["train_flops_per_token"])
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                    device: torch.device, precision: str) -> float:
+    """Token-weighted mean next-token CE over fixed held-out batches (eval mode: no expert-load counting)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast(device, precision):
+            out = model(x, labels=y)
+        n = int((y != -100).sum())
+        total += float(out.loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def forward_backward(model: torch.nn.Module, micro: list[tuple[torch.Tensor, torch.Tensor]], tc: TrainConfig,
+                     device: torch.device) -> tuple[float, float, float]:
+    """Accumulate the gradient of one optimizer step over `micro` batches; returns (CE, MTP, balance) losses.
+
+    CE is weighted by each micro-batch's share of the step's targets (labels != -100), so the gradient is the
+    one of all micro-batches as a single batch; MTP and balance losses (means over sequences of equal
+    micro-batches) are averaged.
+    """
+    counts = [int((y != -100).sum()) for _, y in micro]                      # on the host: no device sync
+    ce = mtp = bal = torch.zeros((), device=device)
+    for (x, y), n in zip(micro, counts):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, tc.precision):
+            out = model(x, labels=y)
+        w = n / max(sum(counts), 1)
+        loss = w * out.loss + (tc.mtp_lambda * out.mtp_loss + tc.balance_alpha * out.balance_loss) / len(micro)
+        loss.backward()
+        ce = ce + w * out.loss.detach()
+        mtp = mtp + out.mtp_loss.detach() / len(micro)
+        bal = bal + out.balance_loss.detach() / len(micro)
+    ce, mtp, bal = torch.stack([ce, mtp, bal]).tolist()                    # one sync per step
+    return ce, mtp, bal
+
+
+def train(model: torch.nn.Module, cfg, run_dir: str | Path, train_data: Batches, *,
+          val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+          evaluate: Callable[[torch.nn.Module], dict] | None = None,
+          resume_from: str | Path | None = None,
+          reduce_loads: Callable[[torch.Tensor], torch.Tensor] = lambda loads: loads,
+          description: str = "train", progress: bool = True) -> torch.nn.Module:
+    """Run `cfg.train.steps` optimizer steps on `model` (already prepared, on its device), logging to
+    `run_dir/metrics.jsonl` and checkpointing to `run_dir/checkpoints`.
+
+    cfg: any config tree with `.train` (TrainConfig), `.optim` (OptimConfig), `.eval` (EvalConfig) and
+    `.checkpoint` (CheckpointConfig) sections. evaluate(model) -> dict of extra metrics (e.g. pass@1) run
+    at eval steps. reduce_loads: where data parallel all-reduces the [L_moe, E] expert loads before the
+    bias update (identity on one device).
+    """
+    from nanoseek.model.moe import expert_loads, max_violation, moe_layers, update_router_biases
+
+    tc: TrainConfig = cfg.train
+    oc: OptimConfig = cfg.optim
+    device = next(model.parameters()).device
+    optimizer = build_optimizer(model, oc)
+    start = 0
+    if resume_from is not None:
+        state = load_trainer_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        train_data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        start = int(state["step"])
+    has_moe = bool(moe_layers(model))
+    mfu_flops = flops_per_token(model, tc.seq_len) if device.type == "cuda" else 0.0
+    batches = iter(train_data)
+
+    def trainer_state() -> dict:
+        return {"optimizer": optimizer.state_dict(), "data": train_data.state_dict(), "rng": rng_state()}
+
+    with MetricsLogger(run_dir, tc.steps, start, description=description, progress=progress) as log:
+        for step in range(start, tc.steps):
+            t0 = time.perf_counter()
+            lr = wsd_lr(step, tc.steps, oc)
+            set_lr(optimizer, lr)
+            micro = [next(batches) for _ in range(tc.grad_accum)]
+            ce, mtp, bal = forward_backward(model, micro, tc, device)
+            clip = oc.grad_clip if oc.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            record = {"loss": ce, "mtp_loss": mtp, "balance_loss": bal, "lr": lr, "grad_norm": float(grad_norm)}
+            if has_moe:                                                # V3 §2.1.2, after the step
+                loads = reduce_loads(expert_loads(model))
+                maxvio = max_violation(loads)
+                update_router_biases(model, loads, tc.bias_gamma)
+                record["maxvio"] = [round(v, 6) for v in maxvio.tolist()]
+                record["maxvio_mean"] = float(maxvio.mean())
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            record["tokens_per_s"] = tc.grad_accum * tc.batch_size * tc.seq_len / dt
+            if mfu_flops:
+                record["mfu"] = record["tokens_per_s"] * mfu_flops / tc.peak_flops
+            done = step + 1
+            if done == tc.steps or (cfg.eval.every and done % cfg.eval.every == 0):
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    if val_batches:
+                        record["val_loss"] = validation_loss(model, val_batches, device, tc.precision)
+                    if evaluate is not None:
+                        model.eval()
+                        record.update(evaluate(model))
+                        model.train()
+            log.log(done, record)
+            if done == tc.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+                save_checkpoint(run_dir, done, model, trainer_state(), cfg.checkpoint.keep_last)
+    return model
