@@ -104,7 +104,8 @@ class PipelineConfig:
     difficulty: int | None = 2        # task level of the corpus, RL, sampling and evaluation in every stage (None =
                                       # each family's default mix); 2: a few-minute CPU base is sometimes right
     device: str = "auto"              # set in every stage
-    threads: int = 0                  # torch CPU threads in every stage; 0 = torch's default
+    threads: int = 1                  # torch CPU threads in every stage (0 = torch's default): these tiny models gain
+                                      # nothing from intra-op threads, and lose a lot when the cores are shared
     pretrain: PretrainConfig = field(default_factory=lambda: _pretrain(600))
     r1_zero: RLConfig = field(default_factory=lambda: _rl(30, "r1_zero"))
     coldstart: ColdStartConfig = field(default_factory=lambda: ColdStartConfig(

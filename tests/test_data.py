@@ -151,6 +151,18 @@ def test_sft_loss_only_on_responses(tok):
         assert torch.equal(y[row, :n][mask], torch.tensor(full[1:])[mask])  # aligned targets
 
 
+def test_sft_takes_normalised_message_lists(tok):
+    """What load_chat_records / to_messages return (message lists) feeds SFTDataset as it is."""
+    from nanoseek.data.sft import to_messages
+
+    records = _sft_records(3)
+    a, b = SFTDataset(records, tok, 64, 3, shuffle=False), SFTDataset([to_messages(r) for r in records], tok, 64, 3,
+                                                                     shuffle=False)
+    assert all(torch.equal(u, v) for u, v in zip(a.next_batch(), b.next_batch()))
+    with pytest.raises(UserError, match="role"):
+        SFTDataset([[{"role": "user"}]], tok, 64, 1)
+
+
 def test_sft_with_foreign_template(tmp_path, tok):
     """A ChatML template: the turn's closing tokens are trained too; BPE merges across the seam are fine."""
     cfg = {"bos_token": None, "eos_token": "<|eos|>", "pad_token": "<|pad|>",

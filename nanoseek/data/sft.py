@@ -52,9 +52,11 @@ def load_chat_records(path: str | Path) -> list[dict]:
     return records
 
 
-def to_messages(record: dict, where: str = "record") -> list[dict]:
-    """Normalise a record to a message list, checking its shape."""
-    if isinstance(record, dict) and isinstance(record.get("messages"), list):
+def to_messages(record: dict | list, where: str = "record") -> list[dict]:
+    """Normalise a record (or an already normalised message list) to a message list, checking its shape."""
+    if isinstance(record, list):
+        messages = record
+    elif isinstance(record, dict) and isinstance(record.get("messages"), list):
         messages = record["messages"]
     elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
         messages = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + [
