@@ -157,17 +157,21 @@ def widened_small(width: int, layers: int) -> ModelConfig:
 
 
 def train_bench(device: torch.device, quick: bool, compile: bool, width: int, layers: int,
-                profile_dir: Path | None, dense: str) -> None:
+                profile_dir: Path | None, dense: str, quant: str) -> None:
     cfg = ModelConfig.preset("tiny") if quick else widened_small(width, layers)
     batch, seq = (2, 64) if quick else (8, 2048)
     peak = bf16_peak_tflops(device, 512 if quick else 8192)
     flops_per_token = account(cfg, seq)["train_flops_per_token"]
     result = {}
-    runs = ["bf16"] + [f"fp8-{d}" for d in (("cublas", "triton") if dense == "both" else (dense,))]
+    quants = (("traced", "opaque") if quant == "both" else (quant,)) if compile else ("",)   # only compile differs
+    runs = ["bf16"] + [f"fp8-{d}" + (f"-{q}" if q else "")
+                       for d in (("cublas", "triton") if dense == "both" else (dense,)) for q in quants]
     for run in runs:
         precision = run.split("-")[0]
         if precision == "fp8":
             fp8.DENSE_GEMM = run.split("-")[1]
+            fp8.COMPILED_QUANT = run.split("-")[2] if compile else fp8.COMPILED_QUANT
+        torch._dynamo.reset()                                         # no graph reuse across runs
         model, opt = build(cfg, precision, device, compile=compile)
         step = make_step(model, opt, device)
         g = torch.Generator(device="cpu").manual_seed(1)
@@ -282,6 +286,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=1024, help="train mode: hidden size (other widths scale with it)")
     p.add_argument("--layers", type=int, default=12, help="train mode: decoder layers")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR", help="train mode: profiler tables into DIR")
+    p.add_argument("--quant", choices=["traced", "opaque", "both"], default="traced",
+                   help="train --compile: FP8 quantisers traced into Inductor's fused kernels, or opaque Triton ops")
     p.add_argument("--dense", choices=["cublas", "triton", "both"], default="cublas",
                    help="train mode: FP8 dense GEMM path (fp8.DENSE_GEMM); both = one FP8 run each")
     p.add_argument("--steps", type=int, default=None, help="loss-curve steps (default 1000, quick 20)")
@@ -292,7 +298,7 @@ def main() -> None:
     if args.mode in ("all", "gemm"):
         gemm_bench(device, quick)
     if args.mode in ("all", "train"):
-        train_bench(device, quick, args.compile, args.width, args.layers, args.profile, args.dense)
+        train_bench(device, quick, args.compile, args.width, args.layers, args.profile, args.dense, args.quant)
     if args.mode in ("all", "loss"):
         if args.dense != "both":
             fp8.DENSE_GEMM = args.dense

@@ -10,8 +10,10 @@ Prints one JSON object per measurement (rank 0):
 - bubble: per pipeline schedule, the measured idle fraction of a step (1 − compute time / step time, compute
   timed around every stage forward / backward / weight-backward with device syncs), next to the DESIGN §5
   formula and a timing simulation of the schedule's action table, both fed the measured F, B, W (and F&B).
-- overlap: DualPipeV with EP, F&B pairs run interleaved (ours) vs one after the other; the fraction of the
-  all-to-all time inside F&B pairs that the interleaving hides = (t_sequential − t_interleaved) / t_a2a.
+- overlap: F&B pairs (one micro-batch's forward with another's backward) run interleaved (ours) vs one after
+  the other; the fraction of the all-to-all time inside the pairs that the interleaving hides =
+  (t_sequential − t_interleaved) / t_a2a. On 4+ ranks inside DualPipeV with EP (pp=2 × ep); on 2 ranks,
+  where a pipeline leaves no room for EP, the same pairs are driven directly on an ep=2 model.
 - allreduce: averaging the gradients of the model through host memory over gloo (HFReduce) vs NCCL, alone
   and overlapped with a data-parallel backward.
 """
@@ -110,18 +112,23 @@ def step(par, opt, batch, device):
     opt.zero_grad(set_to_none=True)
 
 
-def timed_steps(par, opt, batch, device, n: int) -> float:
+def timed(fn, device, n: int) -> float:
+    """Median wall time of fn() over n calls, the ranks lined up by a barrier before each."""
     times = []
     for _ in range(n):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dist.barrier()
         t0 = time.perf_counter()
-        step(par, opt, batch, device)
+        fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def timed_steps(par, opt, batch, device, n: int) -> float:
+    return timed(lambda: step(par, opt, batch, device), device, n)
 
 
 def bench_throughput_and_bubbles(args, device, world, rank):
@@ -186,16 +193,44 @@ def bubble_record(par, opt, batch, device, layout) -> dict:
                 bubble_simulated=round(max(sim) / (max(sim) + per_rank_work), 4))
 
 
+def pairs_without_pipeline(args, par, device) -> callable:
+    """A step of F&B pairs on an EP model with no pipeline: micro-batch i's forward runs with micro-batch
+    i−1's backward through `overlap.run_overlapped`, as DualPipeV's steady state does (2-rank overlap bench)."""
+    from nanoseek.parallel.mesh import _same_ranks_group
+    par.ep_comm.group_bwd = _same_ranks_group(par.ctx.ep_group)    # backward a2a on its own communicator
+    for r in par.reducers:
+        r.armed = False                                            # gradients stay local: time the a2a only
+    x, y = make_batch(args, par.model.config.vocab_size, 0)
+    micro = list(zip(par.ctx.shard_batch(x).to(device).chunk(8), par.ctx.shard_batch(y).to(device).chunk(8)))
+
+    def forward(i, into):
+        with autocast(device)():
+            into.append(par.model(micro[i][0], labels=micro[i][1]).loss)
+
+    def run_step():
+        losses = []
+        forward(0, losses)
+        for i in range(1, len(micro)):
+            prev = losses[-1]
+            overlap.run_overlapped(lambda i=i: forward(i, losses), prev.backward)
+        losses[-1].backward()
+        for p in par.model.parameters():
+            p.grad = None
+    return run_step
+
+
 def bench_overlap(args, device, world, rank):
-    """DualPipeV + EP: F&B pairs interleaved (ours) vs sequential, and the all-to-all time inside them."""
-    if world < 4:
-        if rank == 0:
-            emit(dict(bench="overlap", skipped="needs 4 ranks (ep=2 × pp=2)"))
-        return
-    layout = dict(pp=2, dp=world // 2, ep=world // 2, schedule="dualpipev", microbatches=8)
-    cfg, par, opt = build(args, layout, device)
-    batch = make_batch(args, cfg.vocab_size, 0)
-    step(par, opt, batch, device)
+    """EP all-to-all under F&B pairs: interleaved (ours) vs sequential, and the all-to-all time inside them."""
+    if world >= 4:                                  # inside DualPipeV
+        layout = dict(pp=2, dp=world // 2, ep=world // 2, schedule="dualpipev", microbatches=8)
+        cfg, par, opt = build(args, layout, device)
+        batch = make_batch(args, cfg.vocab_size, 0)
+        run_step = lambda: step(par, opt, batch, device)           # noqa: E731
+    else:                                           # 2 ranks: the pairs driven directly on an ep=2 model
+        layout = dict(dp=world, ep=world, dp_mode="ddp", pairs="no pipeline, 8 micro-batches")
+        cfg, par, opt = build(args, {k: v for k, v in layout.items() if k != "pairs"}, device)
+        run_step = pairs_without_pipeline(args, par, device)
+    run_step()
     run, orig_a2a = overlap.run_overlapped, expert._all_to_all
     fb, a2a, state = {}, {"ms": 0.0}, {"in_pair": False}
 
@@ -227,7 +262,7 @@ def bench_overlap(args, device, world, rank):
         overlap.run_overlapped = pair
         expert._all_to_all = timed_a2a
         try:
-            step_t = timed_steps(par, opt, batch, device, args.steps)
+            step_t = timed(run_step, device, args.steps)
         finally:
             overlap.run_overlapped, expert._all_to_all = run, orig_a2a
         fb[mode] = (step_t * 1e3, sum(times) * 1e3 / args.steps)

@@ -29,15 +29,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_nanoseek(model, prompts, new_tokens: int, decode: str) -> float:
+def time_nanoseek(model, prompts, new_tokens: int, decode: str, amp: bool) -> float:
     cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, stop=[], decode=decode)
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(0)
-    generate(model, prompts, SamplingConfig(max_new_tokens=4, stop=[], decode=decode), [], 0, gen)   # warm-up
-    sync(device)
-    t0 = time.perf_counter()
-    g = generate(model, prompts, cfg, [], 0, gen)
-    sync(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):   # amp: the GRPO trainer's setting
+        generate(model, prompts, SamplingConfig(max_new_tokens=4, stop=[], decode=decode), [], 0, gen)   # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        g = generate(model, prompts, cfg, [], 0, gen)
+        sync(device)
     assert int(g.lengths.sum()) == len(prompts) * new_tokens
     return time.perf_counter() - t0
 
@@ -62,14 +63,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp32 or amp (nanoseek "
+                    "only: fp32 master weights under bf16 autocast, as the GRPO trainer decodes)")
     ap.add_argument("--decode", default="auto", help="nanoseek decode mode: auto, dynamic, static, graph")
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.preset, args.batch, args.prompt_len, args.new_tokens = "tiny", [1, 8], 32, 64
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+    amp = args.dtype == "amp"
+    if amp:
+        args.skip_transformers = True
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "amp": torch.float32}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     torch.manual_seed(0)
@@ -87,8 +92,8 @@ def main() -> None:
         prompts = torch.randint(10, cfg.vocab_size, (B, args.prompt_len), generator=g).tolist()
         n = B * args.new_tokens
         row = dict(preset=args.preset, batch=B, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                   dtype=str(dtype).removeprefix("torch."), device=where, torch=torch.__version__)
-        t_ns = time_nanoseek(model, prompts, args.new_tokens, args.decode)
+                   dtype="amp" if amp else str(dtype).removeprefix("torch."), device=where, torch=torch.__version__)
+        t_ns = time_nanoseek(model, prompts, args.new_tokens, args.decode, amp)
         print(json.dumps({"engine": "nanoseek", "decode": args.decode, **row, "seconds": round(t_ns, 3),
                           "new_tokens_per_s": round(n / t_ns, 1)}), flush=True)
         if hf_model is not None:

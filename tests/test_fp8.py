@@ -225,8 +225,11 @@ def test_convert_to_fp8_keeps_high_precision_parts(capsys):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_fp8_ops_trace_into_one_graph_under_torch_compile():
-    """torch.compile sees the FP8 steps as opaque custom ops: no graph break, same numbers as eager."""
+@pytest.mark.parametrize("quant", ["traced", "opaque"])
+def test_fp8_ops_trace_into_one_graph_under_torch_compile(quant, monkeypatch):
+    """torch.compile sees the FP8 GEMMs as opaque custom ops and the quantisers as plain torch code (or opaque
+    ops): no graph break, same numbers as eager."""
+    monkeypatch.setattr(fp8, "COMPILED_QUANT", quant)
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(3)
     counts = torch.tensor([5, 0, 140])
@@ -314,22 +317,56 @@ def test_hopper_gemms_match_emulation():
 
 
 @needs_hopper
-def test_hopper_model_step_matches_cpu_emulation():
+def test_hopper_model_step_matches_emulation(monkeypatch):
+    """A whole training step on the Hopper kernels: the loss agrees with the CPU emulation, and every FP8 op of
+    the step (each Linear and expert group, on the activations and output gradients it really saw) gives the
+    emulation's y, dx and dW on those operands.
+
+    Why not compare the step's gradients end to end: the model is chaotic under rounding. Router top-k sets of
+    near-tied random-init scores flip, and e4m3 codes near a rounding boundary flip, under perturbations as
+    small as fp32 summation order; measured on the H100 (tiny preset, 300 tokens), the same emulated recipe on
+    the GPU and on the CPU gives gradients 3.5e-2 apart (routing pinned; 146 of 2048 routing choices flip
+    otherwise), against 1e-1 between FP8 and fp32: no end-to-end tolerance separates a kernel bug from that."""
     torch.manual_seed(0)
     cpu = build_model(ModelConfig.preset("tiny"))
     gpu = build_model(ModelConfig.preset("tiny")).cuda()
     gpu.load_state_dict(cpu.state_dict())
     fp8.convert_to_fp8(cpu)
     fp8.convert_to_fp8(gpu)
-    ids = torch.randint(0, 1024, (4, 128))
+    ops, real = [], fp8._Fp8GroupedMM
+
+    class Recorder:                                   # every call: its operands, and its output for dy
+        @staticmethod
+        def apply(x, w, offs, plan, out_dtype):
+            y = real.apply(x, w, offs, plan, out_dtype)
+            y.retain_grad()
+            ops.append((x.detach(), w.detach(), offs, plan, out_dtype, y))
+            return y
+
+    monkeypatch.setattr(fp8, "_Fp8GroupedMM", Recorder)
+    ids = torch.randint(0, 1024, (3, 100))           # 300 tokens: partial 128-row tiles in every GEMM
     losses = []
     for m, dev in ((cpu, "cpu"), (gpu, "cuda")):
         out = m(ids.to(dev), labels=ids.to(dev))
         (out.loss + out.mtp_loss).backward()
         losses.append(out.loss.item())
     assert abs(losses[0] - losses[1]) < 1e-3 * losses[0]
-    pairs = [(p.grad, q.grad) for p, q in zip(cpu.parameters(), gpu.parameters()) if p.grad is not None]
-    assert len(pairs) == sum(p.requires_grad for p in cpu.parameters())
-    g_cpu = torch.cat([a.flatten() for a, _ in pairs])
-    g_gpu = torch.cat([b.flatten().cpu() for _, b in pairs])
-    assert rel(g_gpu, g_cpu) < 5e-2
+    gpu_ops = [op for op in ops if op[0].is_cuda]
+    assert len(gpu_ops) == len(ops) // 2 and len(gpu_ops) >= 41 + 2 * 4   # Linears + 2 GEMMs per expert group
+
+    def three_gemms(x, w, offs, plan, out_dtype, dy):
+        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = real.apply(x, w, offs, plan, out_dtype)
+        y.backward(dy)
+        return y, x.grad, w.grad
+
+    worst = 0.0
+    for x, w, offs, plan, out_dtype, y in gpu_ops:
+        got = three_gemms(x, w, offs, plan, out_dtype, y.grad)
+        monkeypatch.setitem(fp8._BACKENDS, x.device, "emulate")
+        want = three_gemms(x, w, offs, plan, out_dtype, y.grad)
+        monkeypatch.setitem(fp8._BACKENDS, x.device, "hopper")
+        for g, e in zip(got, want):
+            worst = max(worst, rel(g, e))
+    print(f"worst relative error over {len(gpu_ops)} ops x 3 GEMMs: {worst:.2e}")
+    assert worst < 2e-3          # Hopper's FP8 MMA keeps ~14 bits per 128-wide K chunk; layout bugs give O(1)

@@ -153,9 +153,9 @@ def test_miniature_pipeline_end_to_end_with_resume(tmp_path, monkeypatch):
     collected = []
     real_collect = trainer.collect
 
-    def spy(model, tokenizer, cfg, step, problems_fn):
+    def spy(model, tokenizer, cfg, step, *args):
         collected.append((cfg.train.init, step))
-        return real_collect(model, tokenizer, cfg, step, problems_fn)
+        return real_collect(model, tokenizer, cfg, step, *args)
 
     monkeypatch.setattr(trainer, "collect", spy)
     assert main(args) == 0

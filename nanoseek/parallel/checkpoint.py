@@ -79,7 +79,8 @@ def full_model(par):
     sd = model_state_dict(par)
     if sd is None:
         return None
-    model = build_model(par.model.config)
+    with torch.random.fork_rng(devices=[]):       # the throwaway random init must not move the training RNG
+        model = build_model(par.model.config)
     model.load_state_dict(sd)
     return model.to(par.ctx.device).train(par.model.training)
 

@@ -59,6 +59,20 @@ class ParallelConfig:
             bad(f"schedule {self.schedule} with pp={self.pp} needs microbatches >= {least}, got {mb}")
         return dataclasses.replace(self, dp=dp, microbatches=mb if self.pp > 1 else max(1, self.microbatches))
 
+    def check_model(self, model_config) -> None:
+        """UserError, before anything is written, when the model cannot take this layout: experts or router
+        groups that do not split over `ep`, too few layers for the pipeline stages, tied embeddings under pp."""
+        if self.ep > 1:
+            from nanoseek.parallel.expert import check_layout
+            check_layout(model_config, self.ep)
+        if self.pp > 1:
+            from nanoseek.parallel.pipeline import split_layers
+            if model_config.tie_word_embeddings:
+                raise UserError("parallel: pipeline parallel needs untied embeddings (the head is on the last "
+                                "stage); set parallel.pp=1 for a model with tie_word_embeddings")
+            split_layers(model_config.num_hidden_layers, model_config.num_nextn_predict_layers,
+                         self.pp * self.stages_per_rank)
+
     @property
     def stages_per_rank(self) -> int:
         return 2 if self.schedule in ("zbv", "dualpipev") else 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -162,16 +163,21 @@ def _chat(args, model, tok, sampling, gen) -> int:
 
 
 def _train(args) -> int:
+    from nanoseek.parallel.mesh import destroy
     from nanoseek.recipe import load_recipe
     from nanoseek.rl.trainer import RLConfig, train_rl
 
     out = Path(args.out)
-    if args.resume and args.recipe is None and not args.set and (out / "config.toml").is_file():
-        cfg = load_recipe(RLConfig, out / "config.toml")     # plain --resume: the run's own config
+    if args.resume and args.recipe is None and (out / "config.toml").is_file():
+        cfg = load_recipe(RLConfig, out / "config.toml", args.set)   # --resume: the run's own config (+ --set)
     else:
         cfg = load_recipe(RLConfig, args.recipe, args.set)
     if args.init:
         cfg.train.init = args.init
-    train_rl(cfg, out, algo=args.command, resume=args.resume, progress=not args.no_progress)
-    print(f"{args.command} run written to {out} (metrics.jsonl, plots/, eval/, checkpoints/)")
+    try:
+        train_rl(cfg, out, algo=args.command, resume=args.resume, progress=not args.no_progress)
+    finally:
+        destroy()                                             # leave the process group (torchrun runs)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{args.command} run written to {out} (metrics.jsonl, plots/, eval/, checkpoints/)")
     return 0

@@ -14,6 +14,13 @@ instead of paying a separate forward. The policy stays in eval mode throughout (
 stops MoE layers counting expert loads), and the router biases are frozen: aux-free balancing is a
 pretraining mechanism. Problems are drawn from a seed that is a function of (seed, step, round), so a
 resumed run samples exactly what the uninterrupted one would have.
+
+Under torchrun (GRPO only) the policy is replicated on every rank (parallel.dp_mode ddp or hfreduce): each
+rank takes a round-robin share of the step's problems, so whole groups live on one rank and their
+advantages need no communication, samples them with its own generator, and computes its rows' loss with
+the step's GLOBAL sequence and token counts (× dp, as the gradient average divides by dp); gradients are
+averaged once per update, so every rank applies the same step. Rank 0 evaluates, logs the metrics of all
+ranks' rollouts, and writes checkpoints, which are single-process files any layout resumes.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 from nanoseek.errors import UserError
 from nanoseek.eval import EvalConfig, evaluate
 from nanoseek.files import atomic_write_bytes, atomic_write_json, read_jsonl
+from nanoseek.parallel import ParallelConfig
 from nanoseek.rl.grpo import GRPOConfig, group_advantages, policy_loss, token_entropy, token_logprobs, zero_variance_groups
 from nanoseek.rl.ppo import PPOConfig, ValueModel, gae, terminal_rewards, value_loss, whiten
 from nanoseek.rl.rewards import RewardConfig, compute_rewards
@@ -39,7 +47,7 @@ from nanoseek.rl.rollout import SamplingConfig, encode_prompt, generate, left_pa
 from nanoseek.train.checkpoint import load_trainer_state, save_checkpoint
 from nanoseek.train.logger import MetricsLogger
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
-from nanoseek.train.trainer import CheckpointConfig, autocast, resolve_device
+from nanoseek.train.trainer import CheckpointConfig, NullLogger, autocast, resolve_device
 
 
 @dataclass
@@ -82,6 +90,7 @@ class RLConfig:
                                                                    min_lr_ratio=1.0, weight_decay=0.0))
     eval: RLEvalConfig = field(default_factory=RLEvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=50, keep_last=2))
+    parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(dp_mode="ddp"))   # under torchrun
 
 
 @dataclass
@@ -111,18 +120,25 @@ def _problem_source(cfg: RLConfig):
     return lambda n, seed: sample_problems(cfg.tasks.names, n, split="train", seed=seed, difficulty=cfg.tasks.difficulty)
 
 
-def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn) -> Experience:
-    """Generate and score a step's groups; with dynamic sampling, refill dropped groups (bounded rounds)."""
-    G, want = cfg.grpo.group_size, cfg.train.prompts
+def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn, rank: int = 0, ranks: int = 1) -> Experience:
+    """Generate and score a step's groups; with dynamic sampling, refill dropped groups (bounded rounds).
+    Data parallel: this is rank `rank` of `ranks`; it takes every ranks-th of the step's problems and
+    samples (and refills) with seeds of its own."""
+    G = cfg.grpo.group_size
+    want = len(range(rank, cfg.train.prompts, ranks))                 # this rank's share of the prompts
     device = next(model.parameters()).device
     stop = stop_token_ids(tokenizer, cfg.sampling.stop)
-    gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step)
+    other = rank * 1_000_000_007                                      # 0 on one process
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step + other)
     exp = Experience()
     for rnd in range(1 + (cfg.grpo.max_refill if cfg.grpo.dynamic_sampling else 0)):
         need = want - len(exp.prompts) // G
         if need <= 0:
             break
-        problems = problems_fn(need, cfg.train.seed * 1_000_003 + step * 101 + rnd)
+        if rnd == 0:                                                  # the step's problems, this rank's share
+            problems = problems_fn(cfg.train.prompts, cfg.train.seed * 1_000_003 + step * 101)[rank::ranks]
+        else:
+            problems = problems_fn(need, cfg.train.seed * 1_000_003 + step * 101 + rnd + other)
         prompts = [encode_prompt(tokenizer, p.prompt, cfg.tasks.template) for p in problems for _ in range(G)]
         t0 = time.perf_counter()
         with autocast(device, cfg.train.precision):
@@ -223,7 +239,7 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
     """Run GRPO (algo="grpo") or the PPO baseline (algo="ppo") from `cfg.train.init` into `run_dir`."""
     from nanoseek.hf import load_pretrained
     from nanoseek.tokenizer import Tokenizer
-    from nanoseek.train.commands import check_run_dir, export_final, load_init, start_run
+    from nanoseek.train.commands import check_run_dir, export_final, join_ranks, load_init, rank0_first, start_run
 
     tc, gc = cfg.train, cfg.grpo
     if algo not in ("grpo", "ppo"):
@@ -238,6 +254,13 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
         torch.set_num_threads(tc.threads)
     run_dir = Path(run_dir)
     device = resolve_device(tc.device)
+    ctx, device = join_ranks(cfg.parallel, tc, device)
+    if ctx is not None:
+        pc = ctx.cfg
+        if algo != "grpo" or pc.pp > 1 or pc.ep > 1 or pc.dp_mode == "fsdp":
+            raise UserError(f"{algo} under torchrun: only grpo runs data parallel, with the policy replicated for "
+                            "rollouts; set parallel.dp_mode=\"ddp\" (or \"hfreduce\") and parallel.ep=1, parallel.pp=1")
+    main = ctx is None or ctx.is_main
     model, tok_dir = load_init(tc.init, device)
     tokenizer = Tokenizer.load(tok_dir)
     ckpt = check_run_dir(run_dir, cfg, resume)
@@ -248,7 +271,14 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
         model = load_pretrained(ckpt, device=str(device))
     model = model.float().eval().requires_grad_(True)
     value_model = ValueModel(model) if algo == "ppo" else None   # (its state is restored below on resume)
-    start_run(run_dir, cfg, tokenizer)
+    with rank0_first(ctx):
+        if main:
+            start_run(run_dir, cfg, tokenizer)
+    par = None
+    if ctx is not None:
+        from nanoseek.parallel import parallelize
+        par = parallelize(model, ctx=ctx)                         # replicated: only adds gradient averaging
+    rank, ranks = (0, 1) if ctx is None else (ctx.dp_rank, ctx.cfg.dp)
     optimizer = build_optimizer(model, cfg.optim)
     value_opt = build_optimizer(value_model, dataclasses.replace(cfg.optim, lr=cfg.ppo.value_lr)) if value_model else None
     start = 0
@@ -267,34 +297,54 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
                                         difficulty=cfg.tasks.difficulty)
     G, micro = gc.group_size, tc.micro_batch
 
-    with MetricsLogger(run_dir, tc.steps, start, description=algo,
-                       show=("reward/total", "accuracy", "response_length", "eval/pass@1"), progress=progress) as log:
-        if start == 0 and eval_problems and cfg.eval.at_start:
+    logger = MetricsLogger(run_dir, tc.steps, start, description=algo, progress=progress,
+                           show=("reward/total", "accuracy", "response_length", "eval/pass@1")) if main else NullLogger()
+    with logger as log:
+        if start == 0 and eval_problems and cfg.eval.at_start and main:
             log.log(0, _eval_record(model, tokenizer, eval_problems, cfg, run_dir, 0))
         for step in range(start, tc.steps):
             t_step = time.perf_counter()
             lr = wsd_lr(step, tc.steps, cfg.optim)
             set_lr(optimizer, lr)
-            exp = collect(model, tokenizer, cfg, step, problems_fn)
-            rec = _rollout_metrics(exp, G)
+            exp = collect(model, tokenizer, cfg, step, problems_fn, rank, ranks)
             N = len(exp.prompts)
-            if N == 0:                                        # every group was flat, even after refills
+            if par is None:
+                rec = _rollout_metrics(exp, G)
+                N_all = N
+            else:                                             # every rank's rollouts in the metrics
+                rec, N_all = _gathered_rollout_metrics(exp, G)
+            if N_all == 0:                                    # every group was flat, even after refills
                 rec.update(lr=lr, step_time=time.perf_counter() - t_step)
                 log.log(step + 1, rec)
                 continue
             t_train = time.perf_counter()
-            batch = make_batch(exp.prompts, exp.completions, tokenizer.pad_id, device)
-            total = torch.tensor([r["total"] for r in exp.rewards], device=device, dtype=torch.float32)
-            mask, n_tok = batch["resp_mask"], float(batch["resp_mask"].sum())
             chunks = [slice(i, min(i + micro, N)) for i in range(0, N, micro)]
+            mask = n_tok = None
+            if N:                                             # (a data-parallel rank may have no groups)
+                batch = make_batch(exp.prompts, exp.completions, tokenizer.pad_id, device)
+                total = torch.tensor([r["total"] for r in exp.rewards], device=device, dtype=torch.float32)
+                mask, n_tok = batch["resp_mask"], float(batch["resp_mask"].sum())
+            # loss normalisers: the whole step's sequences / tokens, ÷ dp as the gradient average divides by dp
+            n_seqs, n_norm, n_tok_all, tokens = N, n_tok, n_tok, float(batch["mask"].sum()) if N else 0.0
+            if par is not None:
+                counts = torch.tensor([n_tok or 0.0, tokens], dtype=torch.float64)
+                ctx.all_reduce(counts, "sum", "dp")
+                n_tok_all, tokens = float(counts[0]), float(counts[1])
+                n_seqs, n_norm = N_all / ranks, n_tok_all / ranks
             ref_logp = None
-            if reference is not None:
+            if reference is not None and N:
                 with torch.no_grad():
                     ref_logp = torch.cat([token_logprobs(_response_logits(reference, batch, c, tc.precision),
                                                          batch["tokens"][c]) for c in chunks])
-            if algo == "grpo":
+            if algo == "grpo" and par is not None and gc.scaling == "batch":   # std over every rank's rewards
+                everyone = [None] * ranks
+                torch.distributed.all_gather_object(everyone, [r["total"] for r in exp.rewards], group=ctx.dp_group)
+                offset = sum(len(x) for x in everyone[:rank])
+                adv = group_advantages(torch.tensor([t for x in everyone for t in x], device=device), G, gc.scaling,
+                                       gc.adv_eps)[offset:offset + N]
+            elif algo == "grpo" and N:
                 adv = group_advantages(total, G, gc.scaling, gc.adv_eps)                  # [N]
-            else:
+            elif algo == "ppo":
                 with torch.no_grad():
                     old_values = torch.cat([_response_values(value_model, batch, c, tc.precision) for c in chunks])
                 adv, returns = gae(terminal_rewards(total, batch["lengths"], mask.shape[1]), old_values, mask,
@@ -310,17 +360,23 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
                     if it == 0:                                # θ = θ_old here: these ARE the old log-probs
                         old_logp.append(logp.detach())
                         ent = token_entropy(logits.detach())
-                        sums["entropy"] += float((ent * mask[c]).sum()) / n_tok
+                        sums["entropy"] += float((ent * mask[c]).sum()) / n_tok_all
                     loss, stats = policy_loss(
                         logp, old_logp[ci], adv[c], mask[c], eps_low=gc.eps_low, eps_high=gc.eps_high,
                         beta=gc.beta, ref_logp=None if ref_logp is None else ref_logp[c], aggregation=gc.aggregation,
-                        max_len=cfg.sampling.max_new_tokens, n_seqs=N, n_tokens=n_tok)
+                        max_len=cfg.sampling.max_new_tokens, n_seqs=n_seqs, n_tokens=n_norm)
+                    for r in par.reducers if par is not None else ():
+                        r.armed = ci == len(chunks) - 1       # average while the last chunk's backward runs
                     loss.backward()
-                    share = float(mask[c].sum()) / n_tok / gc.mu
-                    sums["loss"] += float(loss.detach()) / gc.mu
+                    share = float(mask[c].sum()) / n_tok_all / gc.mu
+                    sums["loss"] += float(loss.detach()) / (gc.mu * ranks)
                     sums["clip_frac"] += float(stats["clip_frac"]) * share
                     sums["kl"] += float(stats.get("kl", 0.0)) * share
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+                if par is None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+                else:
+                    par.finish_grads()                         # every rank, even one without rollouts
+                    grad_norm = par.clip_grad_norm_(cfg.optim.grad_clip or math.inf)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if value_model is not None:                    # the critic's own update on the same batch
@@ -336,24 +392,46 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
             if device.type == "cuda":
                 torch.cuda.synchronize()
             train_time = time.perf_counter() - t_train
+            if par is not None:                                # each rank summed its share of the global means
+                keys = ("loss", "clip_frac", "entropy", "kl")
+                t = ctx.all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64), "sum", "dp")
+                sums.update(zip(keys, t.tolist()))
             rec.update({k: v for k, v in sums.items() if k != "value_loss" or value_model is not None})
             if reference is None:
                 rec.pop("kl")
             rec.update(lr=lr, grad_norm=float(grad_norm),
-                       train_tokens_per_s=float(batch["mask"].sum()) * gc.mu / max(train_time, 1e-9),
+                       train_tokens_per_s=tokens * gc.mu / max(train_time, 1e-9),
                        step_time=time.perf_counter() - t_step)
             done = step + 1
-            if eval_problems and (done == tc.steps or (cfg.eval.every and done % cfg.eval.every == 0)):
+            if main and eval_problems and (done == tc.steps or (cfg.eval.every and done % cfg.eval.every == 0)):
                 rec.update(_eval_record(model, tokenizer, eval_problems, cfg, run_dir, done))
             log.log(done, rec)
-            if done == tc.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+            if main and (done == tc.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0)):
                 write_plots(run_dir, read_jsonl(log.path))
                 state = {"optimizer": optimizer.state_dict()}
                 if value_model is not None:
                     state.update(value_model=value_model.state_dict(), value_optimizer=value_opt.state_dict())
                 save_checkpoint(run_dir, done, model, state, cfg.checkpoint.keep_last)
-    export_final(run_dir, model, tokenizer)
+    if main:
+        export_final(run_dir, model, tokenizer)
     return model
+
+
+def _gathered_rollout_metrics(exp: Experience, G: int) -> tuple[dict, int]:
+    """(`_rollout_metrics` over every dp rank's rollouts, kept rows on all ranks); generation throughput
+    is all ranks' tokens over the slowest rank's time."""
+    import torch.distributed as dist
+
+    mine = (exp.sampled, exp.n_groups_sampled, exp.n_groups_zero_var, exp.gen_tokens, exp.gen_time, len(exp.prompts))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    merged = Experience(sampled=[s for e in everyone for s in e[0]], n_groups_sampled=sum(e[1] for e in everyone),
+                        n_groups_zero_var=sum(e[2] for e in everyone), gen_tokens=sum(e[3] for e in everyone),
+                        gen_time=max(e[4] for e in everyone))
+    kept = sum(e[5] for e in everyone)
+    rec = _rollout_metrics(merged, G)
+    rec["groups"] = kept // G
+    return rec, kept
 
 
 def _rollout_metrics(exp: Experience, G: int) -> dict:

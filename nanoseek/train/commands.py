@@ -13,8 +13,10 @@ one the run started with (train.steps, eval and checkpoint settings may change).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import random
 import shutil
 import tomllib
@@ -28,6 +30,8 @@ from nanoseek.config import ModelConfig
 from nanoseek.data.corpus import CorpusConfig
 from nanoseek.errors import UserError
 from nanoseek.files import atomic_dir, atomic_write_text
+from nanoseek.parallel import ParallelConfig, parallelize
+from nanoseek.parallel.mesh import destroy
 from nanoseek.recipe import from_dict, load_recipe, to_dict, to_toml
 from nanoseek.train.checkpoint import latest_checkpoint
 from nanoseek.train.optim import OptimConfig
@@ -51,6 +55,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)   # used under torchrun (DESIGN §5)
 
 
 @dataclass
@@ -69,10 +74,12 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, mtp_lambda=0.1))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(every=50, template="chat"))
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=50))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
-# Settings a resumed run may change: how long to train, how often to evaluate and checkpoint.
-RESUMABLE_CHANGES = ("train.steps", "eval.", "checkpoint.")
+# Settings a resumed run may change: how long to train, how often to evaluate and checkpoint, whether to
+# compile, and the parallel layout (checkpoints are single-device files, so any layout resumes any other).
+RESUMABLE_CHANGES = ("train.steps", "train.compile", "eval.", "checkpoint.", "parallel.")
 
 
 # ---------------------------------------------------------------- model section
@@ -161,6 +168,47 @@ def setup_torch(tc: TrainConfig) -> torch.device:
     return device
 
 
+def join_ranks(pc: ParallelConfig, tc, device: torch.device):
+    """(ParallelContext, this rank's device) when torchrun launched several processes (WORLD_SIZE > 1):
+    join the process group (NCCL on GPUs, gloo on CPU) and check the batch splits over the layout. On one
+    process: (None, device), after checking that the [parallel] section asks for one rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        pc.resolve(1)
+        return None, device
+    if device.type != ("cuda" if torch.cuda.is_available() else "cpu"):
+        raise UserError(f"train.device={tc.device!r} under torchrun: the ranks use "
+                        f"{'the GPUs' if torch.cuda.is_available() else 'the CPU'}; set train.device=\"auto\"")
+    from nanoseek.parallel import init_distributed
+    ctx = init_distributed(pc)
+    batch = getattr(tc, "batch_size", None)
+    if batch is not None:
+        dp, mb = ctx.cfg.dp, ctx.cfg.microbatches
+        if batch % dp:
+            raise UserError(f"train.batch_size={batch} is not divisible by parallel.dp={dp}: every data-parallel "
+                            "rank takes an equal share of each batch; make it a multiple")
+        if ctx.cfg.pp > 1 and (batch // dp * tc.grad_accum) % mb:
+            raise UserError(f"{batch // dp * tc.grad_accum} rows per rank per step do not split into "
+                            f"parallel.microbatches={mb}; change train.batch_size or parallel.microbatches")
+    return ctx, ctx.device
+
+
+@contextlib.contextmanager
+def rank0_first(ctx):
+    """Rank 0 runs the body (writing the run directory: config, tokenizer, data shards) before the other
+    ranks run it (reading what rank 0 wrote). All ranks have checked the run directory by then. Several
+    nodes need the run directory on a file system they share."""
+    if ctx is None or not ctx.distributed:
+        yield
+        return
+    ctx.barrier()
+    if not ctx.is_main:
+        ctx.barrier()
+    yield
+    if ctx.is_main:
+        ctx.barrier()
+
+
 def load_init(path: str, device: torch.device):
     """(model, tokenizer dir) of an HF checkpoint to start from; UserError when it is not one."""
     from nanoseek.eval import find_tokenizer
@@ -237,6 +285,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progres
 
     out = Path(out)
     device = setup_torch(cfg.train)
+    ctx, device = join_ranks(cfg.parallel, cfg.train, device)
+    main = ctx is None or ctx.is_main
     init_model = init_tok = None
     if cfg.init:                                   # continued pretraining: the model and its tokenizer
         init_model, init_tok = load_init(cfg.init, device)
@@ -246,15 +296,18 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progres
         model_cfg = resolve_model(cfg.model)
         cfg = dataclasses.replace(cfg, model=model_section(model_cfg, cfg.model.get("preset", "tiny")))
     check_model_fit(model_cfg, seq_len=cfg.train.seq_len)
+    if ctx is not None:
+        ctx.cfg.check_model(model_cfg)
     resume_from = check_run_dir(out, cfg, resume)
     if finished(out, resume_from, cfg.train.steps):
         return out / "final"
-    tok = corpus_tokenizer(cfg, model_cfg.vocab_size, out if resume else None, init_tok)
-    check_vocab_fits(len(tok), model_cfg.vocab_size)
-    evaluate = task_evaluator(cfg.eval, tok, model_cfg, cfg.train.seed)
-
-    start_run(out, cfg, tok)
-    train_data, val_batches = corpus_datasets(cfg, tok, model_cfg, out, progress)
+    with rank0_first(ctx):                         # the other ranks read rank 0's tokenizer and shards
+        tok = corpus_tokenizer(cfg, model_cfg.vocab_size, out if resume or not main else None, init_tok)
+        check_vocab_fits(len(tok), model_cfg.vocab_size)
+        evaluate = task_evaluator(cfg.eval, tok, model_cfg, cfg.train.seed)
+        if main:
+            start_run(out, cfg, tok)
+        train_data, val_batches = corpus_datasets(cfg, tok, model_cfg, out, progress and main)
     seed_everything(cfg.train.seed)
     if resume_from is not None:
         from nanoseek.hf import load_pretrained
@@ -262,9 +315,10 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progres
     else:
         model = init_model if init_model is not None else build_model(model_cfg)
     model = prepare_model(model, cfg.train, device)
-    train(model, cfg, out, train_data, val_batches=val_batches, evaluate=evaluate, resume_from=resume_from,
-          description="pretrain", progress=progress)
-    return export_final(out, model, tok)
+    par = parallelize(model, ctx=ctx) if ctx is not None else None
+    model = train(model, cfg, out, train_data, val_batches=val_batches, evaluate=evaluate, resume_from=resume_from,
+                  par=par, description="pretrain", progress=progress)
+    return export_final(out, model, tok) if main else out / "final"
 
 
 # ---------------------------------------------------------------- SFT
@@ -290,6 +344,8 @@ def sft(cfg: SFTConfig, out: str | Path, resume: bool = False, progress: bool = 
     if not cfg.init:
         raise UserError("sft needs a model to start from: pass --init MODEL_DIR (e.g. runs/pretrain/final)")
     device = setup_torch(cfg.train)
+    ctx, device = join_ranks(cfg.parallel, cfg.train, device)
+    main = ctx is None or ctx.is_main
     model, tok_dir = load_init(cfg.init, device)
     tok = Tokenizer.load(cfg.data.tokenizer or tok_dir)
     records = sft_records(cfg.data, cfg.eval.tasks, cfg.train.seed)
@@ -301,19 +357,24 @@ def sft(cfg: SFTConfig, out: str | Path, resume: bool = False, progress: bool = 
         val = SFTDataset(records[:n_val], tok, tc.seq_len, 1, shuffle=False, model_config=model.config)
         val_batches = fixed_batches(val, cfg.eval.val_batches, tc.batch_size, len(val.examples))
     evaluate = task_evaluator(cfg.eval, tok, model.config, tc.seed)
+    if ctx is not None:
+        ctx.cfg.check_model(model.config)
     resume_from = check_run_dir(out, cfg, resume)
     if finished(out, resume_from, tc.steps):
         return out / "final"
 
-    start_run(out, cfg, tok)
+    with rank0_first(ctx):
+        if main:
+            start_run(out, cfg, tok)
     seed_everything(tc.seed)
     if resume_from is not None:
         from nanoseek.hf import load_pretrained
         model = load_pretrained(resume_from)
     model = prepare_model(model, tc, device)
-    train(model, cfg, out, train_data, val_batches=val_batches, evaluate=evaluate,
-          resume_from=resume_from, description="sft", progress=progress)
-    return export_final(out, model, tok)
+    par = parallelize(model, ctx=ctx) if ctx is not None else None
+    model = train(model, cfg, out, train_data, val_batches=val_batches, evaluate=evaluate,
+                  resume_from=resume_from, par=par, description="sft", progress=progress)
+    return export_final(out, model, tok) if main else out / "final"
 
 
 # ---------------------------------------------------------------- CLI
@@ -340,6 +401,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_recipe(cls, out / "config.toml", sets)     # --resume without a recipe: the run's own config
     else:
         cfg = load_recipe(cls, args.recipe, sets)
-    final = stage(cfg, out, resume=args.resume, progress=not args.no_progress)
-    print(f"done: {final}")
+    try:
+        final = stage(cfg, out, resume=args.resume, progress=not args.no_progress)
+    finally:
+        destroy()                                  # leave the process group (torchrun runs)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {final}")
     return 0

@@ -354,16 +354,29 @@ def _fake_wgrad(a, a_s, b, b_s, tile_begin, tile_count, n_out, k_out):
     return a.new_empty(tile_begin.shape[0], n_out, k_out, dtype=torch.float32)
 
 
-def _opaque(name: str, fn, fake):
-    """fn, and under torch.compile the custom op nanoseek::<name> with the same body and a shape-only fake."""
+# Quantisation under torch.compile: "traced" hands Inductor the plain-torch reference, which it fuses into the
+# neighbouring elementwise kernels (the RMSNorm / SwiGLU that produce x, the casts that consume it), so the
+# quantiser costs no extra pass over memory and no extra launch; "opaque" keeps the Triton quantisers as custom
+# ops. The GEMMs are opaque either way.
+COMPILED_QUANT = "traced"
+
+
+def _opaque(name: str, fn, fake, traced=None):
+    """fn, and under torch.compile the custom op nanoseek::<name> with the same body and a shape-only fake
+    (or `traced`, plain torch code Inductor compiles itself, when COMPILED_QUANT says so)."""
     op = torch.library.custom_op(f"nanoseek::{name}", fn, mutates_args=())
     op.register_fake(fake)
-    return lambda *args: op(*args) if torch.compiler.is_compiling() else fn(*args)
+
+    def step(*args):
+        if not torch.compiler.is_compiling():
+            return fn(*args)
+        return traced(*args) if traced is not None and COMPILED_QUANT == "traced" else op(*args)
+    return step
 
 
-_quant_rows_step = _opaque("fp8_quant_rows", _quant_rows, _fake_rows)
-_quant_cols_step = _opaque("fp8_quant_cols", _quant_cols, _fake_cols)
-_quant_blocks_step = _opaque("fp8_quant_blocks", _quant_blocks, _fake_blocks)
+_quant_rows_step = _opaque("fp8_quant_rows", _quant_rows, _fake_rows, _ref_quant_rows)
+_quant_cols_step = _opaque("fp8_quant_cols", _quant_cols, _fake_cols, _ref_quant_cols)
+_quant_blocks_step = _opaque("fp8_quant_blocks", _quant_blocks, _fake_blocks, _ref_quant_blocks)
 _gemm_step = _opaque("fp8_gemm", _gemm, _fake_gemm)
 _wgrad_step = _opaque("fp8_wgrad", _wgrad, _fake_wgrad)
 

@@ -38,6 +38,7 @@ class TrainConfig:
     grad_accum: int = 1               # micro-batches per optimizer step
     seq_len: int = 256                # tokens per training row
     precision: str = "fp32"           # "fp32" | "bf16" (autocast) | "fp8" (nanoseek.train.fp8, V3 §3.3)
+    compile: bool = False             # regional torch.compile of the decoder blocks (compile_blocks); CUDA only
     device: str = "auto"              # "auto" = cuda if available, else cpu
     seed: int = 0
     threads: int = 0                  # torch CPU threads; 0 = torch's default
@@ -97,7 +98,12 @@ def autocast(device: torch.device, precision: str):
 
 
 def prepare_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """Move to the device, keep fp32 master weights, and swap in FP8 linears when asked (V3 §3.3)."""
+    """Move to the device, keep fp32 master weights, swap in FP8 linears when asked (V3 §3.3), then compile.
+
+    FP8 comes first so the compiled graphs trace the FP8 GEMMs (opaque custom ops) rather than the plain
+    Linears they replace. Compilation is CUDA-only: on CPU `train.compile` is ignored (Inductor's CPU code
+    would need a C++ toolchain and gains little at the tiny shapes).
+    """
     model = model.to(device=device, dtype=torch.float32)
     if cfg.precision == "fp8":
         try:
@@ -106,6 +112,12 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device
             raise UserError("train.precision=\"fp8\" needs nanoseek.train.fp8, which this build lacks; "
                             "use train.precision=\"bf16\"") from None
         model = convert_to_fp8(model) or model
+    if cfg.compile and device.type == "cuda":
+        from nanoseek.model.deepseek import DeepseekV3ForCausalLM, compile_blocks
+        if not isinstance(model, DeepseekV3ForCausalLM):
+            raise UserError(f"train.compile=true supports DeepSeek-V3 models, not {type(model).__name__}; "
+                            "set train.compile=false")
+        compile_blocks(model)
     model.train()
     return model
 
@@ -158,12 +170,25 @@ def forward_backward(model: torch.nn.Module, micro: list[tuple[torch.Tensor, tor
     return ce, mtp, bal
 
 
+class NullLogger:
+    """What ranks other than 0 log to under data parallel: nothing (rank 0 writes metrics and shows progress)."""
+
+    def __enter__(self) -> "NullLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+
 def train(model: torch.nn.Module, cfg, run_dir: str | Path, train_data: Batches, *,
           val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
           evaluate: Callable[[torch.nn.Module], dict] | None = None,
           resume_from: str | Path | None = None,
           reduce_loads: Callable[[torch.Tensor], torch.Tensor] = lambda loads: loads,
-          description: str = "train", progress: bool = True) -> torch.nn.Module:
+          par=None, description: str = "train", progress: bool = True) -> torch.nn.Module | None:
     """Run `cfg.train.steps` optimizer steps on `model` (already prepared, on its device), logging to
     `run_dir/metrics.jsonl` and checkpointing to `run_dir/checkpoints`.
 
@@ -171,17 +196,35 @@ def train(model: torch.nn.Module, cfg, run_dir: str | Path, train_data: Batches,
     `.checkpoint` (CheckpointConfig) sections. evaluate(model) -> dict of extra metrics (e.g. pass@1) run
     at eval steps. reduce_loads: where data parallel all-reduces the [L_moe, E] expert loads before the
     bias update (identity on one device).
+
+    par: `model` laid out over the ranks (nanoseek.parallel.parallelize) or None for one process. With it,
+    every rank reads the same global batches (train.batch_size rows per micro-batch) and `par` takes this
+    rank's rows, so a step means the same on any layout; the expert loads are summed over the ranks; at eval
+    and checkpoint steps the model is gathered into its single-device form on rank 0, which alone
+    evaluates and writes metrics and checkpoints (the same files a one-process run writes, so any layout
+    resumes any other). Returns the trained model (on rank 0 its gathered copy; None on the other ranks).
     """
     from nanoseek.model.moe import expert_loads, max_violation, moe_layers, update_router_biases
 
     tc: TrainConfig = cfg.train
     oc: OptimConfig = cfg.optim
     device = next(model.parameters()).device
-    optimizer = build_optimizer(model, oc)
+
+    def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(module, oc)
+
+    optimizer = make_optimizer(model if par is None else par.module())
+    main, world = (True, 1) if par is None else (par.ctx.is_main, par.ctx.world)
+    if par is not None:
+        from nanoseek.parallel.checkpoint import full_model, load_optimizer_state_dict, optimizer_state_dict
+        reduce_loads = par.reduce_loads
     start = 0
     if resume_from is not None:
         state = load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        if par is None:
+            optimizer.load_state_dict(state["optimizer"])
+        else:
+            load_optimizer_state_dict(par, optimizer, state["optimizer"], make_optimizer)
         train_data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         start = int(state["step"])
@@ -190,17 +233,26 @@ def train(model: torch.nn.Module, cfg, run_dir: str | Path, train_data: Batches,
     batches = iter(train_data)
 
     def trainer_state() -> dict:
-        return {"optimizer": optimizer.state_dict(), "data": train_data.state_dict(), "rng": rng_state()}
+        opt = optimizer.state_dict() if par is None else optimizer_state_dict(par, optimizer, make_optimizer)
+        return {"optimizer": opt, "data": train_data.state_dict(), "rng": rng_state()}
 
-    with MetricsLogger(run_dir, tc.steps, start, description=description, progress=progress) as log:
+    full = model                                                      # the single-device model (rank 0)
+    logger = MetricsLogger(run_dir, tc.steps, start, description=description, progress=progress) if main else NullLogger()
+    with logger as log:
         for step in range(start, tc.steps):
             t0 = time.perf_counter()
             lr = wsd_lr(step, tc.steps, oc)
             set_lr(optimizer, lr)
             micro = [next(batches) for _ in range(tc.grad_accum)]
-            ce, mtp, bal = forward_backward(model, micro, tc, device)
             clip = oc.grad_clip if oc.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if par is None:
+                ce, mtp, bal = forward_backward(model, micro, tc, device)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            else:
+                losses = par.forward_backward(micro, tc.mtp_lambda, tc.balance_alpha,
+                                              lambda: autocast(device, tc.precision))
+                ce, mtp, bal = losses["loss"], losses["mtp_loss"], losses["balance_loss"]
+                grad_norm = par.clip_grad_norm_(clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             record = {"loss": ce, "mtp_loss": mtp, "balance_loss": bal, "lr": lr, "grad_norm": float(grad_norm)}
@@ -215,17 +267,25 @@ def train(model: torch.nn.Module, cfg, run_dir: str | Path, train_data: Batches,
             dt = time.perf_counter() - t0
             record["tokens_per_s"] = tc.grad_accum * tc.batch_size * tc.seq_len / dt
             if mfu_flops:
-                record["mfu"] = record["tokens_per_s"] * mfu_flops / tc.peak_flops
+                record["mfu"] = record["tokens_per_s"] * mfu_flops / (tc.peak_flops * world)
             done = step + 1
-            if done == tc.steps or (cfg.eval.every and done % cfg.eval.every == 0):
+            evaluating = done == tc.steps or (cfg.eval.every and done % cfg.eval.every == 0)
+            saving = done == tc.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0)
+            if par is not None and (evaluating or saving):
+                full = full_model(par)                                 # every rank gathers; None off rank 0
+            if evaluating and main:
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     if val_batches:
-                        record["val_loss"] = validation_loss(model, val_batches, device, tc.precision)
+                        record["val_loss"] = validation_loss(full, val_batches, device, tc.precision)
                     if evaluate is not None:
-                        model.eval()
-                        record.update(evaluate(model))
-                        model.train()
+                        full.eval()
+                        record.update(evaluate(full))
+                        full.train()
             log.log(done, record)
-            if done == tc.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
-                save_checkpoint(run_dir, done, model, trainer_state(), cfg.checkpoint.keep_last)
-    return model
+            if saving:
+                state = trainer_state()
+                if main:
+                    save_checkpoint(run_dir, done, full, state, cfg.checkpoint.keep_last)
+    if par is not None and full is model:                              # no step ran (resumed at the end)
+        full = full_model(par)
+    return full
