@@ -33,7 +33,7 @@ def apply_overrides(tree: dict, sets: list[str] | None) -> dict:
     """Apply `key.sub=value` strings to a nested dict (in place) and return it. One string may hold several
     assignments separated by commas (`parallel.dp=2,parallel.ep=2`); a comma inside a value such as a
     list (`[1, 2]`) is not followed by `key=` and stays part of the value."""
-    items = [part for s in (sets or []) for part in re.split(r",(?=\s*[A-Za-z_][\w.]*=)", s)]
+    items = [part for s in (sets or []) for part in _split_assignments(s)]
     for item in items:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set train.lr=3e-4")
@@ -48,13 +48,33 @@ def apply_overrides(tree: dict, sets: list[str] | None) -> dict:
     return tree
 
 
+def _split_assignments(text: str) -> list[str]:
+    """"a=1,b.c=[1, 2],d={x = 1, y = 2}" -> its assignments: a comma splits only outside brackets and braces
+    and only where `key=` follows."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0 and re.match(r"\s*[A-Za-z_][\w.]*=", text[i + 1:]):
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(value, args[0], where)
+        for arg in args[:-1]:                   # the first type that takes the value (int | dict: a table is a dict)
+            try:
+                return _coerce(value, arg, where)
+            except UserError:
+                pass
+        return _coerce(value, args[-1], where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"{where}: expected a section (table), got {value!r}")

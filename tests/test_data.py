@@ -282,11 +282,12 @@ def test_corpus_only_train_problems(corpus):
 def test_corpus_quality_checked_by_the_verifiers(corpus):
     task = [d for d in corpus if d.kind != "general"]
     wrong = [d for d in task if not d.correct]
-    assert 0.15 <= len(wrong) / len(task) <= 0.25
+    assert abs(len(wrong) / len(task) - CorpusConfig().wrong) < 0.05
     for d in task:   # the family's own verifier reads the document's final answer
         assert get_family(d.family).score(d.problem, d.text) == float(d.correct), d.text
     kinds = {k: sum(d.kind == k for d in corpus) / len(corpus) for k in ("r1zero", "think", "plain", "bare", "general")}
-    assert all(0.05 < share < 0.45 for share in kinds.values()), kinds
+    weights = {k: getattr(CorpusConfig(), k) for k in kinds}
+    assert all(abs(kinds[k] - w / sum(weights.values())) < 0.04 for k, w in weights.items()), kinds
     lengths = [len(d.text) for d in task if d.kind in ("think", "plain")]
     assert max(lengths) > 3 * min(lengths)          # mixed lengths
     r1 = [d.text for d in task if d.kind == "r1zero"]

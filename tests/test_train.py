@@ -226,3 +226,20 @@ def test_bad_sft_data_and_tokenizer_exit_2(tmp_path, capsys):
     (out / "config.toml").write_text("")
     assert main(["pretrain", "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_set_overrides_take_inline_tables_and_per_family_levels():
+    """`--set` splits comma-joined assignments but not the commas inside a table or list, and a field typed
+    `int | dict | None` takes a level, a {family: level} table or none."""
+    from nanoseek.errors import UserError
+    from nanoseek.recipe import load_recipe
+    from nanoseek.rl.trainer import RLConfig
+
+    cfg = load_recipe(RLConfig, None, ["tasks.difficulty={arithmetic = 2, linear = 1},train.steps=3",
+                                       "tasks.names=[\"arithmetic\", \"linear\"]"])
+    assert cfg.tasks.difficulty == {"arithmetic": 2, "linear": 1} and cfg.train.steps == 3
+    assert cfg.tasks.names == ["arithmetic", "linear"]
+    assert load_recipe(RLConfig, None, ["tasks.difficulty=3"]).tasks.difficulty == 3
+    assert load_recipe(RLConfig, None, ["tasks.difficulty=none"]).tasks.difficulty is None
+    with pytest.raises(UserError, match="tasks.difficulty"):
+        load_recipe(RLConfig, None, ["tasks.difficulty=\"hard\""])

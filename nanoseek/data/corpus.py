@@ -48,24 +48,29 @@ class CorpusConfig:
     val_documents: int = 500          # held-out documents for the validation loss (fresh draws, train split)
     families: list[str] = field(default_factory=lambda: ["arithmetic", "countdown", "linear"])
     difficulty: dict = field(default_factory=dict)  # {family: level}; unlisted families use their default range
-    # kind mix (normalised to sum 1)
-    r1zero: float = 0.30
-    think: float = 0.25
-    plain: float = 0.15
-    bare: float = 0.20
-    general: float = 0.10
-    # quality and language, as fractions of the task documents
-    wrong: float = 0.20               # plausible mistakes (R1-Zero needs a base that is not always right)
-    short: float = 0.20               # reasoning cut to its last lines
-    register: float = 0.10            # written wholly in the second ("alt") register, question included
-    mixed: float = 0.10               # reasoning that switches register line by line
+    # kind mix (normalised to sum 1). Worked reasoning sits mostly in the "think" and "plain" surfaces, while the
+    # R1-Zero template is mostly answered bare, as web Q&A answers without showing work: so the base reasons under
+    # the R1-Zero prompt only now and then, has the skill from the other surfaces, and RL has a behaviour to find
+    # (R1 §2.2.4: response length grows). docs/experiments.md has the runs behind these numbers.
+    r1zero: float = 0.05
+    think: float = 0.40
+    plain: float = 0.25
+    bare: float = 0.25
+    general: float = 0.05
+    # quality and language, as fractions of the task documents (more noise than this costs the tiny base skill)
+    wrong: float = 0.10               # plausible mistakes (R1-Zero needs a base that is not always right)
+    short: float = 0.10               # reasoning cut to its last lines
+    register: float = 0.05            # written wholly in the second ("alt") register, question included
+    mixed: float = 0.05               # reasoning that switches register line by line
+    bare_r1zero: float = 0.9          # share of bare documents in the R1-Zero template (an empty think), the rest
+                                      # "Question/Answer": how often the R1-Zero prompt is answered without reasoning
     seed: int = 0
 
     def __post_init__(self) -> None:
         weights = [getattr(self, k) for k in KINDS]
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise UserError(f"corpus kind fractions {dict(zip(KINDS, weights))} must be >= 0 with a positive sum")
-        for name in ("wrong", "short", "register", "mixed"):
+        for name in ("wrong", "short", "register", "mixed", "bare_r1zero"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"corpus.{name}={getattr(self, name)} must be a fraction in [0, 1]")
         if self.register + self.mixed > 1:
@@ -131,10 +136,10 @@ def _task_document(problem: Problem, kind: str, cfg: CorpusConfig, rng: random.R
         text = f"Question: {prompt}\n{THINK}\n{reasoning}\n{END_THINK}\n{ANSWER}{answer}{END_ANSWER}"
     elif kind == "plain":
         text = f"Question: {prompt}\nSolution: {reasoning}\nAnswer: {answer}"
-    elif rng.random() < 0.5:     # bare, two surfaces
-        text = f"Question: {prompt}\nAnswer: {answer}"
-    else:
+    elif rng.random() < cfg.bare_r1zero:   # bare, two surfaces
         text = f"{r1_zero_prompt(prompt)} {END_THINK} {ANSWER} {answer} {END_ANSWER}"
+    else:
+        text = f"Question: {prompt}\nAnswer: {answer}"
     if kind == "bare" and language == "mixed":   # no reasoning to mix
         language = "en"
     return Document(text, kind, problem.family, correct, language, problem)

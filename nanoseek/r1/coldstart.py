@@ -31,7 +31,7 @@ class ColdStartDataConfig:
     path: str | None = None           # a chat JSONL of long-CoT examples, used as is (then nothing is generated)
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     examples: int = 2000              # worked-solution examples (TRAIN split)
-    difficulty: int | None = None     # one level for every family; None = each family's default mix
+    difficulty: int | dict | None = None   # a level for all families or {family: level}; None = their default mixes
     register: str = "en"              # the language the reasoning is written in
     r1_zero: str | None = None        # an R1-Zero model: add its correct, readable outputs
     r1_zero_traces: TraceConfig = field(default_factory=lambda: TraceConfig(
@@ -47,7 +47,7 @@ class ColdStartConfig:
     sft: SFTConfig = field(default_factory=default_sft_config)
 
 
-def worked_examples(tasks: list[str], n: int, seed: int, register: str = "en", difficulty: int | None = None) -> list[dict]:
+def worked_examples(tasks: list[str], n: int, seed: int, register: str = "en", difficulty: int | dict | None = None) -> list[dict]:
     """n chat examples {"prompt", "response"} from the worked solutions of TRAIN-split problems."""
     from nanoseek.tasks import sample_problems
 

@@ -40,7 +40,7 @@ DEFAULT_TASKS = ["arithmetic", "countdown", "linear"]
 class TraceConfig:
     """Which problems to sample, how, and what to keep."""
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
-    difficulty: int | None = None     # one level for every family; None = each family's default mix
+    difficulty: int | dict | None = None   # a level for all families or {family: level}; None = their default mixes
     data: str = ""                    # a JSONL of problems (GSM8K / MATH / question-answer) instead of tasks
     prompts: int = 384                # TRAIN-split problems to sample
     samples: int = 4                  # K completions per prompt

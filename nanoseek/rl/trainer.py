@@ -65,7 +65,7 @@ class RLTrainConfig:
 @dataclass
 class TaskConfig:
     names: list[str] = field(default_factory=lambda: ["arithmetic"])   # task families (nanoseek.tasks)
-    difficulty: int | None = None   # None = each family's default mix
+    difficulty: int | dict | None = None  # one level, or {family: level}; None = each family's default mix
     data: str = ""                  # a JSONL file of training problems instead of generated ones
     template: str = "r1_zero"       # prompt format for training rollouts: "r1_zero" | "chat" | "plain"
 

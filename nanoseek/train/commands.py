@@ -223,7 +223,8 @@ def load_init(path: str, device: torch.device):
 # ---------------------------------------------------------------- evaluation during training
 
 def task_evaluator(ec: EvalConfig, tok, model_cfg, seed: int):
-    """pass@1 on held-out TEST-split task problems, sampled with the rollout engine (R1 report settings).
+    """pass@1 (and pass@K for K > 1 samples) on held-out TEST-split task problems, sampled with the rollout
+    engine (R1 report settings).
     Checked up front: the longest prompt plus max_new_tokens must fit the model's positions."""
     if not ec.problems or not ec.tasks:
         return None
@@ -242,7 +243,10 @@ def task_evaluator(ec: EvalConfig, tok, model_cfg, seed: int):
 
     def run(model) -> dict:
         result = evaluate(model, tok, problems, sampling)
-        return {"pass@1": result["pass@1"]["mean"], "format": result["format"]["mean"]}
+        out = {"pass@1": result["pass@1"]["mean"], "format": result["format"]["mean"]}
+        if ec.samples > 1:                          # the headroom RL can use: pass@K well above pass@1
+            out[f"pass@{ec.samples}"] = result["pass@k"][str(ec.samples)]["mean"]
+        return out
     return run
 
 

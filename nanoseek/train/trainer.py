@@ -54,7 +54,7 @@ class EvalConfig:
     val_batches: int = 4              # held-out batches for the validation loss
     tasks: list[str] = field(default_factory=lambda: ["arithmetic", "countdown", "linear"])
     problems: int = 48                # held-out TEST-split problems for pass@1 (0 = skip)
-    difficulty: int | None = None     # task level of those problems; None = each family's default mix
+    difficulty: int | dict | None = None  # task level of those problems (one, or {family: level}); None = default mixes
     samples: int = 1                  # samples per problem for pass@1
     max_new_tokens: int = 96
     temperature: float = 0.6          # R1 report's evaluation sampling
