@@ -8,7 +8,9 @@ gemm:  TFLOP/s of each GEMM of the `small` preset and of V3's 7168-wide layers, 
        (1x128 activations x 128x128 weights): the GEMM alone, with its quantisation, and a Linear's whole
        forward + backward (3 GEMMs + every cast). MoE experts as grouped GEMMs.
 train: tokens/s of the `small` preset training step (fwd + bwd + AdamW, fp32 masters, bf16 autocast) with and
-       without `convert_to_fp8`, batch 8 x 2048. Target >= 1.3x.
+       without `convert_to_fp8`, batch 8 x 2048. Target >= 1.3x. `--width/--layers/--moe-width/--experts/--batch`
+       make a wider model (e.g. a V3-width one that fits one GPU: --width 7168 --layers 4 --moe-width 2048
+       --experts 16 --batch 4), where the GEMMs are large enough for FP8 to pay.
 loss:  the same seed and data (a learnable synthetic language: a Zipfian Markov chain with copied spans) in bf16
        and FP8 for >= 1000 steps on a shrunken `small` model; relative loss error at the end (target < 0.25%,
        V3 §3.3) and a PNG of both curves.
@@ -156,10 +158,24 @@ def widened_small(width: int, layers: int) -> ModelConfig:
                        q_lora_rank=round(384 * f / 64) * 64, kv_lora_rank=min(512, round(256 * f / 64) * 64))
 
 
+def with_experts(cfg: ModelConfig, moe_width: int | None, experts: int | None) -> ModelConfig:
+    """Override the routed experts' width and count. Why: at V3 widths (7168) `small`'s 64 experts would need
+    ~54 GiB of weights and optimizer state per layer, so a V3-width model that fits one GPU has fewer experts;
+    the groups shrink with them (>= 2 experts per group, as group scores are top-2 sums)."""
+    if moe_width:
+        cfg = cfg.replace(moe_intermediate_size=moe_width)
+    if experts:
+        groups = min(cfg.n_group, experts // 2)
+        cfg = cfg.replace(n_routed_experts=experts, num_experts_per_tok=min(cfg.num_experts_per_tok, experts),
+                          n_group=groups, topk_group=min(cfg.topk_group, groups))
+    return cfg
+
+
 def train_bench(device: torch.device, quick: bool, compile: bool, width: int, layers: int,
-                profile_dir: Path | None, dense: str, quant: str) -> None:
-    cfg = ModelConfig.preset("tiny") if quick else widened_small(width, layers)
-    batch, seq = (2, 64) if quick else (8, 2048)
+                profile_dir: Path | None, dense: str, quant: str, moe_width: int | None = None,
+                experts: int | None = None, batch: int = 8) -> None:
+    cfg = with_experts(ModelConfig.preset("tiny") if quick else widened_small(width, layers), moe_width, experts)
+    batch, seq = (2, 64) if quick else (batch, 2048)
     peak = bf16_peak_tflops(device, 512 if quick else 8192)
     flops_per_token = account(cfg, seq)["train_flops_per_token"]
     result = {}
@@ -185,7 +201,8 @@ def train_bench(device: torch.device, quick: bool, compile: bool, width: int, la
         tps = batch * seq / ms * 1e3
         result[run] = tps
         emit({**header(device), "bench": "fp8_train_step", "preset": "tiny" if quick else "small",
-              "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "precision": run, "compile": compile,
+              "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "moe_width": cfg.moe_intermediate_size,
+              "experts": cfg.n_routed_experts, "top_k": cfg.num_experts_per_tok, "precision": run, "compile": compile,
               "batch": batch, "seq": seq, "step_ms": round(ms, 2), "tokens_per_s": round(tps),
               "mfu": round(tps * flops_per_token / (peak * 1e12), 4), "peak_bf16_tflops": round(peak, 1),
               "first_step_s": round(first_s, 1),
@@ -285,6 +302,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="train mode: compile_blocks both models first")
     p.add_argument("--width", type=int, default=1024, help="train mode: hidden size (other widths scale with it)")
     p.add_argument("--layers", type=int, default=12, help="train mode: decoder layers")
+    p.add_argument("--moe-width", type=int, default=None, help="train mode: routed experts' intermediate size")
+    p.add_argument("--experts", type=int, default=None, help="train mode: routed experts (fewer fit at V3 widths)")
+    p.add_argument("--batch", type=int, default=8, help="train mode: sequences of 2048 tokens per step")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR", help="train mode: profiler tables into DIR")
     p.add_argument("--quant", choices=["traced", "opaque", "both"], default="traced",
                    help="train --compile: FP8 quantisers traced into Inductor's fused kernels, or opaque Triton ops")
@@ -298,7 +318,8 @@ def main() -> None:
     if args.mode in ("all", "gemm"):
         gemm_bench(device, quick)
     if args.mode in ("all", "train"):
-        train_bench(device, quick, args.compile, args.width, args.layers, args.profile, args.dense, args.quant)
+        train_bench(device, quick, args.compile, args.width, args.layers, args.profile, args.dense, args.quant,
+                    args.moe_width, args.experts, args.batch)
     if args.mode in ("all", "loss"):
         if args.dense != "both":
             fp8.DENSE_GEMM = args.dense

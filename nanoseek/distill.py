@@ -114,7 +114,7 @@ def build_traces(cfg: DistillConfig, out: Path, progress: bool = True) -> tuple[
     from nanoseek.r1.rejection import load_problems
     from nanoseek.train.trainer import resolve_device
 
-    teacher, tok = load_checkpoint(cfg.teacher, resolve_device(cfg.sft.train.device))
+    teacher, tok = load_checkpoint(cfg.teacher, resolve_device(cfg.sft.train.device), inference=True)
     records, stats = sample_traces(teacher, tok, load_problems(cfg.traces), cfg.traces, progress)
     if not records:
         raise UserError(f"the teacher got none of {stats['sampled']} samples right in the expected format; "

@@ -234,8 +234,10 @@ def find_tokenizer(path: str | Path) -> Path:
                     f"tokenizer next to the checkpoint (nanoseek tokenizer --out {path})")
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer) from an HF-format directory nanoseek can load."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", inference: bool = False):
+    """(model in eval mode, tokenizer) from an HF-format directory nanoseek can load. inference=True (models
+    that only generate): bf16 weights on CUDA, as R1 is served, so decoding runs CUDA graphs with the
+    grouped expert kernel; fp32 sampling there would sync with the host for every expert of every token."""
     from nanoseek.hf import load_pretrained
     from nanoseek.tokenizer import Tokenizer, check_vocab_fits
 
@@ -244,6 +246,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
         raise UserError(f"checkpoint {path} is not a directory; pass a model directory such as RUN/checkpoints/step-N")
     tokenizer = Tokenizer.load(find_tokenizer(path))
     model = load_pretrained(path, device=str(device)).eval()
+    if inference and next(model.parameters()).is_cuda:
+        model = model.to(torch.bfloat16)
     check_vocab_fits(len(tokenizer), model.config.vocab_size)
     return model, tokenizer
 
@@ -317,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
     problems = load_problems(tasks, args.data, args.n_problems, args.seed, args.difficulty)
     from nanoseek.train.trainer import resolve_device
 
-    model, tokenizer = load_checkpoint(args.checkpoint, resolve_device(args.device))
+    model, tokenizer = load_checkpoint(args.checkpoint, resolve_device(args.device), inference=True)
     cfg = EvalConfig(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                      max_new_tokens=args.max_new_tokens, greedy=not args.no_greedy, template=args.template,
                      batch_size=args.batch_size, seed=args.seed)

@@ -1,6 +1,6 @@
 """`nanoseek pipeline`: the DeepSeek-R1 story end to end, stage by stage, resumable — the project's main job.
 
-    00-tokenizer      byte-level BPE on the task corpus
+    00-tokenizer      byte-level BPE on the task corpus, and the corpus's packed shards
     01-pretrain       the DeepSeek-V3 base (MLA + MoE + MTP, aux-free balancing; expert loads recorded)
     02-r1-zero        GRPO from the base, accuracy + format rewards, R1-Zero template        (R1 §2.2)
     03-coldstart      stage 1: readable long-CoT data (worked solutions + clean R1-Zero outputs), SFT from base
@@ -19,6 +19,13 @@ time. Re-running the same command skips finished stages and continues an unfinis
 checkpoint (the trainers resume; data files are reused); the resolved config must be the one the run
 started with. The embedded default (the dataclass defaults below) is the tiny CPU recipe, sized to finish
 in about 20 minutes on 2 cores; `--preset small` reads recipes/pipeline_small.toml (one H100).
+
+Stages form a graph, not a line: the student lane (08, 10) needs only the tokenizer, and each model can be
+evaluated as soon as it exists. With `workers = 2` (the default) a scheduler runs every job whose inputs are
+ready, two at a time, each in its own process with `threads` torch threads. The teacher's pretraining, which
+scales over cores, runs alone on all of them, as does any stage with no other stage beside it; meanwhile the
+student lane and most evaluations hide behind the teacher's chain. `workers = 1` runs the stages one after
+another in this process.
 
 `nanoseek coldstart` and `nanoseek rejection` run stages 1 and 3 alone, on user data and checkpoints.
 """
@@ -66,8 +73,10 @@ def _rl(steps: int, template: str, language: float = 0.0, **train) -> RLConfig:
 
 
 def _base() -> PretrainConfig:
-    """The teacher's pretraining: recipes/tiny.toml (evaluation is the pipeline's own, at the end)."""
-    return load_recipe(PretrainConfig, RECIPES / "tiny.toml", ["eval.problems=0", "checkpoint.keep_last=1"])
+    """The teacher's pretraining: recipes/tiny.toml, shortened to 1000 steps so that the whole story fits in
+    ~20 minutes on 2 cores (evaluation is the pipeline's own, at the end)."""
+    return load_recipe(PretrainConfig, RECIPES / "tiny.toml",
+                       ["train.steps=1000", "eval.problems=0", "checkpoint.keep_last=1"])
 
 
 def _pretrain(steps: int) -> PretrainConfig:
@@ -110,7 +119,11 @@ class PipelineConfig:
                                       # each family's default mix); 2: a few-minute CPU base is sometimes right
     device: str = "auto"              # set in every stage
     threads: int = 1                  # torch CPU threads in every stage (0 = torch's default): these tiny models gain
-                                      # nothing from intra-op threads, and lose a lot when the cores are shared
+                                      # little from intra-op threads; two 1-thread stages at once do twice the work
+    workers: int = 2                  # stages (and per-model evaluations) run at once, each in its own process, as
+                                      # their inputs are ready; 1 = one after another in this process
+    keep_checkpoints: bool = False    # keep a finished stage's checkpoints/ (only an interrupted stage resumes from
+                                      # them; its final/ model stays): the small teacher's are ~11 GB each
     pretrain: PretrainConfig = field(default_factory=_base)
     r1_zero: RLConfig = field(default_factory=lambda: _rl(30, "r1_zero"))
     coldstart: ColdStartConfig = field(default_factory=lambda: ColdStartConfig(
@@ -191,29 +204,98 @@ class Stage:
     name: str                         # directory under the run: "01-pretrain"
     title: str                        # row label / progress text
     fn: str                           # Pipeline method running it: fn(stage_dir) -> outputs dict
+    needs: tuple[str, ...] = ()       # stages whose outputs it reads (the scheduler runs it after them)
     rerun_on: str | None = None       # config section whose change makes a finished stage run again
+    exclusive: bool = False           # runs alone on all the workers' threads (scales over cores; the rest do not)
 
 
+# (row name, producing stage, prompt template) of every evaluated model, in table order
+EVALUATED = [("base", "01-pretrain", "r1_zero"), ("R1-Zero", "02-r1-zero", "r1_zero"),
+             ("R1 s1 cold start", "03-coldstart", "chat"), ("R1 s2 reasoning RL", "04-reasoning-rl", "chat"),
+             ("R1 s3 rejection SFT", "05-rejection", "chat"), ("R1 (s4 all-scenario RL)", "07-all-rl", "chat"),
+             ("student distilled", "09-distill", "chat"), ("student RL only", "10-student-rl", "r1_zero")]
+MODEL_STAGES = tuple(stage for _, stage, _ in EVALUATED)
+# In the order a free worker prefers them: the teacher's chain is the critical path, the student lane and the
+# per-model evaluations fill the other worker meanwhile.
 STAGES = [
-    Stage("00-tokenizer", "tokenizer", "tokenizer"),
-    Stage("01-pretrain", "pretrain (base)", "pretrain"),
-    Stage("02-r1-zero", "R1-Zero", "r1_zero"),
-    Stage("03-coldstart", "R1 stage 1: cold start", "coldstart"),
-    Stage("04-reasoning-rl", "R1 stage 2: reasoning RL", "reasoning_rl"),
-    Stage("05-rejection", "R1 stage 3: rejection sampling + SFT", "rejection"),
-    Stage("06-reward-model", "reward model", "reward_model"),
-    Stage("07-all-rl", "R1 stage 4: RL, all scenarios", "all_rl"),
-    Stage("08-student-base", "student pretrain", "student_base"),
-    Stage("09-distill", "distilled student", "distill"),
-    Stage("10-student-rl", "RL-only student", "student_rl"),
-    Stage("11-eval", "evaluation", "evaluate", rerun_on="eval"),
+    Stage("00-tokenizer", "tokenizer + shards", "tokenizer"),
+    Stage("01-pretrain", "pretrain (base)", "pretrain", ("00-tokenizer",), exclusive=True),
+    Stage("02-r1-zero", "R1-Zero", "r1_zero", ("01-pretrain",)),
+    Stage("03-coldstart", "R1 stage 1: cold start", "coldstart", ("01-pretrain", "02-r1-zero")),
+    Stage("04-reasoning-rl", "R1 stage 2: reasoning RL", "reasoning_rl", ("03-coldstart",)),
+    Stage("05-rejection", "R1 stage 3: rejection sampling + SFT", "rejection", ("01-pretrain", "04-reasoning-rl")),
+    Stage("06-reward-model", "reward model", "reward_model", ("05-rejection",)),
+    Stage("07-all-rl", "R1 stage 4: RL, all scenarios", "all_rl", ("05-rejection", "06-reward-model")),
+    Stage("08-student-base", "student pretrain", "student_base", ("00-tokenizer",)),
+    Stage("09-distill", "distilled student", "distill", ("07-all-rl", "08-student-base")),
+    Stage("10-student-rl", "RL-only student", "student_rl", ("08-student-base",)),
+    Stage("11-eval", "evaluation", "evaluate", MODEL_STAGES, rerun_on="eval"),
 ]
+EVAL_DIR = "11-eval"
+
+
+def _needed(stop_after: str) -> list[Stage]:
+    """The stage named (without its number) and every stage it needs, in STAGES order."""
+    by_name = {st.name: st for st in STAGES}
+    want, todo = set(), [next(st.name for st in STAGES if st.name.split("-", 1)[1] == stop_after)]
+    while todo:
+        name = todo.pop()
+        if name not in want:
+            want.add(name)
+            todo.extend(by_name[name].needs)
+    return [st for st in STAGES if st.name in want]
+
+
+def _last_step(stage_dir: Path) -> str:
+    """'step N' of the newest metrics.jsonl under a stage directory ('' before the first step)."""
+    files = sorted(stage_dir.glob("**/metrics.jsonl"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        return ""
+    with open(files[-1], "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - 4096))
+        lines = f.read().decode(errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            return f"{files[-1].parent.name}: step {json.loads(line)['step']}"
+        except (ValueError, KeyError):
+            continue
+    return ""
+
+
+def _job_process(cfg: PipelineConfig, run_dir: str, job: str, log: str, threads: int) -> None:
+    """A worker process: run one job on `threads` torch threads with stdout and stderr in its log; exit 2 on bad
+    input, 1 on a crash."""
+    import os
+    import sys
+    import traceback
+
+    from rich.console import Console
+
+    with open(log, "a", buffering=1, encoding="utf-8") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        sys.stdout = sys.stderr = f
+        try:
+            if threads:
+                import torch
+                torch.set_num_threads(threads)
+            cfg = dataclasses.replace(cfg, threads=threads)                   # into the stage's own configs
+            Pipeline(cfg, run_dir, progress=False, console=Console(file=f, width=120)).run_job(job)
+        except UserError as e:
+            print(f"error: {e}", flush=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except BaseException:
+            traceback.print_exc()
+            sys.exit(1)
 
 
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, run_dir: str | Path, progress: bool = True, console=None):
         from rich.console import Console
 
+        self.raw_cfg = cfg                    # what worker processes rebuild the pipeline from
         self.cfg, self.run_dir, self.progress = _stage_globals(cfg), Path(run_dir), progress
         self.console = console or Console(stderr=True)
         self.outputs: dict[str, dict] = {}
@@ -225,39 +307,59 @@ class Pipeline:
 
     # -- running --------------------------------------------------------------------------------------
     def run(self, stop_after: str | None = None) -> dict:
+        """Every stage (or, with stop_after, that stage and the ones it needs), then the report."""
         from nanoseek.train.commands import check_run_dir
 
         try:
             check_run_dir(self.run_dir, self.cfg, resume=True)    # a rerun must be the same run
         except UserError as e:
             raise UserError(str(e).replace("--resume: ", "this run directory was started with another config: ")) from None
+        if self.cfg.workers < 1:
+            raise UserError(f"workers={self.cfg.workers}: set workers >= 1 (1 runs the stages one after another)")
         if self.cfg.threads:
             import torch
             torch.set_num_threads(self.cfg.threads)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
-        for stage in STAGES:
-            self.run_stage(stage)
-            if stop_after and stage.name.split("-", 1)[1] == stop_after:
-                return self.outputs
+        stages = _needed(stop_after) if stop_after else STAGES
+        elapsed_file = self.run_dir / "elapsed.json"          # wall time of all attempts (stages overlap)
+        spent = json.loads(elapsed_file.read_text())["wall_s"] if elapsed_file.is_file() else 0.0
+        t0 = time.perf_counter()
+        try:
+            if self.cfg.workers == 1:
+                for stage in stages:
+                    self.run_stage(stage)
+            else:
+                self._run_concurrently(stages)
+        finally:
+            atomic_write_json(elapsed_file, {"wall_s": spent + time.perf_counter() - t0})
+        if stop_after:
+            return self.outputs
         from nanoseek.report import write_report
         return write_report(self, console=self.console)
 
+    def finished(self, stage: Stage) -> bool:
+        """Load a stage's outputs from its done.json when it finished (with the current config of `rerun_on`)."""
+        marker = self.run_dir / stage.name / "done.json"
+        if not marker.is_file():
+            return False
+        done = json.loads(marker.read_text())
+        if stage.rerun_on and done.get("config") != dataclasses.asdict(getattr(self.cfg, stage.rerun_on)):
+            return False
+        self.outputs[stage.name], self.walls[stage.name] = done["outputs"], done["wall_s"]
+        self.cpus[stage.name] = done.get("cpu_s", 0.0)
+        return True
+
     def run_stage(self, stage: Stage) -> dict:
-        d = self.run_dir / stage.name
-        marker = d / "done.json"
-        section = dataclasses.asdict(getattr(self.cfg, stage.rerun_on)) if stage.rerun_on else None
-        if marker.is_file() and json.loads(marker.read_text()).get("config") == section:
-            done = json.loads(marker.read_text())
-            self.outputs[stage.name], self.walls[stage.name] = done["outputs"], done["wall_s"]
-            self.cpus[stage.name] = done.get("cpu_s", 0.0)
-            self.console.print(f"[dim]{stage.name}: done earlier ({done['wall_s']:.0f} s), skipped[/]")
-            return done["outputs"]
+        if self.finished(stage):
+            self.console.print(f"[dim]{stage.name}: done earlier ({self.walls[stage.name]:.0f} s), skipped[/]")
+            return self.outputs[stage.name]
         self.console.rule(f"[bold]{stage.name}[/] {stage.title}")
+        d = self.run_dir / stage.name
         d.mkdir(parents=True, exist_ok=True)
         spent_file = d / "spent.json"          # time spent by earlier, interrupted attempts
         spent = json.loads(spent_file.read_text()) if spent_file.is_file() else {"wall_s": 0.0, "cpu_s": 0.0}
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, started = time.perf_counter(), time.process_time(), time.time()
 
         def total() -> dict:   # this attempt plus earlier, interrupted ones; CPU time sums all threads
             return {"wall_s": spent["wall_s"] + time.perf_counter() - t0, "cpu_s": spent["cpu_s"] + time.process_time() - c0}
@@ -266,31 +368,153 @@ class Pipeline:
         finally:
             atomic_write_json(spent_file, total())
         times = total()
-        wall = times["wall_s"]
-        atomic_write_json(marker, {"stage": stage.name, "outputs": outputs, **times, "config": section,
-                                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+        section = dataclasses.asdict(getattr(self.cfg, stage.rerun_on)) if stage.rerun_on else None
+        atomic_write_json(d / "done.json", {"stage": stage.name, "outputs": outputs, **times, "config": section,
+                                            "started": started, "ended": time.time(),
+                                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
         spent_file.unlink()                    # the marker holds the total now
-        self.outputs[stage.name], self.walls[stage.name], self.cpus[stage.name] = outputs, wall, times["cpu_s"]
-        self.console.print(f"[green]{stage.name}[/] done in {wall:.0f} s (CPU {times['cpu_s']:.0f} s)")
+        if not self.cfg.keep_checkpoints:
+            for checkpoints in d.glob("**/checkpoints"):
+                shutil.rmtree(checkpoints, ignore_errors=True)
+        self.outputs[stage.name], self.walls[stage.name], self.cpus[stage.name] = outputs, times["wall_s"], times["cpu_s"]
+        self.console.print(f"[green]{stage.name}[/] done in {times['wall_s']:.0f} s (CPU {times['cpu_s']:.0f} s)")
         return outputs
+
+    def _run_concurrently(self, stages: list[Stage]) -> None:
+        """Run up to `workers` jobs at once, each in a spawned process writing run_dir/<stage>/stage.log: the stages
+        in STAGES order as their needs finish, and (when the evaluation is wanted) each model's evaluation as soon
+        as the model exists, so the 11-eval stage at the end only collects. A job that fails stops the run (its
+        log says why); an interrupt stops the workers. Every stage resumes as in the one-process mode."""
+        import multiprocessing
+
+        by_name = {st.name: st for st in stages}
+        jobs = {st.name: st.needs for st in stages}
+        if EVAL_DIR in by_name:
+            jobs.update({f"eval:{m}": (m,) for m in MODEL_STAGES})
+            jobs[EVAL_DIR] = (*by_name[EVAL_DIR].needs, *(f"eval:{m}" for m in MODEL_STAGES))
+        done = {j for j in jobs if (self.finished(by_name[j]) if j in by_name else self._evaluated(j[5:]))}
+        for j in sorted(done & set(by_name)):
+            self.console.print(f"[dim]{j}: done earlier ({self.walls[j]:.0f} s), skipped[/]")
+        spawn = multiprocessing.get_context("spawn")
+        running: dict[str, tuple] = {}         # job -> (process, start time)
+
+        def exclusive(job: str) -> bool:
+            return job in by_name and by_name[job].exclusive
+
+        try:
+            with self._live() as show:
+                while len(done) < len(jobs):
+                    for job, (proc, t0) in list(running.items()):
+                        if proc.is_alive():
+                            continue
+                        proc.join()
+                        del running[job]
+                        log = self._log(job)
+                        if proc.exitcode == 2:                 # bad input: the job's one-line error
+                            tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+                            raise UserError(f"{job}: {tail[0].removeprefix('error: ') if tail else 'failed'} (log: {log})")
+                        if proc.exitcode != 0:
+                            raise RuntimeError(f"{job} stopped with exit code {proc.exitcode}; its log: {log}")
+                        if job in by_name:
+                            self.finished(by_name[job])
+                        done.add(job)
+                        self.console.print(f"[green]{job}[/] done in {time.time() - t0:.0f} s")
+                    ready = [j for j in jobs if j not in done and j not in running and set(jobs[j]) <= done]
+                    for job in ready:
+                        alone = exclusive(job)
+                        if len(running) >= self.cfg.workers or any(map(exclusive, running)) or (alone and running):
+                            break                        # an exclusive job waits for the others, none start ahead
+                        # a stage with no other stage beside it (running or ready) takes every worker's threads;
+                        # the short evaluations that may join it later overlap for seconds
+                        single = job in by_name and not any(j in by_name for j in [*running, *ready] if j != job)
+                        threads = self.cfg.threads * (self.cfg.workers if alone or single else 1)
+                        self._log(job).parent.mkdir(parents=True, exist_ok=True)
+                        proc = spawn.Process(target=_job_process, args=(self.raw_cfg, str(self.run_dir), job,
+                                                                         str(self._log(job)), threads), name=job)
+                        proc.start()
+                        running[job] = (proc, time.time())
+                        self.console.print(f"[bold]{job}[/] started "
+                                           f"({by_name[job].title if job in by_name else 'evaluation'}, "
+                                           f"{threads} thread{'s' if threads > 1 else ''})")
+                        if alone:
+                            break
+                    show(running)
+                    time.sleep(0.2)
+        finally:
+            for proc, _ in running.values():   # interrupted or failed: stop the others (their files are atomic)
+                proc.terminate()
+            for proc, _ in running.values():
+                proc.join(30)
+
+    def _log(self, job: str) -> Path:
+        return (self.run_dir / EVAL_DIR / f"{job[5:]}.log" if job.startswith("eval:")
+                else self.run_dir / job / "stage.log")
+
+    def _live(self):
+        """show(running) refreshes one line per running job (its newest training step) while progress is on."""
+        import contextlib
+
+        from rich.live import Live
+        from rich.table import Table
+
+        def table(running: dict) -> Table:
+            t = Table.grid(padding=(0, 2))
+            for job, (_, t0) in running.items():
+                t.add_row(f"[cyan]{job}[/]", f"{time.time() - t0:5.0f} s", "" if ":" in job else _last_step(self.run_dir / job))
+            return t
+
+        if not self.progress:
+            return contextlib.nullcontext(lambda running: None)
+
+        @contextlib.contextmanager
+        def live():
+            with Live(table({}), console=self.console, refresh_per_second=2, transient=True) as lv:
+                yield lambda running: lv.update(table(running))
+        return live()
+
+    def run_job(self, job: str) -> None:
+        """One scheduled job in this process: a stage, or "eval:<stage>" (that model's evaluation)."""
+        for st in STAGES:
+            if st.name != job:
+                self.finished(st)              # the outputs of what finished before
+        if job.startswith("eval:"):
+            self.evaluate_model(job[5:])
+        else:
+            self.run_stage(next(st for st in STAGES if st.name == job))
 
     # -- stages -----------------------------------------------------------------------------------------
     def tokenizer(self, d: Path) -> dict:
+        """The BPE tokenizer and the packed shards of the teacher's corpus, which the pretraining stages copy."""
+        from nanoseek.data.corpus import prepare_corpus
+        from nanoseek.tokenizer import Tokenizer
         from nanoseek.train.commands import corpus_tokenizer, resolve_model
 
-        vocab = resolve_model(self.cfg.pretrain.model).vocab_size
-        tok = corpus_tokenizer(self.cfg.pretrain, vocab, None)
-        tok.save(d / "tokenizer")
-        return {"tokenizer": str(d / "tokenizer"), "vocab_size": len(tok)}
+        if (d / "tokenizer" / "tokenizer.json").is_file():            # an interrupted attempt got this far
+            tok = Tokenizer.load(d / "tokenizer")
+        else:
+            tok = corpus_tokenizer(self.cfg.pretrain, resolve_model(self.cfg.pretrain.model).vocab_size, None)
+            tok.save(d / "tokenizer")
+        prepare_corpus(d / "data", self.cfg.pretrain.data.corpus, tok, progress=self.progress)
+        return {"tokenizer": str(d / "tokenizer"), "vocab_size": len(tok), "data": str(d / "data")}
 
     def _with_tokenizer(self, pc: PretrainConfig) -> PretrainConfig:
         return dataclasses.replace(pc, data=dataclasses.replace(pc.data, tokenizer=self.out("00-tokenizer", "tokenizer")))
+
+    def _shards(self, pc: PretrainConfig, run: Path) -> None:
+        """Start a pretraining run with stage 0's shards when it reads the same corpus (prepare_corpus reuses them)."""
+        from nanoseek.files import atomic_dir
+
+        src = self.outputs["00-tokenizer"].get("data")
+        if src and pc.data.corpus == self.cfg.pretrain.data.corpus and not (run / "data").exists():
+            with atomic_dir(run / "data") as tmp:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
 
     def pretrain(self, d: Path) -> dict:
         from nanoseek.report import record_expert_loads
         from nanoseek.train.commands import pretrain
         from nanoseek.train.trainer import resolve_device
 
+        self._shards(self.cfg.pretrain, d)
         final = pretrain(self._with_tokenizer(self.cfg.pretrain), d, resume=True, progress=self.progress)
         record_expert_loads(final, d, self.cfg.pretrain, device=resolve_device(self.cfg.device))
         return {"final": str(final)}
@@ -339,28 +563,26 @@ class Pipeline:
             return self._grpo(self.cfg.all_rl.rl, self.out("05-rejection"), d)
 
     def student_base(self, d: Path) -> dict:
-        """A random-init dense student (vocab = the base tokenizer's), pretrained on the same corpus."""
+        """A random-init dense student (vocab and positions = the base's), pretrained on the same corpus."""
         import torch
 
         from nanoseek.hf import save_pretrained
         from nanoseek.model import build_model
         from nanoseek.tokenizer import Tokenizer
-        from nanoseek.train.commands import pretrain
+        from nanoseek.train.commands import pretrain, resolve_model
 
         tok_dir = self.out("00-tokenizer", "tokenizer")
-        base_cfg = json.loads((Path(self.out("01-pretrain")) / "config.json").read_text())
+        base_cfg = resolve_model(self.cfg.pretrain.model)
         init = d / "init"
         if not (init / "config.json").is_file():
-            fields = {"vocab_size": base_cfg["vocab_size"], "max_position_embeddings": base_cfg["max_position_embeddings"],
+            fields = {"vocab_size": base_cfg.vocab_size, "max_position_embeddings": base_cfg.max_position_embeddings,
                       **self.cfg.student.model}
             torch.manual_seed(self.cfg.student.pretrain.train.seed)
             model = build_model(from_dict(DenseConfig, fields, "student.model"))
             save_pretrained(model, init)
             Tokenizer.load(tok_dir).save(init / "tokenizer")
         pc = dataclasses.replace(self._with_tokenizer(self.cfg.student.pretrain), init=str(init))
-        base_data = Path(self.out("01-pretrain")).parent / "data"
-        if pc.data.corpus == self.cfg.pretrain.data.corpus and base_data.is_dir() and not (d / "run" / "data").exists():
-            shutil.copytree(base_data, d / "run" / "data")     # same corpus and tokenizer: reuse the shards
+        self._shards(pc, d / "run")
         return {"final": str(pretrain(pc, d / "run", resume=True, progress=self.progress))}
 
     def distill(self, d: Path) -> dict:
@@ -372,44 +594,42 @@ class Pipeline:
     def student_rl(self, d: Path) -> dict:
         return self._grpo(self.cfg.student_rl, self.out("08-student-base"), d)
 
-    def models(self) -> list[tuple[str, str, str, str]]:
-        """(row name, producing stage, model dir, prompt template) of every evaluated model."""
-        return [("base", "01-pretrain", self.out("01-pretrain"), "r1_zero"),
-                ("R1-Zero", "02-r1-zero", self.out("02-r1-zero"), "r1_zero"),
-                ("R1 s1 cold start", "03-coldstart", self.out("03-coldstart"), "chat"),
-                ("R1 s2 reasoning RL", "04-reasoning-rl", self.out("04-reasoning-rl"), "chat"),
-                ("R1 s3 rejection SFT", "05-rejection", self.out("05-rejection"), "chat"),
-                ("R1 (s4 all-scenario RL)", "07-all-rl", self.out("07-all-rl"), "chat"),
-                ("student distilled", "09-distill", self.out("09-distill"), "chat"),
-                ("student RL only", "10-student-rl", self.out("10-student-rl"), "r1_zero")]
-
     def evaluate(self, d: Path) -> dict:
-        """Each model on the same TEST problems, family by family; one JSON per model (resumable)."""
+        """Each model on the same TEST problems, family by family; one JSON per model (resumable, and already
+        written by the per-model jobs when stages run concurrently)."""
+        return {stage: str(self.evaluate_model(stage)) for _, stage, _ in EVALUATED}
+
+    def _eval_file(self, stage: str) -> Path:
+        return self.run_dir / EVAL_DIR / f"{stage}.json"
+
+    def _evaluated(self, stage: str) -> bool:
+        """Whether `stage`'s model has an evaluation under the current eval config."""
+        f = self._eval_file(stage)
+        return f.is_file() and json.loads(f.read_text()).get("eval") == dataclasses.asdict(self.cfg.eval)
+
+    def evaluate_model(self, stage: str) -> Path:
         from nanoseek.eval import EvalConfig as SamplingEval, evaluate, load_checkpoint
         from nanoseek.tasks import sample_problems
         from nanoseek.train.trainer import resolve_device
 
+        file = self._eval_file(stage)
+        if self._evaluated(stage):
+            return file
         ec = self.cfg.eval
-        device = resolve_device(self.cfg.device)
+        name, _, template = next(row for row in EVALUATED if row[1] == stage)
         problems = {f: sample_problems([f], ec.problems, split="test", seed=ec.seed, difficulty=self.cfg.difficulty)
                     for f in self.cfg.tasks}
-        results = {}
-        for name, stage, path, template in self.models():
-            file = d / f"{stage}.json"
-            if not file.is_file() or json.loads(file.read_text()).get("eval") != dataclasses.asdict(ec):
-                model, tok = load_checkpoint(path, device)
-                sc = SamplingEval(samples=ec.samples, temperature=ec.temperature, top_p=ec.top_p, greedy=False,
-                                  max_new_tokens=ec.max_new_tokens, template=template, batch_size=ec.batch_size,
-                                  seed=ec.seed)
-                per_family = {}
-                with self.console.status(f"evaluating {name}"):
-                    for fam, probs in problems.items():
-                        per_family[fam] = evaluate(model, tok, probs, sc)
-                atomic_write_json(file, {"name": name, "stage": stage, "path": path, "template": template,
-                                         "eval": dataclasses.asdict(ec), "families": per_family})
-                self.console.print(f"  evaluated {name}")
-            results[stage] = str(file)
-        return results
+        t0 = time.perf_counter()
+        model, tok = load_checkpoint(self.out(stage), resolve_device(self.cfg.device), inference=True)
+        sc = SamplingEval(samples=ec.samples, temperature=ec.temperature, top_p=ec.top_p, greedy=False,
+                          max_new_tokens=ec.max_new_tokens, template=template, batch_size=ec.batch_size, seed=ec.seed)
+        with self.console.status(f"evaluating {name}"):
+            per_family = {fam: evaluate(model, tok, probs, sc) for fam, probs in problems.items()}
+        atomic_write_json(file, {"name": name, "stage": stage, "path": self.out(stage), "template": template,
+                                 "eval": dataclasses.asdict(ec), "families": per_family,
+                                 "wall_s": time.perf_counter() - t0})
+        self.console.print(f"  evaluated {name}")
+        return file
 
 
 # ---------------------------------------------------------------- CLI: pipeline | coldstart | rejection
@@ -420,7 +640,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--preset", default="tiny", choices=PRESETS,
                             help="tiny = the embedded CPU default; small = recipes/pipeline_small.toml (one H100)")
         parser.add_argument("--stop-after", default=None, choices=[st.name.split("-", 1)[1] for st in STAGES],
-                            metavar="STAGE", help="stop after this stage, e.g. pretrain or r1-zero")
+                            metavar="STAGE", help="run this stage and the stages it needs, then stop (e.g. pretrain, r1-zero)")
     elif command == "coldstart":
         parser.add_argument("--init", help="model to fine-tune (R1: the base)")
         parser.add_argument("--r1-zero", help="an R1-Zero model: add its correct, readable outputs to the data")

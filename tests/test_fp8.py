@@ -4,6 +4,9 @@ The reference here is independent of nanoseek.train.fp8: tiles are quantised one
 (scale = amax/448, round to e4m3) and products are taken in float64.
 """
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -249,6 +252,25 @@ def test_fp8_ops_trace_into_one_graph_under_torch_compile(quant, monkeypatch):
         results.append([loss] + [a.grad for a in args])
     for eager, compiled in zip(*results):
         assert torch.equal(eager, compiled)
+
+
+def test_benchmark_v3_width_shape_fits_one_gpu(monkeypatch):
+    """benchmarks/fp8.py's V3-width train shape (--width 7168 --layers 4 --moe-width 2048 --experts 16; RESULTS.md,
+    2026-12-02) is a valid config whose fp32 weights, grads and AdamW moments (16 B/param) leave room for
+    activations on one 139 GiB H200; with no overrides the preset is unchanged."""
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))                    # the script imports its sibling `common`
+    spec = importlib.util.spec_from_file_location("fp8_bench", bench_dir / "fp8.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = bench.with_experts(bench.widened_small(7168, 4), 2048, 16)
+    assert (cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group,
+            cfg.topk_group) == (2048, 16, 6, 8, 4)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in build_model(cfg).parameters())
+    assert 16 * n_params / 2 ** 30 < 80
+    tiny = ModelConfig.preset("tiny")
+    assert bench.with_experts(tiny, None, None) == tiny
 
 
 needs_hopper = pytest.mark.skipif(

@@ -3,6 +3,7 @@ end — interrupted inside a stage, then resumed: finished stages are skipped, t
 from its checkpoint, and the run ends in a report, plots and loadable exported models."""
 
 import json
+import tomllib
 
 import pytest
 import torch
@@ -131,7 +132,7 @@ def test_miniature_pipeline_end_to_end_with_resume(tmp_path, monkeypatch):
     from nanoseek.hf import load_pretrained
 
     out = tmp_path / "run"
-    args = ["pipeline", "--out", str(out), "--no-progress"] + [x for s in MINI for x in ("--set", s)]
+    args = ["pipeline", "--out", str(out), "--no-progress", "--set", "workers=1"] + [x for s in MINI for x in ("--set", s)]
 
     # run 1: killed inside stage 2 (reasoning RL), right after its step-2 checkpoint
     real_save = trainer.save_checkpoint
@@ -202,3 +203,35 @@ def test_miniature_pipeline_end_to_end_with_resume(tmp_path, monkeypatch):
     assert main(["reward-model", "--init", str(out / "export" / "base"), "--data", str(pairs), "--out",
                  str(tmp_path / "rm"), "--set", "train.steps=2", "--set", "train.batch_size=4", "--no-progress"]) == 0
     assert json.loads((tmp_path / "rm" / "final" / "reward_model.json").read_text())["heldout"]["n"] >= 2
+
+
+def test_miniature_pipeline_runs_stages_concurrently(tmp_path):
+    """workers=2: each stage and each model's evaluation in its own process as soon as its inputs exist. The
+    teacher's pretraining runs alone (on both workers' threads), the student lane overlaps the teacher's RL
+    chain, every model is evaluated by its own job, a rerun of the finished run only rebuilds the report, and
+    finished stages drop their checkpoints; a failing stage stops the run with exit 2 and names its log."""
+    from nanoseek.cli import main
+
+    out = tmp_path / "run"
+    args = ["pipeline", "--out", str(out), "--no-progress"] + [x for s in MINI for x in ("--set", s)]
+    assert main(args) == 0
+    done = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/done.json")}
+    assert len(done) == 12
+    assert done["08-student-base"]["started"] >= done["01-pretrain"]["ended"]          # pretraining runs alone
+    assert done["08-student-base"]["started"] < done["02-r1-zero"]["ended"]            # then two lanes at once
+    threads = {st: tomllib.loads((out / st / path / "config.toml").read_text())["train"]["threads"]
+               for st, path in (("01-pretrain", "."), ("08-student-base", "run"))}
+    assert threads == {"01-pretrain": 2, "08-student-base": 1}                           # all threads when alone
+    assert not list(out.glob("**/checkpoints")) and (out / "01-pretrain" / "final" / "config.json").is_file()
+    assert done["09-distill"]["started"] >= max(done["07-all-rl"]["ended"], done["08-student-base"]["ended"])
+    evals = sorted(p.name for p in (out / "11-eval").glob("*.json") if p.name != "done.json")
+    assert evals == sorted(f"{stage}.json" for stage in ("01-pretrain", "02-r1-zero", "03-coldstart", "04-reasoning-rl",
+                                                         "05-rejection", "07-all-rl", "09-distill", "10-student-rl"))
+    assert (out / "01-pretrain" / "stage.log").is_file() and "| student RL only |" in (out / "report.md").read_text()
+    markers = {p: p.read_text() for p in out.glob("*/done.json")}
+    assert main(args) == 0 and {p: p.read_text() for p in out.glob("*/done.json")} == markers   # nothing reruns
+
+    bad = tmp_path / "bad"                                                                  # a stage fails on bad data
+    assert main(["pipeline", "--out", str(bad), "--no-progress", "--stop-after", "coldstart",
+                 "--set", "coldstart.data.path=\"/nonexistent.jsonl\""] + [x for s in MINI for x in ("--set", s)]) == 2
+    assert not (bad / "03-coldstart" / "done.json").exists() and (bad / "03-coldstart" / "stage.log").is_file()

@@ -127,8 +127,12 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, self.n_heads, -1, -1)], dim=-1)
         qk_dim = q.shape[-1]
-        pad = q.is_cuda and self.v_dim < qk_dim and not _cudnn_takes(q.device.index, q.dtype, qk_dim, self.v_dim)
-        if pad:                                     # flash attention wants equal head dims: pad v, slice after
+        if q.is_cuda:                               # flash attention wants equal head dims: pad v, slice after
+            pad = self.v_dim < qk_dim and not _cudnn_takes(q.device.index, q.dtype, qk_dim, self.v_dim)
+        else:   # the CPU's fp32 flash kernel too (unpadded: the math path, T x T scores, ~25% slower at the tiny
+                # shape); its bf16 backward disagreed with the math path in tests/test_parallel_equivalence.py
+            pad = self.v_dim < qk_dim and q.dtype == torch.float32
+        if pad:
             v = F.pad(v, (0, qk_dim - self.v_dim))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return o[..., :self.v_dim] if pad else o

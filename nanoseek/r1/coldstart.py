@@ -74,7 +74,7 @@ def build_coldstart_data(cfg: ColdStartConfig, out: Path, progress: bool = True)
         from nanoseek.r1.rejection import load_problems
         from nanoseek.train.trainer import resolve_device
 
-        model, tok = load_checkpoint(dc.r1_zero, resolve_device(cfg.sft.train.device))
+        model, tok = load_checkpoint(dc.r1_zero, resolve_device(cfg.sft.train.device), inference=True)
         traces, trace_stats = sample_traces(model, tok, load_problems(dc.r1_zero_traces), dc.r1_zero_traces, progress)
         for t in traces:
             t["source"] = "r1_zero"

@@ -178,7 +178,7 @@ def build_rejection_data(cfg: RejectionConfig, out: Path, progress: bool = True)
         return data, json.loads(stats_path.read_text())
     if not cfg.init:
         raise UserError("rejection needs the model to sample: pass --init MODEL_DIR (e.g. a reasoning-RL run's final/)")
-    model, tok = load_checkpoint(cfg.init, resolve_device(cfg.sft.train.device))
+    model, tok = load_checkpoint(cfg.init, resolve_device(cfg.sft.train.device), inference=True)
     records, stats = sample_traces(model, tok, load_problems(cfg.traces), cfg.traces, progress)
     if not records:
         raise UserError(f"rejection sampling kept none of {stats['sampled']} samples ({stats['correct']} correct); "

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, top_k=args.top_k, greedy=args.greedy, stop=[])
-    model, tok = load_checkpoint(args.checkpoint, resolve_device(args.device))
+    model, tok = load_checkpoint(args.checkpoint, resolve_device(args.device), inference=True)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     return (_generate if args.command == "generate" else _chat)(args, model, tok, sampling, gen)
 

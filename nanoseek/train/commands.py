@@ -78,8 +78,9 @@ class SFTConfig:
 
 
 # Settings a resumed run may change: how long to train, how often to evaluate and checkpoint, whether to
-# compile, and the parallel layout (checkpoints are single-device files, so any layout resumes any other).
-RESUMABLE_CHANGES = ("train.steps", "train.compile", "eval.", "checkpoint.", "parallel.")
+# compile, the CPU threads, and the parallel layout (checkpoints are single-device files, so any layout
+# resumes any other).
+RESUMABLE_CHANGES = ("train.steps", "train.compile", "train.threads", "eval.", "checkpoint.", "parallel.")
 
 
 # ---------------------------------------------------------------- model section
