@@ -325,8 +325,9 @@ def write_report(pipeline, console=None) -> dict:
              *[f"| {name} | {w:.0f} | {pipeline.cpus.get(name, 0):.0f} |" for name, w in sorted(pipeline.walls.items())],
              f"| evaluations (one per model) | {eval_wall:.0f} | |",
              f"| **pipeline (wall clock)** | **{total:.0f}** | **{sum(pipeline.cpus.values()):.0f}** |", "",
-             f"{pipeline.cfg.workers} worker(s): stages whose inputs are ready run at once, so the wall clock is below "
-             "the sum of the stages. CPU s is the process CPU time over all threads.", "",
+             (f"{pipeline.cfg.workers} workers: stages whose inputs are ready run at once, so the wall clock is below "
+              "the sum of the stages. " if pipeline.cfg.workers > 1 else "")
+             + "CPU s is the process CPU time over all threads.", "",
              "## Data at our scale", "",
              f"- Cold start: {coldstart_describe(o['03-coldstart']['stats'])} (R1: thousands of curated long-CoT examples).",
              f"- Rejection sampling: {rejection_describe(rej)}; SFT from the base for {pipeline.cfg.rejection.epochs:g} epochs "
