@@ -6,7 +6,7 @@
     03-coldstart      stage 1: readable long-CoT data (worked solutions + clean R1-Zero outputs), SFT from base
     04-reasoning-rl   stage 2: GRPO with accuracy + format + language consistency             (R1 §2.3.2)
     05-rejection      stage 3: K samples/prompt from stage 2, filter, dedupe, + general data, SFT from BASE
-    06-reward-model   Bradley-Terry reward model on generated preference pairs (held-out accuracy)
+    06-reward-model   Bradley-Terry reward model on generated preference pairs, from the cold-start SFT model
     07-all-rl         stage 4: GRPO, rule rewards on reasoning prompts, the reward model on general ones
     08-student-base   a Llama/Qwen2-style dense student pretrained (cheaply) on the same corpus
     09-distill        the student fine-tuned on the final teacher's correct traces              (R1 §2.4)
@@ -18,7 +18,7 @@ Every stage writes into run_dir/<stage>/ and, when complete, an atomic `done.jso
 time. Re-running the same command skips finished stages and continues an unfinished one from its newest
 checkpoint (the trainers resume; data files are reused); the resolved config must be the one the run
 started with. The embedded default (the dataclass defaults below) is the tiny CPU recipe, sized to finish
-in about 20 minutes on 2 cores; `--preset small` reads recipes/pipeline_small.toml (one H100).
+in 15-20 minutes on 2 cores; `--preset small` reads recipes/pipeline_small.toml (one H100).
 
 Stages form a graph, not a line: the student lane (08, 10) needs only the tokenizer, and each model can be
 evaluated as soon as it exists. With `workers = 2` (the default) a scheduler runs every job whose inputs are
@@ -73,10 +73,10 @@ def _rl(steps: int, template: str, language: float = 0.0, **train) -> RLConfig:
 
 
 def _base() -> PretrainConfig:
-    """The teacher's pretraining: recipes/tiny.toml, shortened to 1000 steps so that the whole story fits in
-    ~20 minutes on 2 cores (evaluation is the pipeline's own, at the end)."""
+    """The teacher's pretraining: recipes/tiny.toml, shortened to 800 steps so that the whole story fits in
+    20 minutes on 2 cores at the slow end of their speed (evaluation is the pipeline's own, at the end)."""
     return load_recipe(PretrainConfig, RECIPES / "tiny.toml",
-                       ["train.steps=1000", "eval.problems=0", "checkpoint.keep_last=1"])
+                       ["train.steps=800", "eval.problems=0", "checkpoint.keep_last=1"])
 
 
 def _pretrain(steps: int) -> PretrainConfig:
@@ -91,12 +91,12 @@ class StudentConfig:
     model: dict = field(default_factory=lambda: {"model_type": "qwen2", "hidden_size": 128, "num_hidden_layers": 4,
                                                  "num_attention_heads": 4, "num_key_value_heads": 2,
                                                  "intermediate_size": 384})  # DenseConfig fields; vocab = the base's
-    pretrain: PretrainConfig = field(default_factory=lambda: _pretrain(600))
+    pretrain: PretrainConfig = field(default_factory=lambda: _pretrain(400))
 
 
 @dataclass
 class AllScenarioConfig:
-    rl: RLConfig = field(default_factory=lambda: _rl(20, "chat", language=0.3))
+    rl: RLConfig = field(default_factory=lambda: _rl(16, "chat", language=0.3))
     harmful_share: float = 0.25       # share of general prompts that are harmful requests
 
 
@@ -125,20 +125,20 @@ class PipelineConfig:
     keep_checkpoints: bool = False    # keep a finished stage's checkpoints/ (only an interrupted stage resumes from
                                       # them; its final/ model stays): the small teacher's are ~11 GB each
     pretrain: PretrainConfig = field(default_factory=_base)
-    r1_zero: RLConfig = field(default_factory=lambda: _rl(30, "r1_zero"))
+    r1_zero: RLConfig = field(default_factory=lambda: _rl(24, "r1_zero"))
     coldstart: ColdStartConfig = field(default_factory=lambda: ColdStartConfig(
         data=ColdStartDataConfig(examples=1500, r1_zero_traces=TraceConfig(prompts=128, samples=2, template="r1_zero",
                                                                              per_prompt=1, seed=1))))
     use_r1_zero_outputs: bool = True  # cold start also takes R1-Zero's correct, readable outputs
-    reasoning_rl: RLConfig = field(default_factory=lambda: _rl(25, "chat", language=0.3))
+    reasoning_rl: RLConfig = field(default_factory=lambda: _rl(20, "chat", language=0.3))
     rejection: RejectionConfig = field(default_factory=lambda: RejectionConfig(
-        traces=TraceConfig(prompts=768, samples=2, min_kept=768, seed=2)))
+        traces=TraceConfig(prompts=512, samples=2, min_kept=512, seed=2)))
     reward_model: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(
         data=RMDataConfig(pairs=800), train=RMTrainConfig(steps=60)))
     all_rl: AllScenarioConfig = field(default_factory=AllScenarioConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
-    distill: DistillConfig = field(default_factory=lambda: DistillConfig(traces=TraceConfig(prompts=768, samples=2, min_kept=768, seed=3)))
-    student_rl: RLConfig = field(default_factory=lambda: _rl(30, "r1_zero"))
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(traces=TraceConfig(prompts=512, samples=2, min_kept=512, seed=3)))
+    student_rl: RLConfig = field(default_factory=lambda: _rl(24, "r1_zero"))
     eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
     export: bool = True               # copy the final models to run_dir/export/<name>/ (HF format)
 
@@ -161,15 +161,18 @@ def _stage_globals(cfg: PipelineConfig) -> PipelineConfig:
     def train(tc, **extra):
         return dataclasses.replace(tc, device=cfg.device, threads=cfg.threads, **extra)
 
+    def ck(c: CheckpointConfig) -> CheckpointConfig:   # no optimizer state after the last step: done.json says done
+        return c if cfg.keep_checkpoints else dataclasses.replace(c, final=False)
+
     def rl(rc: RLConfig, extra_tasks: tuple = ()) -> RLConfig:
-        return dataclasses.replace(rc, train=train(rc.train), tasks=dataclasses.replace(
+        return dataclasses.replace(rc, train=train(rc.train), checkpoint=ck(rc.checkpoint), tasks=dataclasses.replace(
             rc.tasks, names=cfg.tasks + list(extra_tasks), difficulty=cfg.difficulty))
 
     def traces(tc: TraceConfig) -> TraceConfig:
         return dataclasses.replace(tc, tasks=list(cfg.tasks), difficulty=cfg.difficulty)
 
     def sft(sc):
-        return dataclasses.replace(sc, train=train(sc.train))
+        return dataclasses.replace(sc, train=train(sc.train), checkpoint=ck(sc.checkpoint))
 
     def corpus(cc):   # the corpus practises the level everything else uses
         level = cfg.difficulty if cfg.difficulty is None or isinstance(cfg.difficulty, dict) else \
@@ -180,7 +183,8 @@ def _stage_globals(cfg: PipelineConfig) -> PipelineConfig:
     pre = cfg.pretrain
     return dataclasses.replace(
         cfg,
-        pretrain=dataclasses.replace(pre, train=train(pre.train), data=dataclasses.replace(pre.data, corpus=corpus(pre.data.corpus))),
+        pretrain=dataclasses.replace(pre, train=train(pre.train), checkpoint=ck(pre.checkpoint),
+                                     data=dataclasses.replace(pre.data, corpus=corpus(pre.data.corpus))),
         r1_zero=rl(cfg.r1_zero),
         coldstart=dataclasses.replace(cfg.coldstart, sft=sft(cfg.coldstart.sft), data=dataclasses.replace(
             cfg.coldstart.data, tasks=list(cfg.tasks), difficulty=cfg.difficulty,
@@ -190,7 +194,7 @@ def _stage_globals(cfg: PipelineConfig) -> PipelineConfig:
         reward_model=dataclasses.replace(cfg.reward_model, train=train(cfg.reward_model.train)),
         all_rl=dataclasses.replace(cfg.all_rl, rl=rl(cfg.all_rl.rl, ("general",))),
         student=dataclasses.replace(cfg.student, pretrain=dataclasses.replace(
-            cfg.student.pretrain, train=train(cfg.student.pretrain.train),
+            cfg.student.pretrain, train=train(cfg.student.pretrain.train), checkpoint=ck(cfg.student.pretrain.checkpoint),
             data=dataclasses.replace(cfg.student.pretrain.data, corpus=corpus(cfg.student.pretrain.data.corpus)))),
         distill=dataclasses.replace(cfg.distill, sft=sft(cfg.distill.sft), traces=traces(cfg.distill.traces)),
         student_rl=rl(cfg.student_rl),
@@ -224,7 +228,7 @@ STAGES = [
     Stage("03-coldstart", "R1 stage 1: cold start", "coldstart", ("01-pretrain", "02-r1-zero")),
     Stage("04-reasoning-rl", "R1 stage 2: reasoning RL", "reasoning_rl", ("03-coldstart",)),
     Stage("05-rejection", "R1 stage 3: rejection sampling + SFT", "rejection", ("01-pretrain", "04-reasoning-rl")),
-    Stage("06-reward-model", "reward model", "reward_model", ("05-rejection",)),
+    Stage("06-reward-model", "reward model", "reward_model", ("03-coldstart",)),
     Stage("07-all-rl", "R1 stage 4: RL, all scenarios", "all_rl", ("05-rejection", "06-reward-model")),
     Stage("08-student-base", "student pretrain", "student_base", ("00-tokenizer",)),
     Stage("09-distill", "distilled student", "distill", ("07-all-rl", "08-student-base")),
@@ -549,7 +553,9 @@ class Pipeline:
     def reward_model(self, d: Path) -> dict:
         from nanoseek.rl.reward_model import train_reward_model
 
-        rc = dataclasses.replace(self.cfg.reward_model, init=self.out("05-rejection"))
+        # from the cold-start SFT model (V3 builds its reward models from SFT checkpoints, §5.2.1): it knows the chat
+        # format, and the reward model then trains beside stages 2-3 instead of after them
+        rc = dataclasses.replace(self.cfg.reward_model, init=self.out("03-coldstart"))
         metrics = train_reward_model(rc, d, progress=self.progress)
         return {"final": str(d / "final"), "heldout": metrics["heldout"]}
 

@@ -105,6 +105,22 @@ def test_configs_presets_and_bad_input(tmp_path):
         load_pipeline_config("tiny", sets=["r1_zero.train.stepz=7"])
 
 
+def test_stages_skip_the_last_optimizer_checkpoint_unless_kept():
+    from nanoseek.pipeline import _stage_globals, load_pipeline_config
+    from nanoseek.train.trainer import CheckpointConfig
+
+    # due(): every N steps, and after the last step only when `final`
+    assert [d for d in range(1, 11) if CheckpointConfig(every=4).due(d, 10)] == [4, 8, 10]
+    assert [d for d in range(1, 11) if CheckpointConfig(every=4, final=False).due(d, 10)] == [4, 8]
+    assert not any(CheckpointConfig(every=0, final=False).due(d, 10) for d in range(1, 11))
+    for keep in (False, True):
+        cfg = _stage_globals(load_pipeline_config("tiny", sets=[f"keep_checkpoints={str(keep).lower()}"]))
+        finals = {c.final for c in (cfg.pretrain.checkpoint, cfg.r1_zero.checkpoint, cfg.coldstart.sft.checkpoint,
+                                    cfg.rejection.sft.checkpoint, cfg.all_rl.rl.checkpoint, cfg.distill.sft.checkpoint,
+                                    cfg.student.pretrain.checkpoint, cfg.student_rl.checkpoint)}
+        assert finals == {keep}
+
+
 # A miniature of the whole pipeline through the same --set overrides a user has: few steps, tiny sizes.
 MINI = ["pretrain.train.steps=6", "pretrain.train.batch_size=4", "pretrain.train.seq_len=128",
         "pretrain.data.corpus.n_documents=400", "pretrain.data.corpus.val_documents=40", "pretrain.model.vocab_size=512",

@@ -52,7 +52,7 @@ def tokenizer_fingerprint(tok) -> str:
 
 
 # ---- writing ----
-def write_shards(texts: Iterable[str], tok, out_dir: str | Path, *, shard_tokens: int = 1 << 24,
+def write_shards(texts: Iterable[str | list[int]], tok, out_dir: str | Path, *, shard_tokens: int = 1 << 24,
                  meta: dict | None = None, progress: bool = True) -> dict:
     """Tokenise `texts` into `out_dir` (built in a temp dir, renamed into place when complete). Returns the index."""
     texts = list(texts)
@@ -76,11 +76,14 @@ def write_shards(texts: Iterable[str], tok, out_dir: str | Path, *, shard_tokens
     return index
 
 
-def _document_ids(texts: list[str], tok, description: str, progress: bool, chunk: int = 1024):
-    """Each text as `bos ids eos` (int64 arrays), encoded in batches (the Rust tokenizer runs them in parallel)."""
+def _document_ids(texts: list, tok, description: str, progress: bool, chunk: int = 1024):
+    """Each text as `bos ids eos` (int64 arrays), encoded in batches (the Rust tokenizer runs them in parallel);
+    a document given as token ids (a list, not a str) is taken as it is."""
     bos, eos = tok.bos_id, tok.eos_id
     for start in track(range(0, len(texts), chunk), description, transient=True, disable=not progress):
-        for ids in tok.encode_batch(texts[start:start + chunk]):
+        docs = texts[start:start + chunk]
+        encoded = iter(tok.encode_batch([d for d in docs if isinstance(d, str)]))
+        for ids in (next(encoded) if isinstance(d, str) else list(d) for d in docs):
             if bos is not None and (not ids or ids[0] != bos):
                 ids = [bos] + ids
             if not ids or ids[-1] != eos:

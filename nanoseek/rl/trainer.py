@@ -406,8 +406,9 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
             if main and eval_problems and (done == tc.steps or (cfg.eval.every and done % cfg.eval.every == 0)):
                 rec.update(_eval_record(model, tokenizer, eval_problems, cfg, run_dir, done))
             log.log(done, rec)
-            if main and (done == tc.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0)):
+            if main and (done == tc.steps or cfg.checkpoint.due(done, tc.steps)):
                 write_plots(run_dir, read_jsonl(log.path))
+            if main and cfg.checkpoint.due(done, tc.steps):
                 state = {"optimizer": optimizer.state_dict()}
                 if value_model is not None:
                     state.update(value_model=value_model.state_dict(), value_optimizer=value_opt.state_dict())

@@ -6,12 +6,15 @@ enters MLA's softmax scale). Here the same recipe runs scaled down (tiny: 256 �
 model's weights are kept, `rope_scaling` and `max_position_embeddings` change, and training continues on long
 documents.
 
-Long documents: corpus texts concatenated as filler up to a random length, with a pass key ("The pass key is
-48213.") hidden at a random depth and asked for at the end — the long-range dependency short documents lack.
-The check (the pass-key test of the YaRN paper) places the key at fixed depths in filler of each length and
-counts a document right when the greedy continuation of "The pass key is" is the key: with teacher forcing,
-every key digit must be the argmax given the correct digits before it. Columns: the base model as it is,
-the base with YaRN switched on but no training, and the extended model.
+Long documents: filler texts (corpus documents) as a haystack with key statements ("The pass key of box red is
+482.") at chosen depths, and questions for the keys at the end — the long-range dependency short documents
+lack. Two checks, each for the base model as it is, the base with YaRN switched on but not trained, and the
+extended model:
+- key-value retrieval (the pass-key test of the YaRN paper): the key asked at the end sits at fixed depths of
+  documents of each length; a key counts when every digit is the greedy (argmax) prediction given the right
+  digits before it;
+- validation loss by position band (0-255, 256-511, 512-1023 for tiny): what breaks first past the trained
+  length, and what extension restores.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from nanoseek.train.commands import (DataConfig, check_run_dir, export_final, fi
 from nanoseek.train.optim import OptimConfig
 from nanoseek.train.trainer import CheckpointConfig, EvalConfig, TrainConfig, autocast, prepare_model, train
 
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "\nWhat is the pass key? The pass key is"
+BOXES = ("red", "blue", "green", "gold", "iron", "oak", "sky", "sun", "moon", "star", "rain", "snow", "sand",
+         "rock", "fire", "ice")
+NEEDLE = " The pass key of box {box} is {key}."
+QUESTION = "\nWhat is the pass key of box {box}? The pass key of box {box} is"
 
 
 @dataclass
@@ -49,11 +54,12 @@ class YarnConfig:
 class RetrievalConfig:
     train_documents: int = 600                  # long training documents (filler + pass key)
     val_documents: int = 16
-    min_frac: float = 0.25                      # training documents are min_frac..1 × train.seq_len tokens
-    digits: int = 5                             # pass-key length
+    digits: int = 3                             # pass-key length
+    needles: int = 4                            # key statements per document (training documents ask them all)
     lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])   # context lengths checked
     depths: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     per_cell: int = 8                           # documents per (length, depth)
+    loss_documents: int = 16                    # documents of the longest length for the loss by position
     seed: int = 1234
 
 
@@ -88,93 +94,154 @@ def yarn_config(base: ModelConfig, yc: YarnConfig) -> ModelConfig:
 # ---------------------------------------------------------------- pass-key documents
 
 class PassKeyDocs:
-    """Builds pass-key documents of a given token length from filler texts."""
+    """Key-value retrieval documents of an exact token length: filler texts (the haystack) with `needles`
+    statements "The pass key of box red is 482." at chosen depths, then questions "What is the pass key of box
+    red? The pass key of box red is" each followed by its key.
 
-    def __init__(self, tok, filler: list[str], digits: int):
+    Built from token ids, not text, so that lengths are exact: a training document is exactly train.seq_len
+    tokens, and the packed rows (seq_len long) each hold one whole document, every key in the same row as its
+    question at every distance up to the full length. Training documents ask for every key (dense signal:
+    a handful of copied tokens per thousand is too little for a 4-layer model to learn retrieval in a few
+    hundred steps); evaluation documents ask for one, the one placed at the depth under test."""
+
+    def __init__(self, tok, filler: list[str], digits: int, needles: int = 4):
         if not filler:
             raise UserError("no filler texts for the pass-key documents; the corpus is empty")
-        self.tok, self.digits = tok, digits
-        self.filler = filler
-        self.filler_tokens = [len(ids) for ids in tok.encode_batch(filler)]
-        self.fixed_tokens = len(tok.encode(NEEDLE.format(key="0" * digits) + QUESTION)) + digits + 2
+        if not 1 <= needles <= len(BOXES):
+            raise UserError(f"retrieval.needles={needles} must be in 1..{len(BOXES)}")
+        self.tok, self.digits, self.needles = tok, digits, needles
+        self.filler_ids = tok.encode_batch(filler)
+        self.newline = tok.encode("\n")
 
-    def make(self, rng: random.Random, n_tokens: int, depth: float) -> tuple[str, str]:
-        """(prompt ending in "The pass key is", answer " 48213"): about n_tokens tokens, key at `depth`."""
-        key = "".join(rng.choice("0123456789") for _ in range(self.digits))
-        budget = max(0, n_tokens - self.fixed_tokens)
-        pieces, counts = [], []                                   # filler texts and their tokens (+1 newline)
-        while sum(counts) < budget:
-            i = rng.randrange(len(self.filler))
-            pieces.append(self.filler[i])
-            counts.append(self.filler_tokens[i] + 1)
-        cut, seen = 0, 0                                          # the needle goes after `cut` filler texts
-        while cut < len(pieces) and seen + counts[cut] <= depth * sum(counts):
-            seen += counts[cut]
-            cut += 1
-        before, after = "\n".join(pieces[:cut]), "\n".join(pieces[cut:])
-        text = before + NEEDLE.format(key=key) + ("\n" + after if after else "")
-        return text + QUESTION, " " + key
+    def document(self, rng: random.Random, n_tokens: int, depth: float, queries: int = 1,
+                 eos: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, answer spans): exactly n_tokens ids starting with bos; the first needle sits at `depth` of the
+        haystack (the others at random depths) and the first `queries` needles are asked, in random order.
+        A span (start, end) holds the ids of one asked key."""
+        tok = self.tok
+        boxes = rng.sample(BOXES, self.needles)
+        keys = ["".join(rng.choice("0123456789") for _ in range(self.digits)) for _ in boxes]
+        needles = [tok.encode(NEEDLE.format(box=b, key=k)) for b, k in zip(boxes, keys)]
+        asked = rng.sample(range(queries), queries)
+        tail, spans = [], []
+        for i in asked:
+            tail += tok.encode(QUESTION.format(box=boxes[i]))
+            spans.append((len(tail), len(tail) + len(tok.encode(" " + keys[i]))))
+            tail += tok.encode(" " + keys[i] + ".")
+        head, end = ([tok.bos_id] if tok.bos_id is not None else []), ([tok.eos_id] if eos else [])
+        budget = n_tokens - len(head) - sum(map(len, needles)) - len(tail) - len(end)
+        if budget < 0:
+            raise UserError(f"a pass-key document of {n_tokens} tokens is too short for {self.needles} needles; "
+                            "raise the length or lower retrieval.needles")
+        haystack: list[int] = []
+        while len(haystack) < budget:                          # whole filler texts, the last one cut to fit
+            haystack += self.filler_ids[rng.randrange(len(self.filler_ids))] + self.newline
+        cuts = [int(depth * budget)] + [rng.randrange(budget + 1) for _ in needles[1:]]
+        ids, prev = list(head), 0
+        for at, needle in sorted(zip(cuts, needles), key=lambda c: c[0]):
+            ids += haystack[prev:at] + needle
+            prev = at
+        ids += haystack[prev:budget]
+        offset = len(ids)
+        return ids + tail + end, [(offset + s, offset + e) for s, e in spans]
 
-    def train_texts(self, rng: random.Random, n: int, min_tokens: int, max_tokens: int) -> list[str]:
-        docs = []
-        for _ in range(n):
-            prompt, answer = self.make(rng, rng.randint(min_tokens, max_tokens), rng.random())
-            docs.append(prompt + answer + ".")
-        return docs
+    def train_ids(self, rng: random.Random, n: int, n_tokens: int) -> list[list[int]]:
+        """n training documents of exactly n_tokens ids (bos ... eos), every needle asked."""
+        return [self.document(rng, n_tokens, rng.random(), self.needles, eos=True)[0] for _ in range(n)]
+
+
+def _logits(model, rows: list[list[int]], pad_id: int, precision: str) -> torch.Tensor:
+    """Logits [B, T, V] (fp32, CPU) of right-padded id rows."""
+    device = next(model.parameters()).device
+    x = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+    for r, ids in enumerate(rows):
+        x[r, :len(ids)] = torch.tensor(ids)
+    with autocast(device, precision):
+        return model(x.to(device)).logits.float().cpu()
 
 
 @torch.no_grad()
-def retrieval_accuracy(model, tok, docs: list[tuple[str, str]], precision: str = "fp32", batch_size: int = 4) -> float:
-    """Share of (prompt, answer) documents whose answer the model would decode greedily (teacher forcing)."""
-    device = next(model.parameters()).device
+def retrieval_accuracy(model, docs: list[tuple[list[int], list[tuple[int, int]]]], pad_id: int,
+                       precision: str = "fp32", batch_size: int = 4) -> float:
+    """Share of asked keys the model would decode greedily: with teacher forcing, every key id must be the
+    argmax given the ids before it. docs: (ids, answer spans) from PassKeyDocs.document."""
     was_training = model.training
     model.eval()
-    bos = [tok.bos_id] if tok.bos_id is not None else []
-    rows = []
-    for prompt, answer in docs:
-        p, full = bos + tok.encode(prompt), bos + tok.encode(prompt + answer)
-        if full[:len(p)] != p:
-            raise UserError(f"tokenizer {tok.source} merges the pass key into the prompt's last token; "
-                            "retrieval needs digits that tokenize apart")
-        rows.append((full, len(p)))
-    correct = 0
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        x = torch.full((len(chunk), width), tok.pad_id, dtype=torch.long)
-        for r, (ids, _) in enumerate(chunk):
-            x[r, :len(ids)] = torch.tensor(ids)
-        with autocast(device, precision):
-            pred = model(x.to(device)).logits.argmax(-1).cpu()                 # [B, T]: prediction of t+1
-        for r, (ids, start) in enumerate(chunk):
-            target = torch.tensor(ids[start:])
-            correct += bool((pred[r, start - 1:len(ids) - 1] == target).all())
+    right = total = 0
+    for i in range(0, len(docs), batch_size):
+        chunk = docs[i:i + batch_size]
+        pred = _logits(model, [ids for ids, _ in chunk], pad_id, precision).argmax(-1)     # [B, T]: id t+1
+        for r, (ids, spans) in enumerate(chunk):
+            for start, end in spans:
+                right += bool((pred[r, start - 1:end - 1] == torch.tensor(ids[start:end])).all())
+                total += 1
     model.train(was_training)
-    return correct / max(len(rows), 1)
+    return right / max(total, 1)
 
 
-def retrieval_table(models: dict, tok, gen: PassKeyDocs, rc: RetrievalConfig, precision: str) -> list[dict]:
+@torch.no_grad()
+def position_bands(model, docs: list[list[int]], edges: list[int], pad_id: int, precision: str = "fp32",
+                   batch_size: int = 4) -> dict[str, list[float]]:
+    """Next-token loss (nats) and top-1 accuracy of the tokens at positions [0, edges[0]), [edges[0], edges[1]),
+    ... of `docs`: {"loss": [...], "accuracy": [...]}, one value per band.
+
+    The long-context perplexity check of the YaRN paper (§4.3.1), by position band: a model that breaks past
+    its trained length shows it in the later bands, whatever the text is about."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, len(edges), dtype=torch.float64)          # [loss, right] summed per band
+    counts = torch.zeros(len(edges), dtype=torch.float64)
+    for i in range(0, len(docs), batch_size):
+        rows = [ids[:edges[-1] + 1] for ids in docs[i:i + batch_size]]
+        width = max(map(len, rows))
+        logits = _logits(model, [ids[:-1] for ids in rows], pad_id, precision)           # [B, T-1, V]
+        targets = torch.full((len(rows), width - 1), -100, dtype=torch.long)
+        for r, ids in enumerate(rows):
+            targets[r, :len(ids) - 1] = torch.tensor(ids[1:])
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, T-1]
+        right = logits.argmax(-1) == targets
+        band = torch.bucketize(torch.arange(width - 1), torch.tensor(edges), right=True).expand_as(loss)
+        valid = targets != -100
+        sums[0].index_add_(0, band[valid], loss[valid].double())
+        sums[1].index_add_(0, band[valid], right[valid].double())
+        counts.index_add_(0, band[valid], torch.ones(int(valid.sum()), dtype=torch.float64))
+    model.train(was_training)
+    mean = sums / counts.clamp(min=1)
+    return {"loss": mean[0].tolist(), "accuracy": mean[1].tolist()}
+
+
+def retrieval_table(models: dict, gen: PassKeyDocs, rc: RetrievalConfig, pad_id: int, precision: str) -> list[dict]:
     """Accuracy per (length, depth) for each named model, on the same documents."""
     rows = []
     for length in rc.lengths:
         for depth in rc.depths:
             rng = random.Random(f"{rc.seed}-{length}-{depth}")
-            docs = [gen.make(rng, length, depth) for _ in range(rc.per_cell)]
+            docs = [gen.document(rng, length, depth) for _ in range(rc.per_cell)]
             row = {"length": length, "depth": depth, "n": len(docs)}
             for name, model in models.items():
-                row[name] = retrieval_accuracy(model, tok, docs, precision)
+                row[name] = retrieval_accuracy(model, docs, pad_id, precision)
             rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict], names: list[str]) -> str:
-    lines = ["| context | key depth | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+def markdown(result: dict, names: list[str]) -> str:
+    """Two tables: pass-key accuracy by context length and key depth, and validation loss by position band."""
+    rows = result["retrieval"]
+    lines = ["Pass-key retrieval (greedy, every key digit right):", "",
+             "| context | key depth | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for r in rows:
         lines.append(f"| {r['length']} | {r['depth']:.0%} | " + " | ".join(f"{100 * r[n]:.0f}%" for n in names) + " |")
     for length in sorted({r["length"] for r in rows}):
         sub = [r for r in rows if r["length"] == length]
         lines.append(f"| {length} | mean | " + " | ".join(
             f"**{100 * sum(r[n] for r in sub) / len(sub):.0f}%**" for n in names) + " |")
+    bands = result["bands"]
+    lines += ["", "Next-token loss (nats) and top-1 accuracy by position, on documents of the longest context:", "",
+              "| positions | " + " | ".join(f"{n} loss | {n} acc" for n in names) + " |",
+              "|---|" + "---|---|" * len(names)]
+    for i, (lo, hi) in enumerate(bands["positions"]):
+        lines.append(f"| {lo}-{hi - 1} | " + " | ".join(
+            f"{bands[n]['loss'][i]:.3f} | {100 * bands[n]['accuracy'][i]:.1f}%" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -210,13 +277,12 @@ def extend(cfg: ExtendConfig, out: str | Path, resume: bool = False, progress: b
 
     start_run(out, cfg, tok)
     texts = [d.text for d in build_corpus(cfg.data.corpus)]
-    gen = PassKeyDocs(tok, texts[len(texts) // 10:], rc.digits)
-    val_gen = PassKeyDocs(tok, texts[:len(texts) // 10], rc.digits)
-    lo = max(1, int(rc.min_frac * tc.seq_len))
+    gen = PassKeyDocs(tok, texts[len(texts) // 10:], rc.digits, rc.needles)
+    val_gen = PassKeyDocs(tok, texts[:len(texts) // 10], rc.digits, rc.needles)
     for part, g, n in (("train", gen, rc.train_documents), ("val", val_gen, rc.val_documents)):
         if not (out / "data" / part / "index.json").is_file():
-            texts = g.train_texts(random.Random(f"{rc.seed}-{part}"), n, lo, tc.seq_len)
-            write_shards(texts, tok, out / "data" / part, progress=progress)
+            docs = g.train_ids(random.Random(f"{rc.seed}-{part}"), n, tc.seq_len)
+            write_shards(docs, tok, out / "data" / part, progress=progress)
     train_data = PackedDataset(out / "data" / "train", tc.seq_len, tc.batch_size, seed=tc.seed, model_config=model_cfg)
     val = PackedDataset(out / "data" / "val", tc.seq_len, 1, shuffle=False)
     val_batches = fixed_batches(val, cfg.eval.val_batches, tc.batch_size, val.n_rows)
@@ -225,22 +291,31 @@ def extend(cfg: ExtendConfig, out: str | Path, resume: bool = False, progress: b
     model = build_model(model_cfg)
     model.load_state_dict(base.state_dict())
     model = prepare_model(model, tc, device)
-    before_file = out / "eval" / "retrieval_before.json"
+    edges = sorted(rc.lengths)
+    loss_rng = random.Random(f"{rc.seed}-loss")
+    loss_docs = [val_gen.document(loss_rng, edges[-1], loss_rng.random())[0] for _ in range(rc.loss_documents)]
+
+    def measure(models: dict) -> dict:
+        return {"retrieval": retrieval_table(models, val_gen, rc, tok.pad_id, tc.precision),
+                "bands": {name: position_bands(m, loss_docs, edges, tok.pad_id, tc.precision)
+                          for name, m in models.items()}}
+
+    before_file = out / "eval" / "long_context_before.json"
     if not before_file.is_file():           # measured once, before the first step (kept across --resume)
-        before = retrieval_table({"base": base, "base + YaRN": model}, tok, val_gen, rc, tc.precision)
-        atomic_write_json(before_file, before)
+        atomic_write_json(before_file, measure({"base": base, "base + YaRN": model}))
     before = json.loads(before_file.read_text(encoding="utf-8"))
     del base
     if resume_from is not None:
         model = prepare_model(load_pretrained(resume_from), tc, device)
     train(model, cfg, out, train_data, val_batches=val_batches, evaluate=evaluate,
           resume_from=resume_from, description="extend", progress=progress)
-    after = retrieval_table({"extended": model}, tok, val_gen, rc, tc.precision)
-    rows = [{**b, **a} for b, a in zip(before, after)]
-    names = ["base", "base + YaRN", "extended"]
-    atomic_write_json(out / "eval" / "retrieval.json", rows)
-    table = markdown(rows, names)
-    atomic_write_text(out / "eval" / "retrieval.md", table)
+    after = measure({"extended": model})
+    result = {"retrieval": [{**b, **a} for b, a in zip(before["retrieval"], after["retrieval"])],
+              "bands": {"positions": [[lo, hi] for lo, hi in zip([0] + edges[:-1], edges)],
+                        **before["bands"], **after["bands"]}}
+    atomic_write_json(out / "eval" / "long_context.json", result)
+    table = markdown(result, ["base", "base + YaRN", "extended"])
+    atomic_write_text(out / "eval" / "long_context.md", table)
     print(table)
     return export_final(out, model, tok)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -51,7 +52,7 @@ class MetricsLogger:
             self.progress.start()
 
     def log(self, step: int, metrics: dict) -> None:
-        record = {"step": step, **metrics}
+        record = {"step": step, **metrics, "time": round(time.time(), 3)}   # wall clock: time curves, stage costs
         append_jsonl(self.path, record)
         if self.tb is not None:
             for name, value in metrics.items():
