@@ -13,8 +13,8 @@ extended model:
 - key-value retrieval (the pass-key test of the YaRN paper): the key asked at the end sits at fixed depths of
   documents of each length; a key counts when every digit is the greedy (argmax) prediction given the right
   digits before it;
-- validation loss by position band (0-255, 256-511, 512-1023 for tiny): what breaks first past the trained
-  length, and what extension restores.
+- next-token loss and top-1 accuracy by position band (0-255, 256-511, 512-1023 for tiny): what breaks first
+  past the trained length, and what extension restores.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class RetrievalConfig:
     lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])   # context lengths checked
     depths: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     per_cell: int = 8                           # documents per (length, depth)
-    loss_documents: int = 16                    # documents of the longest length for the loss by position
+    loss_documents: int = 16                    # documents of the longest length for the position bands
     seed: int = 1234
 
 
