@@ -11,7 +11,8 @@
     08-student-base   a Llama/Qwen2-style dense student pretrained (cheaply) on the same corpus
     09-distill        the student fine-tuned on the final teacher's correct traces              (R1 §2.4)
     10-student-rl     control: the same student trained by GRPO directly, as R1-Zero was
-    11-eval           every model on the SAME held-out TEST problems: pass@1 / cons@K with 95% intervals
+    11-eval           every model on the SAME held-out TEST problems (all families in one sampling pass):
+                      pass@1 / cons@K per family with 95% intervals
     report            report.md + the table on screen, plots/, export/<name>/ (HF format)
 
 Every stage writes into run_dir/<stage>/ and, when complete, an atomic `done.json` with its outputs and wall
@@ -25,7 +26,10 @@ evaluated as soon as it exists. With `workers = 2` (the default) a scheduler run
 ready, two at a time, each in its own process with `threads` torch threads. The teacher's pretraining, which
 scales over cores, runs alone on all of them, as does any stage with no other stage beside it; meanwhile the
 student lane and most evaluations hide behind the teacher's chain. `workers = 1` runs the stages one after
-another in this process.
+another in this process. On a GPU the stages barely need CPU threads: recipes/pipeline_small.toml gives each 4,
+because torch's default (one per core in each of 2-3 processes) oversubscribed the host and made the GPU stages
+wait on their own Python; the small pipeline went from over 10 minutes to 6 on an H200 with that and one sampling
+pass per evaluation.
 
 `nanoseek coldstart` and `nanoseek rejection` run stages 1 and 3 alone, on user data and checkpoints.
 """
@@ -623,14 +627,14 @@ class Pipeline:
             return file
         ec = self.cfg.eval
         name, _, template = next(row for row in EVALUATED if row[1] == stage)
-        problems = {f: sample_problems([f], ec.problems, split="test", seed=ec.seed, difficulty=self.cfg.difficulty)
-                    for f in self.cfg.tasks}
+        problems = [p for f in self.cfg.tasks
+                    for p in sample_problems([f], ec.problems, split="test", seed=ec.seed, difficulty=self.cfg.difficulty)]
         t0 = time.perf_counter()
         model, tok = load_checkpoint(self.out(stage), resolve_device(self.cfg.device), inference=True)
         sc = SamplingEval(samples=ec.samples, temperature=ec.temperature, top_p=ec.top_p, greedy=False,
                           max_new_tokens=ec.max_new_tokens, template=template, batch_size=ec.batch_size, seed=ec.seed)
         with self.console.status(f"evaluating {name}"):
-            per_family = {fam: evaluate(model, tok, probs, sc) for fam, probs in problems.items()}
+            per_family = evaluate(model, tok, problems, sc, by_family=True)
         atomic_write_json(file, {"name": name, "stage": stage, "path": self.out(stage), "template": template,
                                  "eval": dataclasses.asdict(ec), "families": per_family,
                                  "wall_s": time.perf_counter() - t0})

@@ -84,7 +84,7 @@ def test_evaluate_bookkeeping_on_scripted_completions(monkeypatch):
     from nanoseek.tasks import sample_problems
     from nanoseek.tokenizer import Tokenizer
 
-    problems = sample_problems("arithmetic", 5, split="test", seed=3)
+    problems = sample_problems("arithmetic", 3, split="test", seed=3) + sample_problems("linear", 2, split="test", seed=3)
     K = 4
     rng = random.Random(0)
     script, greedy_script = [], []
@@ -128,6 +128,16 @@ def test_evaluate_bookkeeping_on_scripted_completions(monkeypatch):
     assert res["length"]["mean"] == pytest.approx(sum(lengths) / 5)
     assert res["pass@k"][str(K)]["mean"] == pytest.approx(sum(c > 0 for c in per_correct) / 5)
     assert res["pass@1"]["n"] == 5 and res["pass@1"]["lo"] <= res["pass@1"]["mean"] <= res["pass@1"]["hi"]
+
+    # by_family: one sampling pass over all problems (the same script), statistics split by family
+    calls.update(sample=0, greedy=0)
+    fam = evaluate(model, tok, problems, EvalConfig(samples=K, batch_size=7), by_family=True)
+    assert list(fam) == ["arithmetic", "linear"] and calls["sample"] == 5 * K
+    for name, rows in (("arithmetic", range(3)), ("linear", range(3, 5))):
+        assert fam[name]["n_problems"] == len(rows)
+        assert fam[name]["pass@1"]["mean"] == pytest.approx(sum(per_correct[i] / K for i in rows) / len(rows))
+        assert fam[name]["format"]["mean"] == pytest.approx(sum(formats[i] for i in rows) / len(rows))
+        assert [q["prompt"] for q in fam[name]["per_problem"]] == [problems[i].prompt for i in rows]
 
 
 def test_eval_cli_errors_and_json(tmp_path):
