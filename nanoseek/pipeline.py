@@ -27,9 +27,8 @@ ready, two at a time, each in its own process with `threads` torch threads. The 
 scales over cores, runs alone on all of them, as does any stage with no other stage beside it; meanwhile the
 student lane and most evaluations hide behind the teacher's chain. `workers = 1` runs the stages one after
 another in this process. On a GPU the stages barely need CPU threads: recipes/pipeline_small.toml gives each 4,
-because torch's default (one per core in each of 2-3 processes) oversubscribed the host and made the GPU stages
-wait on their own Python; the small pipeline went from over 10 minutes to 6 on an H200 with that and one sampling
-pass per evaluation.
+because torch's default (one per core in each of 2-3 processes) oversubscribes the host and the GPU stages then
+wait on their own Python (benchmarks/RESULTS.md: stage start-up 30-55 s → 8-16 s on an H200).
 
 `nanoseek coldstart` and `nanoseek rejection` run stages 1 and 3 alone, on user data and checkpoints.
 """

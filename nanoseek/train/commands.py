@@ -317,10 +317,12 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progres
     if resume_from is not None:
         from nanoseek.hf import load_pretrained
         model = load_pretrained(resume_from)
+    elif init_model is not None:
+        model = init_model
     else:
         # one process initialises on its training device: seconds on a GPU, ~9 s for `small` on 16 CPU cores
         with torch.device(device if ctx is None else "cpu"):
-            model = init_model if init_model is not None else build_model(model_cfg)
+            model = build_model(model_cfg)
     model = prepare_model(model, cfg.train, device)
     par = parallelize(model, ctx=ctx) if ctx is not None else None
     model = train(model, cfg, out, train_data, val_batches=val_batches, evaluate=evaluate, resume_from=resume_from,
