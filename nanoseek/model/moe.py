@@ -6,8 +6,9 @@ is moved by the load-based rule in `update_router_biases` instead. Group-limited
 at most `topk_group` of `n_group` expert groups (node-limited routing: groups = nodes under expert parallel).
 
 Execution: the N·K (token, expert) pairs are sorted by expert and every expert runs once on its contiguous
-slice (no token dropping, no dense all-experts pass). All expert GEMMs go through `grouped_mm`, the one seam
-that FP8 and expert parallelism replace. Shapes stay static and nothing reads the device from the host, so on
+slice (no token dropping, no dense all-experts pass). All expert GEMMs go through `grouped_mm`, the seam
+that FP8 replaces; moving rows to the experts and back goes through `MoE.dispatcher`, the seam that expert
+parallelism replaces. Shapes stay static and nothing reads the device from the host, so on
 CUDA a whole MoE layer compiles into one graph (`nanoseek.model.deepseek.compile_blocks`). Moving rows into
 and out of expert order uses only gathers and dense sums, forward and backward: no atomics, deterministic.
 """
@@ -198,8 +199,31 @@ class GroupedExperts(nn.Module):
         return grouped_mm(F.silu(gate) * up, self.down_proj, offs)
 
 
+class LocalDispatch:
+    """The default dispatcher: every routed expert lives in this process.
+
+    A dispatcher is the seam between routing and the expert computation: it takes the routed rows x [N, H]
+    (already in the GEMM dtype), expert ids idx [N, K], mixing weights [N, K] and tokens per expert [E],
+    and returns Σ_k w_k·E_{idx_k}(x) [N, H]. `MoE.forward` (router, load counting, dtype, shared experts,
+    balance loss) stays the model's own; expert parallelism (nanoseek.parallel.expert) swaps in a
+    dispatcher that ships rows to the ranks holding their experts, as torchtitan's ExpertParallel does.
+    `experts(x_sorted, tokens_per_expert)` runs the expert GEMMs; a dispatcher may wrap it (the per-expert
+    EP path runs this local sort around remote experts)."""
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
+                 experts) -> torch.Tensor:
+        flat_idx = idx.view(-1)                                                   # [N*K]
+        order = flat_idx.argsort(stable=True)                                     # sorted position -> slot
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        x_sorted = _Dispatch.apply(x, order, inverse, idx.shape[1])               # [N*K, H] grouped by expert
+        return _Combine.apply(experts(x_sorted, counts), weights, order, inverse)  # [N, H]
+
+
 class MoE(nn.Module):
-    """y = Σ_k w_k · Expert_{idx_k}(x) + SharedExperts(x), plus the sequence-wise balance statistic."""
+    """y = Σ_k w_k · Expert_{idx_k}(x) + SharedExperts(x), plus the sequence-wise balance statistic.
+
+    `dispatcher` (a plain attribute, not a module: it holds no parameters) moves routed rows to their
+    experts and back; `LocalDispatch` unless expert parallelism replaced it."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -208,6 +232,7 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
+        self.dispatcher = LocalDispatch()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, H] -> (y [B, T, H], balance loss Σ_i f_i P_i averaged over the B sequences)."""
@@ -220,12 +245,9 @@ class MoE(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.gate.expert_load += counts
-        order = flat_idx.argsort(stable=True)                                     # sorted position -> slot
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
         if torch.is_autocast_enabled(x.device.type):                             # move rows in the GEMM dtype
             flat = flat.to(torch.get_autocast_dtype(x.device.type))
-        x_sorted = _Dispatch.apply(flat, order, inverse, self.top_k)             # [N*K, H] grouped by expert
-        y = _Combine.apply(self.experts(x_sorted, counts), weights, order, inverse).to(x.dtype)  # [N, H]
+        y = self.dispatcher(flat, idx, weights, counts, self.experts).to(x.dtype)  # [N, H]
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(B, T, H), self._balance_loss(scores, idx, B, T)

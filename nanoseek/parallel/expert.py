@@ -8,9 +8,13 @@ boundaries (`n_group % ep == 0` or `ep % n_group == 0`; checked). Two dispatch p
 - dedup (default, V3's way): a token is sent ONCE to every rank that hosts any of its K experts, together
   with which local experts and mixing weights it needs there; the rank returns one partial sum Σ_k w_k·E_k(x)
   per token. Traffic per token is the number of distinct ranks it visits (≤ topk_group·max(1, ep/n_group)),
-  not K. This replaces `MoE.forward` (the router, load counting and balance loss are the model's own).
-- per-expert (the interface in docs/INTERFACES.md): `GroupedExperts.forward(x_sorted, tokens_per_expert)`
-  is swapped for one that ships the K copies of each token to the experts' ranks and back.
+  not K (`DedupDispatch`).
+- per-expert: the model's local sort by expert, with `GroupedExperts` run over the ranks: the K copies of
+  each token travel to the experts' ranks and back (`PerExpertDispatch`).
+
+Either is installed as the layer's `MoE.dispatcher` (the seam the model exposes, as torchtitan's
+ExpertParallel hooks do); the router, load counting, autocast cast, shared experts and balance loss stay the
+model's own `MoE.forward`.
 
 Both use `all_to_all_single` with uneven splits through a differentiable wrapper; every wait goes through
 `overlap.wait` so the DualPipeV F&B step can hide it. Gradient scale: each rank's loss is its own mean, the
@@ -21,7 +25,6 @@ activations) — then averaging expert gradients over the `edp` ranks holding th
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nanoseek.errors import UserError
+from nanoseek.model.moe import LocalDispatch, moe_layers
 from nanoseek.parallel import overlap
 
 
@@ -129,26 +133,22 @@ def dispatch_combine(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, 
     return torch.zeros_like(x).index_add(0, send_tok, back)
 
 
-def _moe_forward_ep(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoE.forward with the routed experts on their ranks (router, loads, balance loss unchanged)."""
-    B, T, H = x.shape
-    flat = x.reshape(-1, H)
-    scores, idx, weights = self.gate(flat)
-    if self.training:
-        with torch.no_grad():
-            self.gate.expert_load += torch.bincount(idx.view(-1), minlength=self.n_experts).to(self.gate.expert_load)
-    y = dispatch_combine(flat, idx, weights, self.experts, self._ep).to(x.dtype)
-    if self.shared_experts is not None:
-        y = y + self.shared_experts(flat)
-    return y.view(B, T, H), self._balance_loss(scores, idx, B, T)
+class DedupDispatch:
+    """MoE dispatcher for the dedup path: `dispatch_combine` over this rank's experts and the others'."""
+
+    def __init__(self, comm: EPComm):
+        self.comm = comm
+
+    def __call__(self, x, idx, weights, counts, experts) -> torch.Tensor:
+        return dispatch_combine(x, idx, weights, experts, self.comm)
 
 
 # ---- per-expert path: GroupedExperts.forward over ranks (the documented seam) ---------------------
 
-def _experts_forward_ep(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+def experts_over_ranks(experts: nn.Module, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor,
+                       comm: EPComm) -> torch.Tensor:
     """x_sorted [N, H] by global expert, tokens_per_expert [E] -> [N, H], experts on their ranks."""
-    comm: EPComm = self._ep
-    ep, n_local = comm.ep, self.gate_up_proj.shape[0]
+    ep, n_local = comm.ep, experts.gate_up_proj.shape[0]
     send = tokens_per_expert.view(ep, n_local)                                     # [ep, E_local] I send
     recv = _exchange_counts(send, comm)                                            # [ep, E_local] I receive
     in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()
@@ -159,9 +159,20 @@ def _experts_forward_ep(self, x_sorted: torch.Tensor, tokens_per_expert: torch.T
     got = _AllToAll.apply(x_sorted, out_splits, in_splits, comm)                   # [M, H] by (source, expert)
     expert_of_row = torch.arange(n_local, device=got.device).repeat(ep).repeat_interleave(recv.flatten())
     order = expert_of_row.argsort(stable=True)                                     # -> by (expert, source)
-    y = _local_experts(lambda a, c: type(self).forward(self, a, c), got[order], recv.sum(0), ep)
+    y = _local_experts(experts, got[order], recv.sum(0), ep)
     y = torch.empty_like(y).index_copy_(0, order, y)
     return _AllToAll.apply(y, in_splits, out_splits, comm)
+
+
+class PerExpertDispatch:
+    """MoE dispatcher for the per-expert path: the local sort by expert (`LocalDispatch`) around experts that
+    run on their ranks (`experts_over_ranks`)."""
+
+    def __init__(self, comm: EPComm):
+        self.comm, self.local = comm, LocalDispatch()
+
+    def __call__(self, x, idx, weights, counts, experts) -> torch.Tensor:
+        return self.local(x, idx, weights, counts, lambda xs, c: experts_over_ranks(experts, xs, c, self.comm))
 
 
 # ---- applying it to a model ----------------------------------------------------------------------
@@ -184,8 +195,6 @@ def max_ranks_per_token(cfg, ep: int) -> int:
 
 def apply_expert_parallel(model: nn.Module, comm: EPComm, dedup: bool = True) -> None:
     """Keep only this rank's slice of every MoE layer's experts and route tokens to the others' (in place)."""
-    from nanoseek.model.moe import moe_layers
-
     check_layout(model.config, comm.ep)
     for moe in moe_layers(model):
         ex = moe.experts
@@ -193,12 +202,7 @@ def apply_expert_parallel(model: nn.Module, comm: EPComm, dedup: bool = True) ->
         sl = slice(comm.rank * n_local, (comm.rank + 1) * n_local)
         for name in ("gate_up_proj", "down_proj"):
             setattr(ex, name, nn.Parameter(getattr(ex, name).detach()[sl].clone()))
-        if dedup:
-            moe._ep = comm
-            moe.forward = types.MethodType(_moe_forward_ep, moe)
-        else:
-            ex._ep = comm
-            ex.forward = types.MethodType(_experts_forward_ep, ex)
+        moe.dispatcher = DedupDispatch(comm) if dedup else PerExpertDispatch(comm)
 
 
 def is_expert_param(name: str) -> bool:
