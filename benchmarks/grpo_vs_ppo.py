@@ -51,7 +51,7 @@ def child(args) -> None:
     out = {"algo": args.child, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "threads": torch.get_num_threads(), "init": args.init}
     trainable = state_bytes(model) + (state_bytes(ValueModel(model)) if args.child == "ppo" else 0)
-    if cfg.grpo.beta > 0:
+    if cfg.rl.beta > 0:
         trainable += sum(p.numel() * p.element_size() for p in model.parameters())   # the frozen reference
     out["state_mib"] = trainable / 2**20
     if torch.cuda.is_available():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nanoseek.errors import UserError
+from nanoseek.rl.algorithms import RLCommonConfig
 from nanoseek.rl.grpo import (GRPOConfig, aggregate, group_advantages, kl_k3, policy_loss, token_entropy,
                               token_logprobs, zero_variance_groups)
 
@@ -165,9 +166,9 @@ def test_config_validation():
     with pytest.raises(UserError, match="scaling"):
         GRPOConfig(scaling="std")
     with pytest.raises(UserError, match="aggregation"):
-        GRPOConfig(aggregation="mean")
+        RLCommonConfig(aggregation="mean")
     with pytest.raises(UserError, match="group_size"):
-        GRPOConfig(group_size=1)
+        RLCommonConfig(group_size=1)
 
 
 @pytest.mark.parametrize("scaling,agg", [("group", "grpo"), ("none", "drgrpo"), ("batch", "dapo")])
@@ -217,7 +218,7 @@ def tiny_rl_config(init, steps):
 
     return load_recipe(RLConfig, None, [
         f"train.steps={steps}", "train.prompts=2", "train.micro_batch=3", f'train.init="{init}"',
-        "grpo.group_size=3", "grpo.mu=2", "grpo.beta=0.1", "sampling.max_new_tokens=6", "eval.problems=2",
+        "rl.group_size=3", "rl.mu=2", "rl.beta=0.1", "sampling.max_new_tokens=6", "eval.problems=2",
         "eval.samples=2", "eval.max_new_tokens=6", "eval.every=1", "checkpoint.every=0", "optim.lr=0.01",
         "optim.warmup_steps=0", "rewards.language=1.0"])   # random text scores varied language shares: a signal
 
@@ -251,12 +252,12 @@ def test_grpo_loop_runs_logs_and_resumes_exactly(tmp_path):
 def test_dynamic_sampling_drops_flat_groups_and_refills(monkeypatch):
     """DAPO §3.2: groups whose rewards are all equal are dropped and more prompts sampled, within max_refill."""
     import nanoseek.rl.trainer as trainer
-    from nanoseek.rl.rollout import Generation
+    from nanoseek.sampling.rollout import Generation
     from nanoseek.tasks import Problem
 
     G = 3
     cfg = trainer.RLConfig()
-    cfg.train.prompts, cfg.grpo.group_size, cfg.grpo.dynamic_sampling, cfg.grpo.max_refill = 4, G, True, 5
+    cfg.train.prompts, cfg.rl.group_size, cfg.rl.dynamic_sampling, cfg.rl.max_refill = 4, G, True, 5
     draws = []
 
     def problems_fn(n, seed):                     # 2 of every 3 problems give the whole group the same reward
@@ -283,7 +284,7 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(monkeypatch):
     assert draws[0] == 4 and all(b <= a for a, b in zip(draws, draws[1:])) and len(draws) > 1  # refills: what is missing
     assert exp.n_groups_sampled == sum(draws) and exp.n_groups_sampled - exp.n_groups_zero_var >= 4
     assert len(exp.sampled) == sum(draws) * G                                        # metrics see every sample
-    cfg.grpo.dynamic_sampling = False                                                 # off: flat groups are kept
+    cfg.rl.dynamic_sampling = False                                                 # off: flat groups are kept
     draws.clear()
     exp = trainer.collect(torch.nn.Linear(1, 1), Tok(), cfg, step=0, problems_fn=problems_fn)
     assert draws == [4] and len(exp.prompts) == 4 * G

@@ -66,14 +66,14 @@ every = 1
 keep_last = 3
 """
 G = 3                                    # GRPO group size
-RL_SETS = ["train.steps=2", "train.prompts=4", "train.micro_batch=4", f"grpo.group_size={G}", "grpo.beta=0.1",
+RL_SETS = ["train.steps=2", "train.prompts=4", "train.micro_batch=4", f"rl.group_size={G}", "rl.beta=0.1",
            "sampling.max_new_tokens=6", "eval.problems=0", "checkpoint.every=0", "optim.lr=0.01",
            "optim.warmup_steps=0", "rewards.language=1.0", "tasks.template=\"plain\""]
 
 
 def _pretrain(root, name, *sets, resume=False):
     from nanoseek.recipe import load_recipe
-    from nanoseek.train.commands import PretrainConfig, pretrain
+    from nanoseek.train.runs import PretrainConfig, pretrain
     pretrain(load_recipe(PretrainConfig, root / "recipe.toml", list(sets)), root / name, resume=resume, progress=False)
 
 
@@ -88,7 +88,7 @@ def _grpo(root, name, *sets):
 
 def _per_group_generate(model, prompts, cfg, stop_ids, pad_id, gen, **kw):
     """rollout.generate one group (G equal prompts) at a time, with a generator seeded by the prompt."""
-    from nanoseek.rl.rollout import Generation, generate
+    from nanoseek.sampling.rollout import Generation, generate
     parts = [generate(model, prompts[i:i + G], cfg, stop_ids, pad_id,
                       torch.Generator(device=gen.device).manual_seed(zlib.crc32(str(prompts[i]).encode())), **kw)
              for i in range(0, len(prompts), G)]

@@ -11,7 +11,7 @@ import torch
 from nanoseek.errors import UserError
 from nanoseek.r1.coldstart import worked_examples
 from nanoseek.r1.rejection import TraceConfig, sample_traces
-from nanoseek.rl.rewards import format_reward, language_consistency
+from nanoseek.sampling.rewards import format_reward, language_consistency
 from nanoseek.tasks import get_family, sample_problems
 from nanoseek.tasks.language import render
 
@@ -69,31 +69,42 @@ def test_coldstart_examples_are_readable_r1_format():
         assert get_family(p.family).score(p, e["response"]) == 1.0
 
 
-def test_general_family_is_scored_by_the_reward_model_only_while_registered(tok):
+def test_general_family_is_scored_by_the_reward_model_only_where_passed(tok):
+    """Stage 4's general prompts: a family passed to the run (problem source and rewards), scored by the reward
+    model, never registered globally; a failing reward model raises instead of scoring 0."""
     from nanoseek.config import DenseConfig
     from nanoseek.model import build_model
-    from nanoseek.r1.general import GeneralFamily, registered
-    from nanoseek.rl.reward_model import RewardModel, score
-    from nanoseek.rl.rewards import RewardConfig, compute_rewards
+    from nanoseek.r1.general import GeneralFamily
+    from nanoseek.rl.reward_model import RewardModel, reward_scorer, score
+    from nanoseek.rl.trainer import task_families
+    from nanoseek.sampling.rewards import RewardConfig, compute_rewards
 
     torch.manual_seed(0)
     rm = RewardModel(build_model(DenseConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))).eval()
     torch.nn.init.normal_(rm.head.weight)
-    with registered(GeneralFamily(rm, tok)):
-        problems = sample_problems(["arithmetic", "general"], 8, split="train", seed=0)
-        general = [p for p in problems if p.family == "general"]
-        assert len(general) == 4 and all(p.split == "train" for p in general)
-        completion = "<think>\nI answer.\n</think>\n<answer>Yes.</answer>"
-        r = compute_rewards(RewardConfig(), general[0], completion, 10)
-        want = torch.sigmoid(score(rm, tok, [general[0].prompt], [completion]))[0].item()
-        assert r["accuracy"] == pytest.approx(want, abs=1e-6) and r["format"] == 1.0
+    families = task_families([GeneralFamily(reward_scorer(rm, tok))])
+    problems = sample_problems(["arithmetic", "general"], 8, split="train", seed=0, families=families)
+    general = [p for p in problems if p.family == "general"]
+    assert len(general) == 4 and all(p.split == "train" for p in general)
+    completion = "<think>\nI answer.\n</think>\n<answer>Yes.</answer>"
+    r = compute_rewards(RewardConfig(), general[0], completion, 10, families=families)
+    want = torch.sigmoid(score(rm, tok, [general[0].prompt], [completion]))[0].item()
+    assert r["accuracy"] == pytest.approx(want, abs=1e-6) and r["format"] == 1.0
     with pytest.raises(UserError, match="unknown task family"):
         sample_problems(["general"], 1)
+    with pytest.raises(UserError, match="unknown task family"):                  # nothing leaked into the registry
+        compute_rewards(RewardConfig(), general[0], completion, 10)
+
+    def broken(prompt, response):
+        raise RuntimeError("reward model on a lost device")
+
+    with pytest.raises(RuntimeError, match="lost device"):                        # surfaces, no silent 0.0
+        compute_rewards(RewardConfig(), general[0], completion, 10, families=task_families([GeneralFamily(broken)]))
 
 
 def test_configs_presets_and_bad_input(tmp_path):
-    from nanoseek.pipeline import load_pipeline_config
+    from nanoseek.pipeline.stages import load_pipeline_config
 
     tiny = load_pipeline_config("tiny")
     small = load_pipeline_config("small")
@@ -106,7 +117,7 @@ def test_configs_presets_and_bad_input(tmp_path):
 
 
 def test_stages_skip_the_last_optimizer_checkpoint_unless_kept():
-    from nanoseek.pipeline import _stage_globals, load_pipeline_config
+    from nanoseek.pipeline.stages import _stage_globals, load_pipeline_config
     from nanoseek.train.trainer import CheckpointConfig
 
     # due(): every N steps, and after the last step only when `final`
@@ -137,7 +148,7 @@ MINI = ["pretrain.train.steps=6", "pretrain.train.batch_size=4", "pretrain.train
 MINI += [f"{s}.train.{k}" for s in ("r1_zero", "reasoning_rl", "all_rl.rl", "student_rl")
          for k in ("prompts=2", "steps=2") if not (s == "reasoning_rl" and k == "steps=2")]
 MINI += [f"{s}.{k}" for s in ("r1_zero", "reasoning_rl", "all_rl.rl", "student_rl")
-         for k in ("grpo.group_size=2", "sampling.max_new_tokens=16")]
+         for k in ("rl.group_size=2", "sampling.max_new_tokens=16")]
 MINI += [f"{s}.{k}" for s in ("coldstart.sft", "rejection.sft", "distill.sft")
          for k in ("train.batch_size=4", "train.steps=2", "data.val_examples=0")]
 

@@ -8,61 +8,22 @@ One forward serves training (full attention, losses), scoring, and cached decodi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.mla import MLA, MLACache, attention_mask_for
-from nanoseek.model.moe import MLP, GroupedExperts, MoE, Router
+from nanoseek.model.block import DecoderLayer, ModelOutput, cross_entropy
+from nanoseek.model.mla import MLACache, attention_mask_for
+from nanoseek.model.moe import GroupedExperts, Router
+from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
 
 
-@dataclass
-class ModelOutput:
-    logits: torch.Tensor                       # [B, T, V]
-    loss: torch.Tensor | None = None           # next-token CE over labels != -100
-    mtp_loss: torch.Tensor | None = None       # mean over depths of CE_k, unscaled (0 without labels or MTP)
-    balance_loss: torch.Tensor | None = None   # Σ over MoE layers of Σ_i f_i P_i, unscaled by α
-    hidden_states: torch.Tensor | None = None  # [B, T, H] after the final norm
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean CE over labels != -100 (0, not NaN, when there are none), in float32; no host sync."""
-    loss = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-    return loss / (labels != -100).sum().clamp_min(1)
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm block: x + MLA(norm(x)), then + FFN(norm(x)) with FFN dense below first_k_dense_replace."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
-
-    compiled = None     # set by `compile_blocks`: compiled `DecoderLayer.block` for the full-sequence path
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: MLACache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [B, T, H] -> (x [B, T, H], this layer's balance loss or None for a dense layer)."""
-        if cache is None and self.compiled is not None:
-            return self.compiled(self, x, cos, sin, mask)
-        return self.block(x, cos, sin, mask, cache)
-
-    def block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-              cache: MLACache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        h = self.post_attention_layernorm(x)
-        if isinstance(self.mlp, MoE):
-            y, balance = self.mlp(h)
-            return x + y, balance
-        return x + self.mlp(h), None
+def shift_labels(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, T] targets of MTP depth k: position i predicts labels[:, i+k]; the last k positions get -100."""
+    return F.pad(labels[:, k:], (0, k), value=-100)
 
 
 class DeepseekV3Model(nn.Module):
@@ -81,7 +42,6 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from nanoseek.model.mtp import MTPModule   # mtp.py builds on DecoderLayer above
 
         self.config = cfg
         self.model = DeepseekV3Model(cfg)
@@ -123,43 +83,53 @@ class DeepseekV3ForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(position_ids)                          # [B, T, rope/2]
         mask = attention_mask_for(attention_mask, T, past, input_ids.device)
 
-        h = self.model.embed_tokens(input_ids)
-        balance = h.new_zeros((), dtype=torch.float32)
-        for layer in self.model.layers:
-            h, b = layer(h, cos, sin, mask, cache)
-            if b is not None:
-                balance = balance + b
+        h, balance = self.decode(self.model.embed_tokens(input_ids), cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
         h = self.model.norm(h)
         logits = self.lm_head(h)
 
-        loss, mtp_loss = None, balance.new_zeros(())
+        loss, mtp_loss, mtp_losses = None, balance.new_zeros(()), None
         if labels is not None:
             loss = self.loss_fn(logits, labels)
             if len(self.mtp):
-                mtp_loss, mtp_balance = self._mtp_losses(h, input_ids, labels, cos, sin, mask)
-                balance = balance + mtp_balance
-        return ModelOutput(logits=logits, loss=loss, mtp_loss=mtp_loss, balance_loss=balance, hidden_states=h)
+                mtp_losses = []
+                for k, (h_k, b) in enumerate(self.mtp_forward(h, self.mtp_embeddings(input_ids), cos, sin, mask), 1):
+                    mtp_losses.append(self.loss_fn(self.lm_head(h_k), shift_labels(labels, k)))
+                    balance = balance + b
+                mtp_losses = torch.stack(mtp_losses)                                # [D]
+                mtp_loss = mtp_losses.mean()
+        return ModelOutput(logits=logits, loss=loss, mtp_loss=mtp_loss, balance_loss=balance, hidden_states=h,
+                           mtp_losses=mtp_losses)
 
-    def _mtp_losses(self, h, input_ids, labels, cos, sin, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """V3 §2.2: depth k (1-based) at position i reads h^{k-1}_i and token i+k, and predicts labels[:, i+k].
-        Positions past the end get token 0 and target -100 (causal attention keeps them from leaking back)."""
-        losses, balance = [], torch.zeros((), device=h.device)
-        for k, module in enumerate(self.mtp, start=1):
-            ids_k = F.pad(input_ids[:, k:], (0, k), value=0)                    # [B, T] token at i+k
-            labels_k = F.pad(labels[:, k:], (0, k), value=-100)                 # [B, T] target of depth k
-            h, b = module(h, self.model.embed_tokens(ids_k), cos, sin, mask)
-            losses.append(self.loss_fn(self.lm_head(h), labels_k))
-            balance = balance + b if b is not None else balance
-        return torch.stack(losses).mean(), balance
+    # The pieces of `forward`. A pipeline stage (nanoseek.parallel.pipeline) is this model with the parts
+    # other stages own set to None, and runs these same pieces.
 
-    def save_pretrained(self, path, dtype=None) -> None:
-        """Write the hub layout (per-expert keys, MTP as model.layers.{L+k}) with config.json."""
-        from nanoseek.hf import save_pretrained
+    def decode(self, h: torch.Tensor, cos, sin, mask=None, cache: MLACache | None = None):
+        """h [B, T, H] through the decoder layers this model holds (None: owned by another pipeline stage)
+        -> (h [B, T, H], Σ balance statistic of its MoE layers, fp32 scalar)."""
+        balance = torch.zeros((), dtype=torch.float32, device=h.device)
+        for layer in self.model.layers:
+            if layer is None:
+                continue
+            h, b = layer(h, cos, sin, mask, cache)
+            if b is not None:
+                balance = balance + b
+        return h, balance
 
-        save_pretrained(self, path, dtype)
+    def mtp_embeddings(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Embeddings of the tokens i+k each MTP depth k = 1..D reads (V3 §2.2), [B, T, H] each. Positions
+        past the end get token 0 (their targets are -100, and causal attention keeps them from leaking back)."""
+        return [self.model.embed_tokens(F.pad(input_ids[:, k:], (0, k), value=0))
+                for k in range(1, self.config.num_nextn_predict_layers + 1)]
 
+    def mtp_forward(self, h: torch.Tensor, embs: list[torch.Tensor], cos, sin, mask=None):
+        """V3 §2.2: depth k at position i reads h^{k-1}_i and the embedding of token i+k. Yields, per depth,
+        (head-normed h^k [B, T, H], its balance statistic, fp32 scalar); its logits are lm_head(h^k) and its
+        targets `shift_labels(labels, k)`."""
+        for module, emb in zip(self.mtp, embs):
+            h, b = module(h, emb, cos, sin, mask)
+            yield h, (b if b is not None else torch.zeros((), dtype=torch.float32, device=h.device))
 
 def compile_blocks(model: DeepseekV3ForCausalLM, **compile_kwargs) -> DeepseekV3ForCausalLM:
     """Regional torch.compile for training (in place; returns the model). Each decoder layer and MTP block

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from nanoseek.model import build_model
 from nanoseek.parallel.expert import is_expert_param
 
 
@@ -65,8 +66,7 @@ def model_state_dict(par) -> dict[str, torch.Tensor] | None:
     """The single-device model's state_dict (weights + persistent buffers) on global rank 0."""
     named = []
     for part in par.parts:
-        for name, t in part.state_dict().items():
-            fqn = part.fqn(name) if hasattr(part, "fqn") else name
+        for fqn, t in part.state_dict().items():            # stages keep the model's names
             if fqn not in {n for n, _ in named}:
                 named.append((fqn, t))
     return gather_full(named, par.ctx)
@@ -75,7 +75,6 @@ def model_state_dict(par) -> dict[str, torch.Tensor] | None:
 def full_model(par):
     """On global rank 0, a plain single-device copy of the trained model (for save_pretrained and
     evaluation); None elsewhere. Every rank must call it (it gathers)."""
-    from nanoseek.model import build_model
     sd = model_state_dict(par)
     if sd is None:
         return None

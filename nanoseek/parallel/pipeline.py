@@ -12,20 +12,26 @@ Schedules: gpipe, 1f1b (one stage per rank), zbv (ZB-V zero bubble) and dualpipe
 a V, so rank 0 holds both the first and the last stage). DualPipeV's overlapped F&B steps run through
 `overlap.register`.
 
-Losses. The last stage's loss for a micro-batch is Σ CE / N + λ·mean_k(Σ CE_k / N_k), with N the target
-count of the WHOLE step (all micro-batches and data-parallel ranks), times dp because data parallel
-averages: micro-batch and rank sums then equal the single-device token means exactly, masks and all. The
-balance loss of every MoE layer enters where it is computed, through `_AuxLoss` (identity forward; its
-backward injects α/m into the loss's gradient), since it never reaches the last stage.
+A stage is the model with the parts it does not own set to None (`StageModel`), running the model's own
+pieces. Losses: the last stage's loss for a micro-batch is its term of the one training objective
+(`nanoseek.model.loss.training_loss`, token shares of the WHOLE step's targets), so micro-batch and rank sums
+equal the single-device token means exactly, masks and all. The balance loss of a stage's MoE layers enters
+where it is computed, through `_AuxLoss` (identity forward; its backward injects α/m into the loss's
+gradient), since it never reaches the last stage.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.errors import UserError
+from nanoseek.model.deepseek import DeepseekV3ForCausalLM, shift_labels
+from nanoseek.model.loss import target_counts, training_loss
+from nanoseek.model.moe import moe_layers
+from nanoseek.parallel import overlap
 
 
 def split_layers(n_layers: int, n_mtp: int, n_stages: int) -> list[range]:
@@ -58,90 +64,89 @@ class _AuxLoss(torch.autograd.Function):
         return grad, torch.full_like(aux, ctx.coef), None
 
 
-class StageModule(nn.Module):
-    """Layers `layers` of a DeepseekV3ForCausalLM, plus the embedding (first stage) or the norm, head and
-    MTP modules (last stage). Parameters are the model's own (shared, not copied)."""
+class StageModel(DeepseekV3ForCausalLM):
+    """A pipeline stage: the model itself with the parts other stages own set to None (decoder layers outside
+    `layers`; the embedding off the first stage; the final norm, head and MTP modules off the last). It shares
+    every parameter, buffer and parameter name with the model and runs the model's own pieces (`decode`,
+    `mtp_embeddings`, `mtp_forward`, the head); only the calling convention is the pipeline's, tensors in and
+    tensors out:
 
-    def __init__(self, model: nn.Module, layers: range, first: bool, last: bool):
-        super().__init__()
-        self.config = model.config
-        self.first, self.last, self.n_mtp = first, last, len(model.mtp)
-        self.layers = nn.ModuleDict({str(i): model.model.layers[i] for i in layers})
-        self.rotary_emb = model.model.rotary_emb
-        self.embed_tokens = model.model.embed_tokens if first else None
-        if last:
-            self.norm, self.lm_head, self.mtp = model.model.norm, model.lm_head, model.mtp
-        self.balance_coef = 0.0                  # α / microbatches, set by the runner each step
-        self.balance_values: list[torch.Tensor] = []
+        first stage:  (input_ids [b, T],)          others: (h [b, T, H], *mtp_embs)
+        inner stages: (h [b, T, H], *mtp_embs)      last:   (logits [b, T, V], *mtp_logits)
 
-    def fqn(self, name: str) -> str:
-        """This module's parameter name -> the single-device model's (`layers.3.x` -> `model.layers.3.x`)."""
-        head, _, rest = name.partition(".")
-        if head in ("layers", "embed_tokens", "norm"):
-            return f"model.{name}"
-        return name
+    The MTP token embeddings come from the first stage (the table lives there) and travel next to h, so no
+    parameter is duplicated. The balance statistic of a stage's MoE layers never reaches the loss on the last
+    stage; `_AuxLoss` injects α/m times its gradient where it is computed."""
 
-    def _aux(self, h: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        if b is None:
+    @classmethod
+    def cut(cls, model: DeepseekV3ForCausalLM, layers: range, first: bool, last: bool) -> "StageModel":
+        stage, trunk = _shallow(model, cls), _shallow(model.model)
+        trunk.layers = nn.ModuleList([layer if i in layers else None for i, layer in enumerate(model.model.layers)])
+        if not first:
+            trunk.embed_tokens = None
+        if not last:
+            trunk.norm, stage.lm_head, stage.mtp = None, None, nn.ModuleList()
+        stage.model = trunk
+        stage.first, stage.last = first, last
+        stage.n_mtp = model.config.num_nextn_predict_layers
+        stage.balance_coef = 0.0                 # α / microbatches, set by the runner each step
+        stage.balance_values = []                # this step's balance statistics (detached), for the metrics
+        stage.has_moe = bool(moe_layers(stage))
+        return stage
+
+    def _aux(self, h: torch.Tensor, balance: torch.Tensor) -> torch.Tensor:
+        if not self.has_moe:
             return h
-        self.balance_values.append(b.detach())
-        return _AuxLoss.apply(h, b, self.balance_coef) if self.training and torch.is_grad_enabled() else h
+        self.balance_values.append(balance.detach())
+        return _AuxLoss.apply(h, balance, self.balance_coef) if self.training and torch.is_grad_enabled() else h
 
     def forward(self, *inputs: torch.Tensor):
-        """first: (input_ids [b, T]); others: (h [b, T, H], *mtp_embs). Returns the same tuple form for the
-        next stage, or (logits [b, T, V], *mtp_logits) on the last stage."""
         if self.first:
             ids = inputs[0]
-            h = self.embed_tokens(ids)
-            embs = [self.embed_tokens(F.pad(ids[:, k:], (0, k), value=0)) for k in range(1, self.n_mtp + 1)]
+            h, embs = self.model.embed_tokens(ids), self.mtp_embeddings(ids)
         else:
             h, *embs = inputs
         B, T = h.shape[:2]
-        cos, sin = self.rotary_emb(torch.arange(T, device=h.device).expand(B, T))
-        for layer in self.layers.values():
-            h, b = layer(h, cos, sin, None)
-            h = self._aux(h, b)
+        cos, sin = self.model.rotary_emb(torch.arange(T, device=h.device).expand(B, T))
+        h, balance = self.decode(h, cos, sin)
         if not self.last:
-            return (h, *embs)
-        h = self.norm(h)
+            return (self._aux(h, balance), *embs)
+        h = self.model.norm(h)
         outs = [self.lm_head(h)]
-        for module, e in zip(self.mtp, embs):
-            h, b = module(h, e, cos, sin, None)
-            outs.append(self.lm_head(self._aux(h, b)))
+        for h_k, b in self.mtp_forward(h, embs, cos, sin):
+            outs.append(self.lm_head(h_k))
+            balance = balance + b
+        outs[0] = self._aux(outs[0], balance)
         return tuple(outs)
 
 
-class PipelineLoss:
-    """loss_fn(outputs, labels) for the schedule: CE and MTP sums over the step's global target counts."""
+def _shallow(module: nn.Module, cls: type | None = None) -> nn.Module:
+    """A new module object over the same parameters, buffers and children, with its own tables (children,
+    hooks, ...): replacing a child of the copy, or FSDP hooking it, leaves the original alone."""
+    out = (cls or type(module)).__new__(cls or type(module))
+    out.__dict__ = {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
+    return out
 
-    def __init__(self, mtp_lambda: float, dp: int):
-        self.mtp_lambda, self.dp = mtp_lambda, dp
-        self.denoms: list[torch.Tensor] = []     # [N, N_1, ..., N_D] for the current step (global counts)
-        self.ce: list[torch.Tensor] = []
-        self.mtp: list[torch.Tensor] = []
+
+class PipelineLoss:
+    """loss_fn(outputs, labels) for the schedule: the last stage's term of `training_loss` for one micro-batch,
+    with the step's global target counts (all micro-batches and data-parallel ranks); the balance term is
+    injected by the stages (`_AuxLoss`)."""
+
+    def __init__(self, ce_fn, mtp_lambda: float, dp: int):
+        self.ce_fn, self.mtp_lambda, self.dp = ce_fn, mtp_lambda, dp
+        self.totals: torch.Tensor | None = None  # [1 + D] global target counts of the current step
+        self.parts: list[torch.Tensor] = []      # per micro-batch: detached [3] shares of (CE, MTP, balance)
 
     def __call__(self, outputs, labels: torch.Tensor) -> torch.Tensor:
         logits, *mtp_logits = outputs if isinstance(outputs, tuple) else (outputs,)
-        ce = _ce_sum(logits, labels) / self.denoms[0]
-        loss = ce * self.dp
-        self.ce.append(ce.detach())
-        if mtp_logits:
-            terms = [_ce_sum(lg, F.pad(labels[:, k:], (0, k), value=-100)) / self.denoms[k]
-                     for k, lg in enumerate(mtp_logits, start=1)]
-            mtp = torch.stack(terms).mean()
-            self.mtp.append(mtp.detach())
-            loss = loss + self.mtp_lambda * mtp * self.dp
+        ce = self.ce_fn(logits, labels)
+        mtp_ce = (torch.stack([self.ce_fn(lg, shift_labels(labels, k)) for k, lg in enumerate(mtp_logits, 1)])
+                  if mtp_logits else None)
+        loss, parts = training_loss(ce, mtp_ce, None, target_counts(labels, len(mtp_logits)), self.totals,
+                                    mtp_lambda=self.mtp_lambda, balance_alpha=0.0, micro_batches=1, dp=self.dp)
+        self.parts.append(parts)
         return loss
-
-
-def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-
-
-def target_counts(labels: torch.Tensor, n_mtp: int) -> list[torch.Tensor]:
-    """[N, N_1..N_D]: targets of the main head and of each MTP depth k (labels shifted by k) in `labels`."""
-    valid = labels != -100
-    return [valid.sum()] + [valid[:, k:].sum() for k in range(1, n_mtp + 1)]
 
 
 def stage_indices(pp_rank: int, pp: int, schedule: str) -> list[int]:
@@ -151,7 +156,7 @@ def stage_indices(pp_rank: int, pp: int, schedule: str) -> list[int]:
     return [pp_rank]
 
 
-def cut_stages(model: nn.Module, ctx) -> tuple[list[StageModule], list[int]]:
+def cut_stages(model: nn.Module, ctx) -> tuple[list[StageModel], list[int]]:
     """This rank's stage modules of `model` and their stage indices."""
     cfg = ctx.cfg
     if model.config.tie_word_embeddings:
@@ -160,7 +165,7 @@ def cut_stages(model: nn.Module, ctx) -> tuple[list[StageModule], list[int]]:
     n_stages = cfg.pp * cfg.stages_per_rank
     ranges = split_layers(len(model.model.layers), len(model.mtp), n_stages)
     mine = stage_indices(ctx.pp_rank, cfg.pp, cfg.schedule)
-    return [StageModule(model, ranges[s], s == 0, s == n_stages - 1) for s in mine], mine
+    return [StageModel.cut(model, ranges[s], s == 0, s == n_stages - 1) for s in mine], mine
 
 
 def make_schedule(modules, mine, ctx, loss: PipelineLoss, mb_shape: tuple[int, int], act_dtype: torch.dtype,
@@ -188,7 +193,6 @@ def make_schedule(modules, mine, ctx, loss: PipelineLoss, mb_shape: tuple[int, i
     schedule = cls(stages[0] if cfg.stages_per_rank == 1 else stages, cfg.microbatches, loss_fn=loss,
                    scale_grads=False)
     if cfg.schedule == "dualpipev" and cfg.overlap and cfg.ep > 1:
-        from nanoseek.parallel import overlap
         overlap.register(schedule, stats)
     return stages, schedule
 

@@ -23,10 +23,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nanoseek.errors import UserError
+from nanoseek.model.loss import target_counts, training_loss
+from nanoseek.parallel.checkpoint import full_model, load_optimizer_state_dict, optimizer_state_dict
 from nanoseek.parallel.config import ParallelConfig
 from nanoseek.parallel.expert import EPComm, apply_expert_parallel, is_expert_param
+from nanoseek.parallel.fsdp import apply_fsdp
+from nanoseek.parallel.hfreduce import GradReducer
 from nanoseek.parallel.mesh import ParallelContext, init_distributed
-from nanoseek.parallel.pipeline import target_counts
+from nanoseek.parallel.pipeline import PipelineLoss, cut_stages, make_schedule
 
 
 class Parallel:
@@ -45,19 +50,24 @@ class Parallel:
         model.to(ctx.device)
         self.schedule, self._schedule_shape = None, None
         if cfg.pp > 1:
-            from nanoseek.parallel.pipeline import PipelineLoss, cut_stages
             self.parts, self.stage_ids = cut_stages(model, ctx)
-            self.loss = PipelineLoss(0.0, cfg.dp)
+            self.loss = PipelineLoss(model.loss_fn, 0.0, cfg.dp)
         else:
             self.parts, self.stage_ids = [model], [0]
         self.reducers = []
         self.parts_use_bf16 = False                          # activations between stages are bf16 under FSDP bf16
         if ctx.distributed and cfg.dp > 1 and cfg.dp_mode == "fsdp":
             self.parts_use_bf16 = cfg.param_dtype == "bfloat16"
-            from nanoseek.parallel.fsdp import apply_fsdp
             apply_fsdp(self.parts, ctx)
         elif ctx.distributed and cfg.dp > 1:
             self._make_reducers(host=cfg.dp_mode == "hfreduce")
+
+    @classmethod
+    def single(cls, model: nn.Module) -> "Parallel":
+        """One process: a world of size 1 on the model's device (every collective a no-op), so a trainer has
+        one code path for every layout."""
+        device = next(model.parameters()).device
+        return cls(model, ParallelContext(cfg=ParallelConfig().resolve(1), device=device))
 
     # -- parameters --------------------------------------------------------------------------------
     def named_parameters(self):
@@ -67,7 +77,7 @@ class Parallel:
             for name, p in part.named_parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
-                    yield (part.fqn(name) if hasattr(part, "fqn") else name), p
+                    yield name, p
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_parameters()]
@@ -77,7 +87,6 @@ class Parallel:
         return self.parts[0] if len(self.parts) == 1 else nn.ModuleList(self.parts)
 
     def _make_reducers(self, host: bool) -> None:
-        from nanoseek.parallel.hfreduce import GradReducer
         ctx, cfg = self.ctx, self.ctx.cfg
         named = list(self.named_parameters())
         dense = [p for n, p in named if not (cfg.ep > 1 and is_expert_param(n))]
@@ -94,66 +103,65 @@ class Parallel:
         """Accumulate the gradient of CE + λ·MTP + α·L_bal over the step's GLOBAL batch (micro: list of
         (input_ids, labels) [B, T] as every rank reads them). Returns dp-averaged metrics."""
         ctx, cfg = self.ctx, self.ctx.cfg
-        n_mtp = len(self.model.mtp)
-        micro = [(ctx.shard_batch(x).to(ctx.device), ctx.shard_batch(y).to(ctx.device)) for x, y in micro]
-        counts = torch.stack([torch.stack(target_counts(y, n_mtp)) for _, y in micro]).sum(0).float()
-        ctx.all_reduce(counts, "sum", "dp")                    # [1 + D] global target counts
-        counts = counts.clamp_min(1)
+        n_mtp = len(getattr(self.model, "mtp", ()))
+        micro = [(ctx.shard_batch(x), ctx.shard_batch(y)) for x, y in micro]
+        counts = [target_counts(y, n_mtp) for _, y in micro]                  # where the labels are: no sync
+        totals = torch.stack(counts).sum(0).to(ctx._coll_device)
+        ctx.all_reduce(totals, "sum", "dp")                                    # [1 + D] global target counts
+        totals = totals.to(ctx.device)
         if cfg.pp > 1:
-            return self._pipeline_step(micro, counts, mtp_lambda, balance_alpha, autocast)
-        ce = mtp = bal = 0.0
+            return self._pipeline_step(micro, totals, mtp_lambda, balance_alpha, autocast)
+        parts = torch.zeros(3, device=ctx.device)
         fsdp = hasattr(self.model, "set_requires_gradient_sync")
-        for i, (x, y) in enumerate(micro):
+        for i, ((x, y), n) in enumerate(zip(micro, counts)):
             last = i == len(micro) - 1
             if fsdp:
                 self.model.set_requires_gradient_sync(last)
             for r in self.reducers:
                 r.armed = last
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             with autocast():
                 out = self.model(x, labels=y)
-            n = target_counts(y, n_mtp)
-            w_ce = n[0] / counts[0] * cfg.dp                  # token share of the global batch, × dp (DP averages)
-            w_mtp = (n[1] / counts[1] * cfg.dp) if n_mtp else 0.0
-            loss = w_ce * out.loss + mtp_lambda * w_mtp * out.mtp_loss + balance_alpha * out.balance_loss / len(micro)
+            loss, share = training_loss(out.loss, out.mtp_losses, out.balance_loss, n.to(ctx.device), totals,
+                                        mtp_lambda=mtp_lambda, balance_alpha=balance_alpha,
+                                        micro_batches=len(micro), dp=cfg.dp)
             loss.backward()
-            ce += float(w_ce * out.loss.detach()) / cfg.dp
-            mtp += float(w_mtp * out.mtp_loss.detach()) / cfg.dp if n_mtp else 0.0
-            bal += float(out.balance_loss.detach()) / len(micro)
+            parts = parts + share
         self.finish_grads()
-        sums = torch.tensor([ce, mtp], dtype=torch.float64)
-        ctx.all_reduce(sums, "sum", "dp")
-        return {"loss": float(sums[0]), "mtp_loss": float(sums[1]), "balance_loss": ctx.mean_metrics({"b": bal})["b"]}
+        return self._metrics(parts)
 
-    def _pipeline_step(self, micro, counts, mtp_lambda, balance_alpha, autocast) -> dict[str, float]:
+    def _metrics(self, parts: torch.Tensor) -> dict[str, float]:
+        """This rank's [3] shares of (CE, MTP, balance), summed over the dp ranks (one collective, one sync)."""
+        t = parts.double().to(self.ctx._coll_device)
+        self.ctx.all_reduce(t, "sum", "dp")
+        ce, mtp, bal = t.tolist()
+        return {"loss": ce, "mtp_loss": mtp, "balance_loss": bal}
+
+    def _pipeline_step(self, micro, totals, mtp_lambda, balance_alpha, autocast) -> dict[str, float]:
         ctx, cfg = self.ctx, self.ctx.cfg
-        x = torch.cat([m[0] for m in micro])
-        y = torch.cat([m[1] for m in micro])
+        x = torch.cat([m[0] for m in micro]).to(ctx.device)
+        y = torch.cat([m[1] for m in micro]).to(ctx.device)
         if x.shape[0] % cfg.microbatches:
-            from nanoseek.errors import UserError
             raise UserError(f"per-rank batch {x.shape[0]} is not divisible by parallel.microbatches={cfg.microbatches}")
         shape = (x.shape[0] // cfg.microbatches, x.shape[1])
         if shape != self._schedule_shape:                   # stages are built for one micro-batch shape
-            from nanoseek.parallel.pipeline import make_schedule
             act = torch.bfloat16 if self.parts_use_bf16 else torch.float32
             self.stages, self.schedule = make_schedule(self.parts, self.stage_ids, ctx, self.loss, shape, act, self.stats)
             self._schedule_shape = shape
-        self.loss.mtp_lambda, self.loss.denoms = mtp_lambda, list(counts)
-        self.loss.ce.clear()
-        self.loss.mtp.clear()
+        self.loss.mtp_lambda, self.loss.totals = mtp_lambda, totals
+        self.loss.parts.clear()
         for part in self.parts:
             part.balance_coef = balance_alpha / cfg.microbatches
             part.balance_values.clear()
         with autocast():
             self.schedule.step(x, target=y, return_outputs=False)
         self.finish_grads()
-        ce = torch.stack(self.loss.ce).sum() if self.loss.ce else torch.zeros(())
-        mtp = torch.stack(self.loss.mtp).sum() if self.loss.mtp else torch.zeros(())
+        parts = torch.stack(self.loss.parts).sum(0).cpu() if self.loss.parts else torch.zeros(3)
         bal = sum((torch.stack(p.balance_values).sum() for p in self.parts if p.balance_values), torch.zeros(()))
-        t = torch.stack([ce.cpu(), mtp.cpu(), bal.cpu() / cfg.microbatches]).double().to(ctx._coll_device)
+        parts[2] = bal.cpu() / (cfg.microbatches * cfg.dp)                    # balance share, as training_loss's
+        t = parts.double().to(ctx._coll_device)
         ctx.all_reduce(t, "sum", "pp")                      # only one stage holds the CE; balance sums over layers
-        ctx.all_reduce(t, "sum", "dp")
-        t = t.cpu()
-        return {"loss": float(t[0]), "mtp_loss": float(t[1]), "balance_loss": float(t[2]) / cfg.dp}
+        return self._metrics(t)
 
     def finish_grads(self) -> None:
         """ddp / hfreduce: wait for the gradient averages (call after your own backward if you do not use
@@ -168,6 +176,8 @@ class Parallel:
         """Global L2 norm of all gradients (every stage, shard and expert counted once); scale if > max_norm."""
         from torch.distributed.tensor import DTensor
         ctx, cfg = self.ctx, self.ctx.cfg
+        if not ctx.distributed:                               # one process: torch's own clip, as always
+            return float(torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm if max_norm > 0 else math.inf))
         # squared norms by how a gradient is spread: [dp-sharded, edp-sharded expert, expert, replicated]
         sq = torch.zeros(4, device=ctx.device)
         grads = []
@@ -192,6 +202,23 @@ class Parallel:
         if max_norm > 0 and math.isfinite(max_norm) and norm > max_norm and grads:
             torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
         return norm
+
+    # -- the single-device view (checkpoints, evaluation) ------------------------------------------
+    def full_model(self) -> nn.Module | None:
+        """On global rank 0 the model in its single-device form (the model itself on one process, a gathered
+        copy otherwise); None on the other ranks. Every rank must call it (it gathers)."""
+        return full_model(self) if self.ctx.distributed else self.model
+
+    def optimizer_state_dict(self, optimizer, make_optimizer) -> dict | None:
+        """The optimizer's state as the single-device optimizer's state_dict (rank 0; None elsewhere)."""
+        return optimizer_state_dict(self, optimizer, make_optimizer) if self.ctx.distributed else optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, optimizer, state: dict, make_optimizer) -> None:
+        """Load a single-device optimizer state_dict, whichever layout saved it."""
+        if self.ctx.distributed:
+            load_optimizer_state_dict(self, optimizer, state, make_optimizer)
+        else:
+            optimizer.load_state_dict(state)
 
     # -- MoE balancing under data parallel ---------------------------------------------------------
     def reduce_loads(self, loads: torch.Tensor) -> torch.Tensor:

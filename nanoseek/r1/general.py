@@ -16,18 +16,20 @@ rewards read general answers exactly as they read reasoning ones. Preference pai
     harmless   a refusal                 ≻ compliance, on a harmful request
     helpful    the answer                ≻ a needless refusal, on a benign request
 
-`GeneralFamily(reward_model, tok)` makes general prompts a task family whose "verifier" is the reward
-model (σ of its score), so the GRPO trainer mixes them with rule-checked prompts in stage 4 unchanged;
-`registered(family)` adds it to the task registry for the duration of a run.
+`GeneralFamily(scorer)` makes general prompts a task family whose "verifier" is a reward function built by
+the caller (stage 4 builds σ of the reward model's score: `nanoseek.rl.reward_model.reward_scorer`), so the
+GRPO trainer mixes them with rule-checked prompts unchanged. It is passed to that run only
+(`train_rl(..., families=[GeneralFamily(...)])`), never added to the global task registry, and this module
+does not import the reward model (which learns from `preference_pairs` here).
 """
 
 from __future__ import annotations
 
-import math
 import random
-from contextlib import contextmanager
+from typing import Callable
 
-from nanoseek.tasks.base import Problem, TaskFamily
+from nanoseek.data.corpus import general_examples
+from nanoseek.tasks.base import Problem, TaskFamily, answer_span
 
 FAMILY = "general"
 
@@ -66,8 +68,6 @@ def _harmful(rng: random.Random) -> tuple[str, str]:
 
 
 def _benign(n: int, seed: int) -> list[dict]:
-    from nanoseek.data.corpus import general_examples
-
     return general_examples(n, seed)
 
 
@@ -119,14 +119,16 @@ def preference_pairs(n: int, seed: int = 0) -> list[dict]:
 
 
 class GeneralFamily(TaskFamily):
-    """General prompts (benign and harmful) scored by a reward model: score = σ(r(prompt, response))."""
+    """General prompts (benign and harmful) scored by `scorer(prompt, response) -> [0, 1]` (stage 4: σ of a
+    reward model's score). A scorer's errors propagate: a broken reward model must stop the run, not
+    silently give every general sample 0."""
 
     name = FAMILY
     difficulties = range(1, 11)       # general prompts have no levels: any level a run asks for is accepted
     default_difficulties = range(1, 2)
 
-    def __init__(self, reward_model=None, tokenizer=None, harmful_share: float = 0.25):
-        self.rm, self.tok, self.harmful_share = reward_model, tokenizer, harmful_share
+    def __init__(self, scorer: Callable[[str, str], float], harmful_share: float = 0.25):
+        self.scorer, self.harmful_share = scorer, harmful_share
         self._pool: list[dict] = []
 
     def generate(self, rng: random.Random, difficulty: int) -> Problem:
@@ -141,34 +143,8 @@ class GeneralFamily(TaskFamily):
                        difficulty, {"kind": "benign"})
 
     def extract_answer(self, completion: str) -> str | None:
-        from nanoseek.tasks.base import answer_span
-
         span = answer_span(completion)
         return span.strip() if span is not None else None
 
     def score(self, problem: Problem, completion: str) -> float:
-        if self.rm is None:
-            return 0.0
-        from nanoseek.rl.reward_model import score
-
-        try:
-            r = float(score(self.rm, self.tok, [problem.prompt], [completion])[0])
-        except Exception:  # the verifier contract: any string scores, nothing raises
-            return 0.0
-        return 1.0 / (1.0 + math.exp(-r))
-
-
-@contextmanager
-def registered(family: TaskFamily):
-    """Make `family` a task family (sample_problems / get_family see it) inside the block."""
-    from nanoseek.tasks import FAMILIES
-
-    previous = FAMILIES.get(family.name)
-    FAMILIES[family.name] = family
-    try:
-        yield family
-    finally:
-        if previous is None:
-            FAMILIES.pop(family.name, None)
-        else:
-            FAMILIES[family.name] = previous
+        return float(self.scorer(problem.prompt, completion))

@@ -23,38 +23,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nanoseek.errors import UserError
+
 SCALINGS = ("group", "batch", "none")
 AGGREGATIONS = ("grpo", "dapo", "drgrpo")
 
 
 @dataclass
 class GRPOConfig:
-    group_size: int = 8             # G completions per prompt
+    """GRPO's own knobs, the `[grpo]` section; the clipped objective, group size, μ and dynamic sampling that
+    PPO shares are in `[rl]` (nanoseek.rl.algorithms.RLCommonConfig)."""
     scaling: str = "group"          # advantage scaling: "group" | "batch" | "none" (Dr. GRPO)
-    eps_low: float = 0.2            # ratio clipped to [1 - eps_low, 1 + eps_high]
-    eps_high: float = 0.28          # DAPO's clip-higher
-    beta: float = 0.0               # k3 KL weight; 0 = no reference model at all
-    aggregation: str = "dapo"       # "grpo" | "dapo" | "drgrpo"
-    mu: int = 1                     # policy updates per rollout batch (μ), reusing the old log-probs
-    dynamic_sampling: bool = False  # DAPO: drop zero-variance groups and sample more prompts
-    max_refill: int = 3             # extra rollout rounds allowed to refill dropped groups
     adv_eps: float = 1e-4           # ε in (r - mean) / (std + ε)
 
     def __post_init__(self) -> None:
-        from nanoseek.errors import UserError
-
         if self.scaling not in SCALINGS:
             raise UserError(f"grpo.scaling={self.scaling!r}; choose one of {', '.join(SCALINGS)}")
-        if self.aggregation not in AGGREGATIONS:
-            raise UserError(f"grpo.aggregation={self.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
-        if self.group_size < 2:
-            raise UserError(f"grpo.group_size={self.group_size}: a group needs at least 2 samples")
-        if self.mu < 1:
-            raise UserError(f"grpo.mu={self.mu}: need at least one update per batch")
-        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
-            raise UserError(f"grpo clip bounds eps_low={self.eps_low}, eps_high={self.eps_high}: need 0 <= eps_low < 1, eps_high >= 0")
-        if self.beta < 0:
-            raise UserError(f"grpo.beta={self.beta} must be >= 0")
 
 
 def group_advantages(rewards: Tensor, group_size: int, scaling: str = "group", eps: float = 1e-4) -> Tensor:

@@ -22,7 +22,6 @@ Saved as an HF model directory (the backbone, loadable by itself) plus `reward_h
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -31,6 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,11 @@ from torch import nn
 
 from nanoseek.errors import UserError
 from nanoseek.files import atomic_dir, atomic_write_json
-from nanoseek.train.optim import OptimConfig
+from nanoseek.hf import load_checkpoint, save_pretrained
+from nanoseek.run import load_init, resolve_device, seed_everything
+from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.logger import MetricsLogger
+from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
 
 HEAD_FILE = "reward_head.pt"             # not *.safetensors: the backbone directory stays a plain HF model
 INFO_FILE = "reward_model.json"
@@ -125,6 +129,17 @@ def score(rm: RewardModel, tok, prompts: list[str], responses: list[str], batch_
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def reward_scorer(rm: RewardModel, tok) -> "Callable[[str, str], float]":
+    """scorer(prompt, response) = σ(r(prompt, response)) ∈ (0, 1): a reward model as an RL reward (R1 stage 4's
+    general prompts: `nanoseek.r1.general.GeneralFamily(reward_scorer(rm, tok))`). σ puts it on the rule
+    rewards' 0..1 scale. Errors are not caught: a failing reward model stops the run."""
+    def scorer(prompt: str, response: str) -> float:
+        r = float(score(rm, tok, [prompt], [response])[0])
+        return 1.0 / (1.0 + math.exp(-r)) if r >= 0 else math.exp(r) / (1.0 + math.exp(r))   # no overflow
+
+    return scorer
+
+
 # ---------------------------------------------------------------- data
 
 def load_pairs(path: str | Path) -> list[dict]:
@@ -174,15 +189,12 @@ def pairwise_accuracy(rm: RewardModel, encoded, pad_id: int, batch_size: int = 6
 
 # ---------------------------------------------------------------- training
 
-def train_reward_model(cfg: RewardModelConfig, out: str | Path, progress: bool = True) -> dict:
-    """Train on the pairs, write `out/final` (backbone + head + tokenizer), return the held-out metrics."""
-    from nanoseek.r1.general import preference_pairs
-    from nanoseek.tokenizer import Tokenizer
-    from nanoseek.train.commands import load_init, seed_everything
-    from nanoseek.train.logger import MetricsLogger
-    from nanoseek.train.optim import build_optimizer, set_lr, wsd_lr
-    from nanoseek.train.trainer import resolve_device
+def train_reward_model(cfg: RewardModelConfig, out: str | Path, progress: bool = True,
+                       generated: list[dict] | None = None) -> dict:
+    """Train on the pairs, write `out/final` (backbone + head + tokenizer), return the held-out metrics.
 
+    The pairs are `cfg.data.path`, else `generated` (the caller's generated pairs, e.g.
+    `nanoseek.r1.general.preference_pairs(cfg.data.pairs, seed=cfg.train.seed)`: the generator sits a layer above)."""
     tc = cfg.train
     if not cfg.init:
         raise UserError("reward-model needs a backbone: pass --init MODEL_DIR (e.g. a pipeline's SFT model)")
@@ -194,7 +206,9 @@ def train_reward_model(cfg: RewardModelConfig, out: str | Path, progress: bool =
     device = resolve_device(tc.device)
     backbone, tok_dir = load_init(cfg.init, device)
     tok = Tokenizer.load(tok_dir)
-    pairs = load_pairs(cfg.data.path) if cfg.data.path else preference_pairs(cfg.data.pairs, seed=tc.seed)
+    if not cfg.data.path and generated is None:
+        raise UserError("reward model: no pairs; set data.path to a JSONL of prompt/chosen/rejected pairs")
+    pairs = load_pairs(cfg.data.path) if cfg.data.path else generated
     random.Random(tc.seed).shuffle(pairs)
     encoded = encode_pairs(tok, pairs, cfg.data.max_len)
     n_val = max(1, int(round(len(encoded) * cfg.data.val_fraction)))
@@ -229,8 +243,6 @@ def train_reward_model(cfg: RewardModelConfig, out: str | Path, progress: bool =
 
 
 def save_reward_model(rm: RewardModel, tok_dir: str | Path, path: str | Path, metrics: dict) -> None:
-    from nanoseek.hf import save_pretrained
-
     with atomic_dir(path) as tmp:
         save_pretrained(rm.backbone, tmp / "backbone")
         for f in (tmp / "backbone").iterdir():
@@ -245,8 +257,6 @@ def save_reward_model(rm: RewardModel, tok_dir: str | Path, path: str | Path, me
 
 def load_reward_model(path: str | Path, device="cpu") -> tuple[RewardModel, object]:
     """(RewardModel in eval mode, tokenizer) from a directory written by `save_reward_model`."""
-    from nanoseek.eval import load_checkpoint
-
     path = Path(path)
     if not (path / HEAD_FILE).is_file():
         raise UserError(f"{path} is not a reward model (no {HEAD_FILE}); train one with `nanoseek reward-model`")
@@ -257,24 +267,3 @@ def load_reward_model(path: str | Path, device="cpu") -> tuple[RewardModel, obje
 
 
 # ---------------------------------------------------------------- CLI
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--init", help="backbone model directory (sets init)")
-    parser.add_argument("--data", help="JSONL of prompt/chosen/rejected pairs (default: generated pairs)")
-    parser.add_argument("--recipe", help="TOML recipe for RewardModelConfig")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--out", default="runs/reward-model", help="run directory")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    from nanoseek.recipe import load_recipe
-
-    sets = list(args.sets) + ([f"init={json.dumps(args.init)}"] if args.init else []) + \
-        ([f"data.path={json.dumps(args.data)}"] if args.data else [])
-    cfg = load_recipe(RewardModelConfig, args.recipe, sets)
-    m = train_reward_model(cfg, args.out, progress=not args.no_progress)
-    kinds = ", ".join(f"{k} {100 * v:.1f}%" for k, v in m["heldout"]["by_kind"].items())
-    print(f"held-out pairwise accuracy {100 * m['heldout']['accuracy']:.1f}% on {m['heldout']['n']} pairs ({kinds}); "
-          f"model in {Path(args.out) / 'final'}")
-    return 0

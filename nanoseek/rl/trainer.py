@@ -26,34 +26,42 @@ ranks' rollouts, and writes checkpoints, which are single-process files any layo
 from __future__ import annotations
 
 import copy
-import dataclasses
 import io
 import math
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
 from nanoseek.errors import UserError
 from nanoseek.eval import EvalConfig, evaluate
 from nanoseek.files import atomic_write_bytes, atomic_write_json, read_jsonl
-from nanoseek.parallel import ParallelConfig
-from nanoseek.rl.grpo import GRPOConfig, group_advantages, policy_loss, token_entropy, token_logprobs, zero_variance_groups
-from nanoseek.rl.ppo import PPOConfig, ValueModel, gae, terminal_rewards, value_loss, whiten
-from nanoseek.rl.rewards import RewardConfig, compute_rewards
-from nanoseek.rl.rollout import SamplingConfig, encode_prompt, generate, left_pad, response_text, stop_token_ids
-from nanoseek.train.checkpoint import load_trainer_state, save_checkpoint
+from nanoseek.hf import load_pretrained
+from nanoseek.parallel import Parallel, ParallelConfig, parallelize
+from nanoseek.rl.algorithms import GRPO, PPO, RLCommonConfig, response_slice
+from nanoseek.rl.grpo import GRPOConfig, policy_loss, token_entropy, token_logprobs, zero_variance_groups
+from nanoseek.rl.ppo import PPOConfig
+from nanoseek.run import (autocast, check_run_dir, export_final, join_ranks, load_init, rank0_first, resolve_device,
+                          start_run)
+from nanoseek.run.checkpoint import load_trainer_state, save_checkpoint
+from nanoseek.sampling.rewards import RewardConfig, compute_rewards
+from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, left_pad, response_text, stop_token_ids
+from nanoseek.tasks import FAMILIES, TaskFamily, sample_problems
+from nanoseek.tasks.jsonl import load_jsonl_problems
+from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.logger import MetricsLogger
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
-from nanoseek.train.trainer import CheckpointConfig, NullLogger, autocast, resolve_device
+from nanoseek.train.trainer import CheckpointConfig, NullLogger
 
 
 @dataclass
 class RLTrainConfig:
     steps: int = 100
-    prompts: int = 16               # prompts per step; each is sampled grpo.group_size times
+    prompts: int = 16               # prompts per step; each is sampled rl.group_size times
     micro_batch: int = 64           # rows per forward/backward (gradients accumulate over a step)
     init: str = ""                  # model directory to start from; also the frozen KL reference
     device: str = "auto"
@@ -83,6 +91,7 @@ class RLConfig:
     train: RLTrainConfig = field(default_factory=RLTrainConfig)
     tasks: TaskConfig = field(default_factory=TaskConfig)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64))
+    rl: RLCommonConfig = field(default_factory=RLCommonConfig)     # what GRPO and PPO share
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
@@ -108,30 +117,45 @@ class Experience:
     gen_time: float = 0.0
 
 
-def _problem_source(cfg: RLConfig):
+def task_families(extra: "Sequence[TaskFamily]" = ()) -> dict[str, TaskFamily]:
+    """The built-in task families plus `extra` ones (by name) for one run. Nothing is registered globally:
+    the run's problem source and reward function read this mapping."""
+    return {**FAMILIES, **{f.name: f for f in extra}}
+
+
+def _problem_source(cfg: RLConfig, families: dict[str, TaskFamily]):
     """problems(n, seed) -> list[Problem] from the task generators' TRAIN split or a JSONL file."""
     if cfg.tasks.data:
-        from nanoseek.tasks.jsonl import load_jsonl_problems
         pool = load_jsonl_problems(cfg.tasks.data)
         if not pool:
             raise UserError(f"tasks.data {cfg.tasks.data} holds no problems; point at a JSONL file with question/answer")
         return lambda n, seed: random.Random(seed).choices(pool, k=n)
-    from nanoseek.tasks import sample_problems
-    return lambda n, seed: sample_problems(cfg.tasks.names, n, split="train", seed=seed, difficulty=cfg.tasks.difficulty)
+    return lambda n, seed: sample_problems(cfg.tasks.names, n, split="train", seed=seed, difficulty=cfg.tasks.difficulty,
+                                           families=families)
 
 
-def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn, rank: int = 0, ranks: int = 1) -> Experience:
+def _reward_source(cfg: RLConfig, families: dict[str, TaskFamily]):
+    """rewards(problem, completion text, n_tokens) -> {component: value, "total": weighted sum}, each problem
+    verified by its family in `families`."""
+    return lambda problem, text, n: compute_rewards(cfg.rewards, problem, text, n, families=families)
+
+
+def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn, reward_fn=None, rank: int = 0,
+            ranks: int = 1) -> Experience:
     """Generate and score a step's groups; with dynamic sampling, refill dropped groups (bounded rounds).
-    Data parallel: this is rank `rank` of `ranks`; it takes every ranks-th of the step's problems and
-    samples (and refills) with seeds of its own."""
-    G = cfg.grpo.group_size
+    problems_fn(n, seed) -> problems; reward_fn(problem, text, n_tokens) -> reward dict (default: the rule
+    rewards of `cfg.rewards` with the built-in task families). Data parallel: this is rank `rank` of
+    `ranks`; it takes every ranks-th of the step's problems and samples (and refills) with seeds of its own."""
+    if reward_fn is None:
+        reward_fn = lambda problem, text, n: compute_rewards(cfg.rewards, problem, text, n)  # noqa: E731
+    G = cfg.rl.group_size
     want = len(range(rank, cfg.train.prompts, ranks))                 # this rank's share of the prompts
     device = next(model.parameters()).device
     stop = stop_token_ids(tokenizer, cfg.sampling.stop)
     other = rank * 1_000_000_007                                      # 0 on one process
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step + other)
     exp = Experience()
-    for rnd in range(1 + (cfg.grpo.max_refill if cfg.grpo.dynamic_sampling else 0)):
+    for rnd in range(1 + (cfg.rl.max_refill if cfg.rl.dynamic_sampling else 0)):
         need = want - len(exp.prompts) // G
         if need <= 0:
             break
@@ -146,14 +170,14 @@ def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn, rank: int =
         exp.gen_time += time.perf_counter() - t0
         exp.gen_tokens += int(g.lengths.sum())
         comps = g.completions()
-        rewards = [compute_rewards(cfg.rewards, problems[i // G], response_text(tokenizer, c, cfg.tasks.template), len(c))
+        rewards = [reward_fn(problems[i // G], response_text(tokenizer, c, cfg.tasks.template), len(c))
                    for i, c in enumerate(comps)]
         flat = zero_variance_groups(torch.tensor([r["total"] for r in rewards]), G).tolist()
         exp.n_groups_sampled += len(problems)
         exp.n_groups_zero_var += sum(flat)
         exp.sampled += [(r, len(c), f == "length") for r, c, f in zip(rewards, comps, g.finish)]
         for gi, zero in enumerate(flat):
-            if zero and cfg.grpo.dynamic_sampling:
+            if zero and cfg.rl.dynamic_sampling:
                 continue
             rows = range(gi * G, (gi + 1) * G)
             exp.prompts += [prompts[i] for i in rows]
@@ -181,18 +205,9 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
 
 def _response_logits(model, batch: dict, rows: slice, precision: str) -> torch.Tensor:
     """Logits [n, T, V] that predict the response tokens of `rows`."""
-    P, T = batch["P"], batch["tokens"].shape[1]
-    device = batch["ids"].device
-    with autocast(device, precision):
-        out = model(batch["ids"][rows], position_ids=batch["pos"][rows], attention_mask=batch["mask"][rows])
-    return out.logits[:, P - 1:P - 1 + T]
-
-
-def _response_values(value_model, batch: dict, rows: slice, precision: str) -> torch.Tensor:
-    P, T = batch["P"], batch["tokens"].shape[1]
     with autocast(batch["ids"].device, precision):
-        v = value_model(batch["ids"][rows], position_ids=batch["pos"][rows], attention_mask=batch["mask"][rows])
-    return v[:, P - 1:P - 1 + T].float()
+        out = model(batch["ids"][rows], position_ids=batch["pos"][rows], attention_mask=batch["mask"][rows])
+    return out.logits[:, response_slice(batch)]
 
 
 def write_plots(run_dir: Path, records: list[dict]) -> None:
@@ -234,14 +249,17 @@ def _eval_record(model, tokenizer, problems, cfg: RLConfig, run_dir: Path, step:
     return rec
 
 
-def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: bool = False,
-             progress: bool = True) -> torch.nn.Module:
-    """Run GRPO (algo="grpo") or the PPO baseline (algo="ppo") from `cfg.train.init` into `run_dir`."""
-    from nanoseek.hf import load_pretrained
-    from nanoseek.tokenizer import Tokenizer
-    from nanoseek.train.commands import check_run_dir, export_final, join_ranks, load_init, rank0_first, start_run
+def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: bool = False, progress: bool = True,
+             families: Sequence[TaskFamily] = ()) -> torch.nn.Module:
+    """Run GRPO (algo="grpo") or the PPO baseline (algo="ppo") from `cfg.train.init` into `run_dir`.
 
-    tc, gc = cfg.train, cfg.grpo
+    families: task families beyond the built-in ones that `cfg.tasks.names` may name (R1 stage 4's general
+    prompts scored by a reward model), passed to this run's problem source and reward function only.
+
+    Each step reads top to bottom: collect (rollouts and their rewards) → advantages (the GRPO or PPO
+    estimator) → update (μ epochs of the clipped policy objective, then PPO's critic) → metrics,
+    evaluation, checkpoint."""
+    tc, rc = cfg.train, cfg.rl
     if algo not in ("grpo", "ppo"):
         raise ValueError(algo)
     if not tc.init:
@@ -265,37 +283,32 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
     tokenizer = Tokenizer.load(tok_dir)
     ckpt = check_run_dir(run_dir, cfg, resume)
     reference = None
-    if gc.beta > 0:                                           # the k3 KL to the initial model; none at β = 0
+    if rc.beta > 0:                                           # the k3 KL to the initial model; none at β = 0
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     if ckpt is not None:
         model = load_pretrained(ckpt, device=str(device))
     model = model.float().eval().requires_grad_(True)
-    value_model = ValueModel(model) if algo == "ppo" else None   # (its state is restored below on resume)
+    critic = PPO(cfg.ppo, model, cfg.optim, rc.mu, tc.precision) if algo == "ppo" else None   # (state: below)
     with rank0_first(ctx):
         if main:
             start_run(run_dir, cfg, tokenizer)
-    par = None
-    if ctx is not None:
-        from nanoseek.parallel import parallelize
-        par = parallelize(model, ctx=ctx)                         # replicated: only adds gradient averaging
-    rank, ranks = (0, 1) if ctx is None else (ctx.dp_rank, ctx.cfg.dp)
+    # replicated under torchrun (only adds gradient averaging); a world of size 1 otherwise
+    par = parallelize(model, ctx=ctx) if ctx is not None else Parallel.single(model)
+    estimator = critic or GRPO(cfg.grpo, rc.group_size, par.ctx)
     optimizer = build_optimizer(model, cfg.optim)
-    value_opt = build_optimizer(value_model, dataclasses.replace(cfg.optim, lr=cfg.ppo.value_lr)) if value_model else None
     start = 0
     if ckpt is not None:
         state = load_trainer_state(ckpt)
         optimizer.load_state_dict(state["optimizer"])
-        if value_model is not None:
-            value_model.load_state_dict(state["value_model"])
-            value_opt.load_state_dict(state["value_optimizer"])
+        estimator.load_state_dict(state)
         start = int(state["step"])
-    problems_fn = _problem_source(cfg)
+    tasks = task_families(families)
+    problems_fn, reward_fn = _problem_source(cfg, tasks), _reward_source(cfg, tasks)
     eval_problems = []
-    if cfg.eval.problems:
-        from nanoseek.tasks import sample_problems
-        eval_problems = sample_problems(cfg.tasks.names, cfg.eval.problems, split="test", seed=cfg.eval.seed,
-                                        difficulty=cfg.tasks.difficulty)
-    G, micro = gc.group_size, tc.micro_batch
+    if cfg.eval.problems:                                     # rule-verified families only: eval scores by rule
+        eval_problems = sample_problems([n for n in cfg.tasks.names if n in FAMILIES], cfg.eval.problems,
+                                        split="test", seed=cfg.eval.seed, difficulty=cfg.tasks.difficulty)
+    G = rc.group_size
 
     logger = MetricsLogger(run_dir, tc.steps, start, description=algo, progress=progress,
                            show=("reward/total", "accuracy", "response_length", "eval/pass@1")) if main else NullLogger()
@@ -306,102 +319,37 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
             t_step = time.perf_counter()
             lr = wsd_lr(step, tc.steps, cfg.optim)
             set_lr(optimizer, lr)
-            exp = collect(model, tokenizer, cfg, step, problems_fn, rank, ranks)
-            N = len(exp.prompts)
-            if par is None:
-                rec = _rollout_metrics(exp, G)
-                N_all = N
-            else:                                             # every rank's rollouts in the metrics
-                rec, N_all = _gathered_rollout_metrics(exp, G)
-            if N_all == 0:                                    # every group was flat, even after refills
+
+            # 1. collect: this rank's groups of completions and their rewards
+            exp = collect(model, tokenizer, cfg, step, problems_fn, reward_fn, par.ctx.dp_rank, par.ctx.cfg.dp)
+            rec, n_kept = _rollout_metrics(exp, G, par.ctx)        # over every rank's rollouts
+            if n_kept == 0:                                   # every group was flat, even after refills
                 rec.update(lr=lr, step_time=time.perf_counter() - t_step)
                 log.log(step + 1, rec)
                 continue
             t_train = time.perf_counter()
-            chunks = [slice(i, min(i + micro, N)) for i in range(0, N, micro)]
-            mask = n_tok = None
-            if N:                                             # (a data-parallel rank may have no groups)
-                batch = make_batch(exp.prompts, exp.completions, tokenizer.pad_id, device)
-                total = torch.tensor([r["total"] for r in exp.rewards], device=device, dtype=torch.float32)
-                mask, n_tok = batch["resp_mask"], float(batch["resp_mask"].sum())
-            # loss normalisers: the whole step's sequences / tokens, ÷ dp as the gradient average divides by dp
-            n_seqs, n_norm, n_tok_all, tokens = N, n_tok, n_tok, float(batch["mask"].sum()) if N else 0.0
-            if par is not None:
-                counts = torch.tensor([n_tok or 0.0, tokens], dtype=torch.float64)
-                ctx.all_reduce(counts, "sum", "dp")
-                n_tok_all, tokens = float(counts[0]), float(counts[1])
-                n_seqs, n_norm = N_all / ranks, n_tok_all / ranks
-            ref_logp = None
-            if reference is not None and N:
-                with torch.no_grad():
-                    ref_logp = torch.cat([token_logprobs(_response_logits(reference, batch, c, tc.precision),
-                                                         batch["tokens"][c]) for c in chunks])
-            if algo == "grpo" and par is not None and gc.scaling == "batch":   # std over every rank's rewards
-                everyone = [None] * ranks
-                torch.distributed.all_gather_object(everyone, [r["total"] for r in exp.rewards], group=ctx.dp_group)
-                offset = sum(len(x) for x in everyone[:rank])
-                adv = group_advantages(torch.tensor([t for x in everyone for t in x], device=device), G, gc.scaling,
-                                       gc.adv_eps)[offset:offset + N]
-            elif algo == "grpo" and N:
-                adv = group_advantages(total, G, gc.scaling, gc.adv_eps)                  # [N]
-            elif algo == "ppo":
-                with torch.no_grad():
-                    old_values = torch.cat([_response_values(value_model, batch, c, tc.precision) for c in chunks])
-                adv, returns = gae(terminal_rewards(total, batch["lengths"], mask.shape[1]), old_values, mask,
-                                   cfg.ppo.gamma, cfg.ppo.lam)                             # [N, T]
-                if cfg.ppo.whiten:
-                    adv = whiten(adv, mask)
-            old_logp: list[torch.Tensor] = []
-            sums = {"loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "kl": 0.0, "value_loss": 0.0}
-            for it in range(gc.mu):
-                for ci, c in enumerate(chunks):
-                    logits = _response_logits(model, batch, c, tc.precision)
-                    logp = token_logprobs(logits, batch["tokens"][c])
-                    if it == 0:                                # θ = θ_old here: these ARE the old log-probs
-                        old_logp.append(logp.detach())
-                        ent = token_entropy(logits.detach())
-                        sums["entropy"] += float((ent * mask[c]).sum()) / n_tok_all
-                    loss, stats = policy_loss(
-                        logp, old_logp[ci], adv[c], mask[c], eps_low=gc.eps_low, eps_high=gc.eps_high,
-                        beta=gc.beta, ref_logp=None if ref_logp is None else ref_logp[c], aggregation=gc.aggregation,
-                        max_len=cfg.sampling.max_new_tokens, n_seqs=n_seqs, n_tokens=n_norm)
-                    for r in par.reducers if par is not None else ():
-                        r.armed = ci == len(chunks) - 1       # average while the last chunk's backward runs
-                    loss.backward()
-                    share = float(mask[c].sum()) / n_tok_all / gc.mu
-                    sums["loss"] += float(loss.detach()) / (gc.mu * ranks)
-                    sums["clip_frac"] += float(stats["clip_frac"]) * share
-                    sums["kl"] += float(stats.get("kl", 0.0)) * share
-                if par is None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-                else:
-                    par.finish_grads()                         # every rank, even one without rollouts
-                    grad_norm = par.clip_grad_norm_(cfg.optim.grad_clip or math.inf)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if value_model is not None:                    # the critic's own update on the same batch
-                    set_lr(value_opt, cfg.ppo.value_lr * lr / cfg.optim.lr)
-                    for c in chunks:
-                        v = _response_values(value_model, batch, c, tc.precision)
-                        vl = value_loss(v, old_values[c], returns[c], mask[c], cfg.ppo.value_clip)
-                        (vl * float(mask[c].sum()) / n_tok).backward()
-                        sums["value_loss"] += float(vl.detach()) * float(mask[c].sum()) / n_tok / gc.mu
-                    torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.optim.grad_clip or math.inf)
-                    value_opt.step()
-                    value_opt.zero_grad(set_to_none=True)
+            N = len(exp.prompts)                              # (a data-parallel rank may have no groups)
+            batch = make_batch(exp.prompts, exp.completions, tokenizer.pad_id, device) if N else None
+            chunks = [slice(i, min(i + tc.micro_batch, N)) for i in range(0, N, tc.micro_batch)]
+            counts = StepCounts.of(batch, n_kept, par.ctx)
+
+            # 2. advantages: GRPO's group-relative ones, or PPO's GAE over its critic
+            rewards = torch.tensor([r["total"] for r in exp.rewards], device=device, dtype=torch.float32)
+            adv = estimator.advantages(batch, rewards, chunks)
+
+            # 3. update: μ epochs of the clipped policy objective, then PPO's critic on the same batch
+            metrics, grad_norm = update_policy(model, optimizer, par, reference, batch, chunks, adv, counts, cfg)
+            rec.update(metrics)
+            rec.update(estimator.update(batch, chunks, lr / cfg.optim.lr))
+            if reference is None:
+                rec.pop("kl")
             if device.type == "cuda":
                 torch.cuda.synchronize()
             train_time = time.perf_counter() - t_train
-            if par is not None:                                # each rank summed its share of the global means
-                keys = ("loss", "clip_frac", "entropy", "kl")
-                t = ctx.all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64), "sum", "dp")
-                sums.update(zip(keys, t.tolist()))
-            rec.update({k: v for k, v in sums.items() if k != "value_loss" or value_model is not None})
-            if reference is None:
-                rec.pop("kl")
             rec.update(lr=lr, grad_norm=float(grad_norm),
-                       train_tokens_per_s=tokens * gc.mu / max(train_time, 1e-9),
+                       train_tokens_per_s=counts.tokens * rc.mu / max(train_time, 1e-9),
                        step_time=time.perf_counter() - t_step)
+
             done = step + 1
             if main and eval_problems and (done == tc.steps or (cfg.eval.every and done % cfg.eval.every == 0)):
                 rec.update(_eval_record(model, tokenizer, eval_problems, cfg, run_dir, done))
@@ -409,40 +357,91 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
             if main and (done == tc.steps or cfg.checkpoint.due(done, tc.steps)):
                 write_plots(run_dir, read_jsonl(log.path))
             if main and cfg.checkpoint.due(done, tc.steps):
-                state = {"optimizer": optimizer.state_dict()}
-                if value_model is not None:
-                    state.update(value_model=value_model.state_dict(), value_optimizer=value_opt.state_dict())
-                save_checkpoint(run_dir, done, model, state, cfg.checkpoint.keep_last)
+                save_checkpoint(run_dir, done, model, {"optimizer": optimizer.state_dict(), **estimator.state_dict()},
+                                cfg.checkpoint.keep_last)
     if main:
         export_final(run_dir, model, tokenizer)
     return model
 
 
-def _gathered_rollout_metrics(exp: Experience, G: int) -> tuple[dict, int]:
-    """(`_rollout_metrics` over every dp rank's rollouts, kept rows on all ranks); generation throughput
-    is all ranks' tokens over the slowest rank's time."""
-    import torch.distributed as dist
+@dataclass
+class StepCounts:
+    """The step's loss normalisers. The policy loss of a rank's rows is divided by the WHOLE step's sequences
+    and response tokens (over every rank) ÷ dp, since the gradient average divides by dp again; metrics are
+    token shares of `resp_tokens`, the step's response tokens."""
+    seqs: float                     # sequences per rank: all ranks' kept rows / dp
+    resp_tokens_per_rank: float     # response tokens per rank: all ranks' / dp
+    resp_tokens: float              # all ranks' response tokens
+    tokens: float                   # all ranks' prompt + response tokens (throughput)
 
+    @classmethod
+    def of(cls, batch: dict | None, n_kept: int, ctx) -> "StepCounts":
+        mine = [float(batch["resp_mask"].sum()), float(batch["mask"].sum())] if batch is not None else [0.0, 0.0]
+        t = ctx.all_reduce(torch.tensor(mine, dtype=torch.float64), "sum", "dp")
+        dp = ctx.cfg.dp
+        return cls(seqs=n_kept / dp, resp_tokens_per_rank=float(t[0]) / dp, resp_tokens=float(t[0]), tokens=float(t[1]))
+
+
+def update_policy(model, optimizer, par, reference, batch: dict | None, chunks: list[slice], adv, counts: StepCounts,
+                  cfg: RLConfig) -> tuple[dict, float]:
+    """μ AdamW steps on the clipped objective (+ β·k3 KL to `reference`) over the step's rows, in micro-batch
+    chunks whose gradients accumulate. Epoch 0 runs at θ = θ_old, so its log-probs ARE the old log-probs:
+    kept instead of a separate forward. Returns (metrics as the step's token means over every rank, the
+    last epoch's gradient norm)."""
+    rc, precision = cfg.rl, cfg.train.precision
+    ranks = par.ctx.cfg.dp
+    mask = batch["resp_mask"] if batch is not None else None
+    ref_logp = None
+    if reference is not None and batch is not None:
+        with torch.no_grad():
+            ref_logp = torch.cat([token_logprobs(_response_logits(reference, batch, c, precision), batch["tokens"][c])
+                                  for c in chunks])
+    old_logp: list[torch.Tensor] = []
+    sums = {"loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "kl": 0.0}
+    for it in range(rc.mu):
+        for ci, c in enumerate(chunks):
+            logits = _response_logits(model, batch, c, precision)
+            logp = token_logprobs(logits, batch["tokens"][c])
+            if it == 0:                                        # θ = θ_old here: these ARE the old log-probs
+                old_logp.append(logp.detach())
+                ent = token_entropy(logits.detach())
+                sums["entropy"] += float((ent * mask[c]).sum()) / counts.resp_tokens
+            loss, stats = policy_loss(
+                logp, old_logp[ci], adv[c], mask[c], eps_low=rc.eps_low, eps_high=rc.eps_high,
+                beta=rc.beta, ref_logp=None if ref_logp is None else ref_logp[c], aggregation=rc.aggregation,
+                max_len=cfg.sampling.max_new_tokens, n_seqs=counts.seqs, n_tokens=counts.resp_tokens_per_rank)
+            for r in par.reducers:
+                r.armed = ci == len(chunks) - 1               # average while the last chunk's backward runs
+            loss.backward()
+            share = float(mask[c].sum()) / counts.resp_tokens / rc.mu
+            sums["loss"] += float(loss.detach()) / (rc.mu * ranks)
+            sums["clip_frac"] += float(stats["clip_frac"]) * share
+            sums["kl"] += float(stats.get("kl", 0.0)) * share
+        par.finish_grads()                                     # every rank, even one without rollouts
+        grad_norm = par.clip_grad_norm_(cfg.optim.grad_clip or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    keys = ("loss", "clip_frac", "entropy", "kl")             # each rank summed its share of the global means
+    t = par.ctx.all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64), "sum", "dp")
+    return dict(zip(keys, t.tolist())), grad_norm
+
+
+def _rollout_metrics(exp: Experience, G: int, ctx) -> tuple[dict, int]:
+    """(means over every completion sampled this step on every dp rank, refill rounds included; the kept rows
+    of all ranks). Generation throughput is all ranks' tokens over the slowest rank's time."""
     mine = (exp.sampled, exp.n_groups_sampled, exp.n_groups_zero_var, exp.gen_tokens, exp.gen_time, len(exp.prompts))
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    merged = Experience(sampled=[s for e in everyone for s in e[0]], n_groups_sampled=sum(e[1] for e in everyone),
-                        n_groups_zero_var=sum(e[2] for e in everyone), gen_tokens=sum(e[3] for e in everyone),
-                        gen_time=max(e[4] for e in everyone))
+    everyone = [mine]
+    if ctx.distributed:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    sampled = [s for e in everyone for s in e[0]]
     kept = sum(e[5] for e in everyone)
-    rec = _rollout_metrics(merged, G)
+    n = len(sampled)
+    rec = {f"reward/{k}": sum(r[k] for r, _, _ in sampled) / n for k in sampled[0][0]}
+    rec["accuracy"] = sum(r["accuracy"] >= 1.0 for r, _, _ in sampled) / n
+    rec["response_length"] = sum(length for _, length, _ in sampled) / n
+    rec["truncated_share"] = sum(trunc for _, _, trunc in sampled) / n
+    rec["zero_var_share"] = sum(e[2] for e in everyone) / max(sum(e[1] for e in everyone), 1)
     rec["groups"] = kept // G
+    rec["gen_tokens_per_s"] = sum(e[3] for e in everyone) / max(max(e[4] for e in everyone), 1e-9)
     return rec, kept
-
-
-def _rollout_metrics(exp: Experience, G: int) -> dict:
-    """Means over every completion sampled this step (refill rounds included)."""
-    n = len(exp.sampled)
-    rec = {f"reward/{k}": sum(r[k] for r, _, _ in exp.sampled) / n for k in exp.sampled[0][0]}
-    rec["accuracy"] = sum(r["accuracy"] >= 1.0 for r, _, _ in exp.sampled) / n
-    rec["response_length"] = sum(length for _, length, _ in exp.sampled) / n
-    rec["truncated_share"] = sum(trunc for _, _, trunc in exp.sampled) / n
-    rec["zero_var_share"] = exp.n_groups_zero_var / max(exp.n_groups_sampled, 1)
-    rec["groups"] = len(exp.prompts) // G
-    rec["gen_tokens_per_s"] = exp.gen_tokens / max(exp.gen_time, 1e-9)
-    return rec

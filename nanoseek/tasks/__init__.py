@@ -12,6 +12,7 @@ scored by the "gsm8k" / "math" / "jsonl" families through math-verify.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 
 from nanoseek.errors import UserError
 from nanoseek.tasks.arithmetic import Arithmetic
@@ -34,25 +35,27 @@ def get_family(name: str) -> TaskFamily:
 
 
 def sample_problems(names: str | list[str], n: int, split: str = "train", seed: int = 0,
-                    difficulty: int | dict[str, int] | None = None) -> list[Problem]:
+                    difficulty: int | dict[str, int] | None = None,
+                    families: Mapping[str, TaskFamily] = FAMILIES) -> list[Problem]:
     """n problems of `split`, cycling through the families in `names` (a list or "a,b"); reproducible from `seed`.
 
     difficulty: one level for all families, a {family: level} dict, or None to draw each problem's level
     from the family's default range. Problems of the other split are generated and thrown away, so train
     and test never share a problem whatever the seeds. Small levels may repeat problems (1-digit sums).
+    families: where the names are looked up (the built-in families, or a run's own mapping that adds some).
     """
     names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     if split not in ("train", "test"):
         raise UserError(f"split {split!r}: use 'train' or 'test'")
     if not names:
-        raise UserError("no task families given; choose from " + ", ".join(FAMILIES))
+        raise UserError("no task families given; choose from " + ", ".join(families))
     for name in names:
-        if name not in FAMILIES:
-            raise UserError(f"unknown task family {name!r}; choose from {', '.join(FAMILIES)}")
+        if name not in families:
+            raise UserError(f"unknown task family {name!r}; choose from {', '.join(families)}")
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        family = FAMILIES[names[i % len(names)]]
+        family = families[names[i % len(names)]]
         level = difficulty.get(family.name) if isinstance(difficulty, dict) else difficulty
         level = rng.choice(family.default_difficulties) if level is None else level
         for _ in range(MAX_TRIES):

@@ -16,7 +16,6 @@ uninterrupted one bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,13 @@ from typing import Callable, Iterator, Protocol
 import torch
 
 from nanoseek.errors import UserError
-from nanoseek.train.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from nanoseek.info import account
+from nanoseek.model.deepseek import DeepseekV3ForCausalLM, compile_blocks
+from nanoseek.model.moe import expert_loads, max_violation, moe_layers, update_router_biases
+from nanoseek.parallel import Parallel
+from nanoseek.run import autocast
+from nanoseek.run.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from nanoseek.train.fp8 import convert_to_fp8
 from nanoseek.train.logger import MetricsLogger
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
 
@@ -86,26 +91,6 @@ class Batches(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name!r} but no CUDA device is visible; use train.device=\"cpu\"")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"train.device={name!r} is not a device; use auto, cpu or cuda") from None
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast for "bf16" and "fp8" (the FP8 GEMMs run inside it, everything else in bf16); fp32 plain."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision in ("bf16", "fp8"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise UserError(f"train.precision={precision!r}; choose fp32, bf16 or fp8")
-
-
 def prepare_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     """Move to the device, keep fp32 master weights, swap in FP8 linears when asked (V3 §3.3), then compile.
 
@@ -115,14 +100,8 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device
     """
     model = model.to(device=device, dtype=torch.float32)
     if cfg.precision == "fp8":
-        try:
-            from nanoseek.train.fp8 import convert_to_fp8
-        except ImportError:
-            raise UserError("train.precision=\"fp8\" needs nanoseek.train.fp8, which this build lacks; "
-                            "use train.precision=\"bf16\"") from None
         model = convert_to_fp8(model) or model
     if cfg.compile and device.type == "cuda":
-        from nanoseek.model.deepseek import DeepseekV3ForCausalLM, compile_blocks
         if not isinstance(model, DeepseekV3ForCausalLM):
             raise UserError(f"train.compile=true supports DeepSeek-V3 models, not {type(model).__name__}; "
                             "set train.compile=false")
@@ -133,7 +112,6 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token as `nanoseek info` counts them: 6 × activated matmul weights + attention."""
-    from nanoseek.info import account
     return float(account(model.config, seq_len)["train_flops_per_token"])
 
 
@@ -157,26 +135,12 @@ def validation_loss(model: torch.nn.Module, batches: list[tuple[torch.Tensor, to
 
 def forward_backward(model: torch.nn.Module, micro: list[tuple[torch.Tensor, torch.Tensor]], tc: TrainConfig,
                      device: torch.device) -> tuple[float, float, float]:
-    """Accumulate the gradient of one optimizer step over `micro` batches; returns (CE, MTP, balance) losses.
-
-    CE is weighted by each micro-batch's share of the step's targets (labels != -100), so the gradient is the
-    one of all micro-batches as a single batch; MTP and balance losses (means over sequences of equal
-    micro-batches) are averaged.
-    """
-    counts = [int((y != -100).sum()) for _, y in micro]                      # on the host: no device sync
-    ce = mtp = bal = torch.zeros((), device=device)
-    for (x, y), n in zip(micro, counts):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, tc.precision):
-            out = model(x, labels=y)
-        w = n / max(sum(counts), 1)
-        loss = w * out.loss + (tc.mtp_lambda * out.mtp_loss + tc.balance_alpha * out.balance_loss) / len(micro)
-        loss.backward()
-        ce = ce + w * out.loss.detach()
-        mtp = mtp + out.mtp_loss.detach() / len(micro)
-        bal = bal + out.balance_loss.detach() / len(micro)
-    ce, mtp, bal = torch.stack([ce, mtp, bal]).tolist()                    # one sync per step
-    return ce, mtp, bal
+    """Accumulate the gradient of one optimizer step over `micro` batches in this process; returns the step's
+    (CE, MTP, balance) losses. The objective is `nanoseek.model.loss.training_loss` (token-share weights), run
+    by the one-process `Parallel`, exactly as under any parallel layout."""
+    losses = Parallel.single(model).forward_backward(micro, tc.mtp_lambda, tc.balance_alpha,
+                                                     lambda: autocast(device, tc.precision))
+    return losses["loss"], losses["mtp_loss"], losses["balance_loss"]
 
 
 class NullLogger:
@@ -196,25 +160,23 @@ def train(model: torch.nn.Module, cfg, run_dir: str | Path, train_data: Batches,
           val_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
           evaluate: Callable[[torch.nn.Module], dict] | None = None,
           resume_from: str | Path | None = None,
-          reduce_loads: Callable[[torch.Tensor], torch.Tensor] = lambda loads: loads,
-          par=None, description: str = "train", progress: bool = True) -> torch.nn.Module | None:
+          reduce_loads: Callable[[torch.Tensor], torch.Tensor] | None = None,
+          par: Parallel | None = None, description: str = "train", progress: bool = True) -> torch.nn.Module | None:
     """Run `cfg.train.steps` optimizer steps on `model` (already prepared, on its device), logging to
     `run_dir/metrics.jsonl` and checkpointing to `run_dir/checkpoints`.
 
     cfg: any config tree with `.train` (TrainConfig), `.optim` (OptimConfig), `.eval` (EvalConfig) and
     `.checkpoint` (CheckpointConfig) sections. evaluate(model) -> dict of extra metrics (e.g. pass@1) run
-    at eval steps. reduce_loads: where data parallel all-reduces the [L_moe, E] expert loads before the
-    bias update (identity on one device).
+    at eval steps. reduce_loads: where the [L_moe, E] expert loads are summed over the ranks before the bias
+    update (default `par.reduce_loads`: identity on one process).
 
-    par: `model` laid out over the ranks (nanoseek.parallel.parallelize) or None for one process. With it,
-    every rank reads the same global batches (train.batch_size rows per micro-batch) and `par` takes this
+    par: `model` laid out over the ranks (nanoseek.parallel.parallelize); None means one process
+    (`Parallel.single`, a world of size 1). Every rank reads the same global batches (train.batch_size rows per micro-batch) and `par` takes this
     rank's rows, so a step means the same on any layout; the expert loads are summed over the ranks; at eval
     and checkpoint steps the model is gathered into its single-device form on rank 0, which alone
     evaluates and writes metrics and checkpoints (the same files a one-process run writes, so any layout
     resumes any other). Returns the trained model (on rank 0 its gathered copy; None on the other ranks).
     """
-    from nanoseek.model.moe import expert_loads, max_violation, moe_layers, update_router_biases
-
     tc: TrainConfig = cfg.train
     oc: OptimConfig = cfg.optim
     device = next(model.parameters()).device
@@ -222,18 +184,14 @@ def train(model: torch.nn.Module, cfg, run_dir: str | Path, train_data: Batches,
     def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(module, oc)
 
-    optimizer = make_optimizer(model if par is None else par.module())
-    main, world = (True, 1) if par is None else (par.ctx.is_main, par.ctx.world)
-    if par is not None:
-        from nanoseek.parallel.checkpoint import full_model, load_optimizer_state_dict, optimizer_state_dict
-        reduce_loads = par.reduce_loads
+    par = par or Parallel.single(model)
+    optimizer = make_optimizer(par.module())
+    main, world = par.ctx.is_main, par.ctx.world
+    reduce_loads = reduce_loads or par.reduce_loads
     start = 0
     if resume_from is not None:
         state = load_trainer_state(resume_from)
-        if par is None:
-            optimizer.load_state_dict(state["optimizer"])
-        else:
-            load_optimizer_state_dict(par, optimizer, state["optimizer"], make_optimizer)
+        par.load_optimizer_state_dict(optimizer, state["optimizer"], make_optimizer)
         train_data.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         start = int(state["step"])
@@ -242,7 +200,7 @@ def train(model: torch.nn.Module, cfg, run_dir: str | Path, train_data: Batches,
     batches = iter(train_data)
 
     def trainer_state() -> dict:
-        opt = optimizer.state_dict() if par is None else optimizer_state_dict(par, optimizer, make_optimizer)
+        opt = par.optimizer_state_dict(optimizer, make_optimizer)
         return {"optimizer": opt, "data": train_data.state_dict(), "rng": rng_state()}
 
     full = model                                                      # the single-device model (rank 0)
@@ -254,14 +212,10 @@ def train(model: torch.nn.Module, cfg, run_dir: str | Path, train_data: Batches,
             set_lr(optimizer, lr)
             micro = [next(batches) for _ in range(tc.grad_accum)]
             clip = oc.grad_clip if oc.grad_clip > 0 else math.inf
-            if par is None:
-                ce, mtp, bal = forward_backward(model, micro, tc, device)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            else:
-                losses = par.forward_backward(micro, tc.mtp_lambda, tc.balance_alpha,
-                                              lambda: autocast(device, tc.precision))
-                ce, mtp, bal = losses["loss"], losses["mtp_loss"], losses["balance_loss"]
-                grad_norm = par.clip_grad_norm_(clip)
+            losses = par.forward_backward(micro, tc.mtp_lambda, tc.balance_alpha,
+                                          lambda: autocast(device, tc.precision))
+            ce, mtp, bal = losses["loss"], losses["mtp_loss"], losses["balance_loss"]
+            grad_norm = par.clip_grad_norm_(clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             record = {"loss": ce, "mtp_loss": mtp, "balance_loss": bal, "lr": lr, "grad_norm": float(grad_norm)}
@@ -280,8 +234,8 @@ def train(model: torch.nn.Module, cfg, run_dir: str | Path, train_data: Batches,
             done = step + 1
             evaluating = done == tc.steps or (cfg.eval.every and done % cfg.eval.every == 0)
             saving = cfg.checkpoint.due(done, tc.steps)
-            if par is not None and (evaluating or saving):
-                full = full_model(par)                                 # every rank gathers; None off rank 0
+            if evaluating or saving:
+                full = par.full_model()                                # every rank gathers; None off rank 0
             if evaluating and main:
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     if val_batches:
@@ -295,6 +249,4 @@ def train(model: torch.nn.Module, cfg, run_dir: str | Path, train_data: Batches,
                 state = trainer_state()
                 if main:
                     save_checkpoint(run_dir, done, full, state, cfg.checkpoint.keep_last)
-    if par is not None and full is model:                              # no step ran (resumed at the end)
-        full = full_model(par)
-    return full
+    return full if start < tc.steps else par.full_model()             # no step ran (resumed at the end)
