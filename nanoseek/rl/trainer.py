@@ -1,13 +1,19 @@
 """The RL loop: rollouts → rule rewards → GRPO (or PPO) updates, with metrics, plots and checkpoints.
 
-One step (DeepSeekMath Alg. 1, outcome supervision; R1 report §2.2):
+One step (DeepSeekMath Alg. 1, outcome supervision; R1 report §2.2), as `train_rl` reads:
 
-    sample `prompts` problems; generate `group_size` completions each with the current policy (π_old)
-    score each completion with the rule rewards (accuracy, format, ...)            nanoseek.rl.rewards
-    [DAPO dynamic sampling: drop groups whose rewards are all equal, sample more prompts, bounded rounds]
-    GRPO: Â = group-relative advantage per completion                            nanoseek.rl.grpo
-    PPO:  Â_t = GAE over a learned critic's values                                nanoseek.rl.ppo
-    μ times: one AdamW step on the clipped objective (+ β·KL to the frozen initial model)
+    1. collect      sample `prompts` problems; generate `rl.group_size` completions each with the current
+                    policy (π_old); score each with the run's reward function        nanoseek.sampling.rewards
+                    [DAPO dynamic sampling: drop groups whose rewards are all equal, sample more, bounded rounds]
+    2. advantages   GRPO: Â = group-relative advantage per completion                nanoseek.rl.algorithms.GRPO
+                    PPO:  Â_t = GAE over a learned critic's values                    nanoseek.rl.algorithms.PPO
+    3. update       μ times: one AdamW step on the clipped objective (+ β·KL to the frozen initial model);
+                    then PPO trains its critic on the same batch
+
+Config: `[rl]` holds what both algorithms share (group size, clip bounds, β, aggregation, μ, dynamic
+sampling), `[grpo]` and `[ppo]` their own knobs. The problem source and the reward function are built once
+per run from the task families (the built-in ones plus any passed to `train_rl`, e.g. stage 4's general
+prompts scored by a reward model); nothing is registered globally.
 
 Iteration 0 of the μ updates runs at θ = θ_old, so its log-probs ARE the old log-probs: we keep them
 instead of paying a separate forward. The policy stays in eval mode throughout (no dropout exists; it only
