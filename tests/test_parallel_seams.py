@@ -3,13 +3,16 @@ the model with parts absent, and the one training objective (checked against flo
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanoseek.config import ModelConfig
 from nanoseek.model import build_model
 from nanoseek.model.loss import target_counts, training_loss
 from nanoseek.model.moe import LocalDispatch, MoE
+from nanoseek.parallel.expert import EPComm, apply_expert_parallel
 from nanoseek.parallel.launch import spawn
+from nanoseek.parallel.mesh import init_distributed
 from nanoseek.parallel.pipeline import PipelineLoss, StageModel, split_layers
 from nanoseek.train.trainer import TrainConfig, forward_backward
 
@@ -75,11 +78,6 @@ def test_moe_dispatcher_is_the_seam():
 
 
 def _ep_worker():
-    import torch.distributed as dist
-
-    from nanoseek.parallel.expert import EPComm, apply_expert_parallel
-    from nanoseek.parallel.mesh import init_distributed
-
     init_distributed()
     rank = dist.get_rank()
     for dedup in (True, False):
