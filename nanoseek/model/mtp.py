@@ -6,7 +6,7 @@ the released checkpoints are laid out), runs one transformer block, and predicts
 output head after its own norm (`shared_head.norm`). h^0 is the trunk's final normed hidden state and each
 depth passes on its head-normed output, as inference engines feed these checkpoints. The block has index
 num_hidden_layers + k - 1, so it is an MoE block whenever that index is; embedding and head are the trunk's.
-The wiring over depths and the loss live in `DeepseekV3ForCausalLM._mtp_losses`.
+The wiring over depths lives in `DeepseekV3ForCausalLM.mtp_forward` (the loss in its `forward`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.deepseek import DecoderLayer
+from nanoseek.model.block import DecoderLayer
 from nanoseek.model.norm import RMSNorm
 
 

@@ -2,13 +2,15 @@
 
 The trainer keeps one loop for every layout. It builds the usual model on every rank (same seed, or
 loaded from a checkpoint), calls `parallelize`, builds its optimizer over `par.parameters()`, and per
-step calls `par.forward_backward(micro_batches, ...)` and `par.clip_grad_norm_(...)`. What changes with
+step calls `par.forward_backward(micro_batches, ...)` and `par.clip_grad_norm_(...)`; one process gets
+`Parallel.single(model)`, a world of size 1, so no trainer branches on the layout. What changes with
 the layout is hidden here:
 
     dp  (fsdp | ddp | hfreduce)  each rank takes its rows of every global batch; gradients are averaged
     ep                           MoE layers keep E/ep experts and exchange tokens (expert.py)
     pp                           the model is cut into stages run by a pipeline schedule (pipeline.py)
 
+The objective is `nanoseek.model.loss.training_loss` everywhere (whole model, pipeline stages, one process).
 Losses are normalised by the step's GLOBAL target counts, so the gradients equal the single-device ones
 (tests/test_parallel_*.py check this to float32 tolerance). Checkpoints are gathered into the
 single-device layout (checkpoint.py), so any layout can resume any other.
