@@ -80,7 +80,7 @@ def summarize(run: Path) -> dict:
 def run_variant(job: tuple[str, Path, str, list[str]]) -> dict:
     """Train one variant in this (worker) process; its summary with the wall time."""
     from nanoseek.recipe import load_recipe
-    from nanoseek.train.commands import PretrainConfig, pretrain
+    from nanoseek.train.runs import PretrainConfig, pretrain
 
     name, run, recipe, sets = job
     cfg = load_recipe(PretrainConfig, recipe, sets)

@@ -21,7 +21,7 @@ import torch
 from nanoseek.config import ModelConfig
 from nanoseek.hf import save_pretrained
 from nanoseek.model import build_model
-from nanoseek.rl.rollout import SamplingConfig, generate
+from nanoseek.sampling.rollout import SamplingConfig, generate
 
 
 def sync(device: torch.device) -> None:

@@ -2,14 +2,13 @@
 
 from nanoseek.config import DenseConfig, ModelConfig
 from nanoseek.errors import UserError
+from nanoseek.hf import load_pretrained as _load
 
 __version__ = "0.1.0"
 
 
 def load_pretrained(path, **kwargs):
     """Load a local Hugging Face directory (deepseek_v3 / qwen2 / llama) as a nanoseek model."""
-    from nanoseek.hf import load_pretrained as _load
-
     return _load(path, **kwargs)
 
 

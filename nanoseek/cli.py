@@ -1,4 +1,4 @@
-"""`nanoseek <command>`: one entry point, each command implemented in the module that owns the idea.
+"""`nanoseek <command>`: one entry point; each command is a thin module of nanoseek.commands.
 
 A command module exposes `add_arguments(parser)` and `run(args) -> int | None`. Modules are imported
 lazily so `nanoseek info` does not pay for importing the trainer. A `UserError` anywhere becomes one line
@@ -16,21 +16,21 @@ from nanoseek.errors import UserError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("nanoseek.info", "parameter, KV-cache, FLOP and cost accounting of a model config"),
-    "tokenizer": ("nanoseek.tokenizer", "train a byte-level BPE tokenizer on the task corpus"),
-    "pretrain": ("nanoseek.train.commands", "pretrain a model (next-token + MTP + balancing)"),
-    "sft": ("nanoseek.train.commands", "supervised fine-tuning on chat data, loss on responses"),
-    "extend": ("nanoseek.train.commands", "context extension with YaRN (V3 §4.3)"),
-    "generate": ("nanoseek.rl.commands", "sample completions from a checkpoint"),
-    "chat": ("nanoseek.rl.commands", "interactive chat with a checkpoint"),
-    "grpo": ("nanoseek.rl.commands", "GRPO reinforcement learning with rule-based rewards"),
-    "ppo": ("nanoseek.rl.commands", "PPO baseline with a value model and GAE"),
-    "eval": ("nanoseek.eval", "pass@1 over k samples, cons@k, format rate, with 95%% intervals"),
-    "coldstart": ("nanoseek.pipeline", "R1 stage 1: build cold-start long-CoT data and SFT from the base"),
-    "rejection": ("nanoseek.pipeline", "R1 stage 3: rejection sampling into an SFT data set"),
-    "reward-model": ("nanoseek.rl.reward_model", "train a Bradley-Terry reward model on preference pairs"),
-    "distill": ("nanoseek.distill", "distil a teacher's traces into a dense student"),
-    "pipeline": ("nanoseek.pipeline", "the whole R1 story on an embedded default, ending in a report"),
+    "info": ("nanoseek.commands.info", "parameter, KV-cache, FLOP and cost accounting of a model config"),
+    "tokenizer": ("nanoseek.commands.tokenizer", "train a byte-level BPE tokenizer on the task corpus"),
+    "pretrain": ("nanoseek.commands.train", "pretrain a model (next-token + MTP + balancing)"),
+    "sft": ("nanoseek.commands.train", "supervised fine-tuning on chat data, loss on responses"),
+    "extend": ("nanoseek.commands.train", "context extension with YaRN (V3 §4.3)"),
+    "generate": ("nanoseek.commands.rl", "sample completions from a checkpoint"),
+    "chat": ("nanoseek.commands.rl", "interactive chat with a checkpoint"),
+    "grpo": ("nanoseek.commands.rl", "GRPO reinforcement learning with rule-based rewards"),
+    "ppo": ("nanoseek.commands.rl", "PPO baseline with a value model and GAE"),
+    "eval": ("nanoseek.commands.eval", "pass@1 over k samples, cons@k, format rate, with 95%% intervals"),
+    "coldstart": ("nanoseek.commands.pipeline", "R1 stage 1: build cold-start long-CoT data and SFT from the base"),
+    "rejection": ("nanoseek.commands.pipeline", "R1 stage 3: rejection sampling into an SFT data set"),
+    "reward-model": ("nanoseek.commands.reward_model", "train a Bradley-Terry reward model on preference pairs"),
+    "distill": ("nanoseek.commands.distill", "distil a teacher's traces into a dense student"),
+    "pipeline": ("nanoseek.commands.pipeline", "the whole R1 story on an embedded default, ending in a report"),
 }
 
 

@@ -7,7 +7,7 @@ reasoning patterns by itself, but it can imitate them. Here:
     traces   the teacher samples K completions per TRAIN prompt; the correct, well-formed, one-language,
              distinct ones are kept (nanoseek.r1.rejection.sample_traces) — or the user's chat JSONL;
     SFT      the student (any nanoseek model; the pipeline uses the Llama-style DenseForCausalLM) is
-             fine-tuned on them with the loss on the response tokens (nanoseek.train.commands.sft);
+             fine-tuned on them with the loss on the response tokens (nanoseek.train.runs.sft);
     KL       optionally, when teacher and student share the tokenizer, a logit-matching term on the same
              response tokens (Hinton et al. 2015), added to the SFT loss:
 
@@ -21,7 +21,6 @@ the logged "loss" then includes the KL term, validation loss does not.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from contextlib import contextmanager
@@ -31,10 +30,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nanoseek.data import load_chat_records
 from nanoseek.errors import UserError
 from nanoseek.files import atomic_write_json
-from nanoseek.r1.rejection import TraceConfig, default_sft_config, sample_traces, sft_on, write_records
-from nanoseek.train.commands import SFTConfig
+from nanoseek.hf import find_tokenizer, load_checkpoint
+from nanoseek.model.deepseek import ModelOutput
+from nanoseek.r1.rejection import TraceConfig, default_sft_config, load_problems, sample_traces, sft_on, write_records
+from nanoseek.run import resolve_device
+from nanoseek.train.runs import SFTConfig
 
 
 @dataclass
@@ -73,8 +76,6 @@ def kl_to_teacher(teacher: torch.nn.Module, weight: float, temperature: float = 
     training loop) returns loss = CE + weight · logit_kl(student, teacher) on the labelled positions."""
     from torch.nn.modules.module import register_module_forward_hook
 
-    from nanoseek.model.deepseek import ModelOutput
-
     teacher.eval().requires_grad_(False)
 
     def hook(module, args, kwargs, output):
@@ -96,23 +97,17 @@ def kl_to_teacher(teacher: torch.nn.Module, weight: float, temperature: float = 
 
 
 def _same_tokenizer(a: str | Path, b: str | Path) -> bool:
-    from nanoseek.eval import find_tokenizer
-
     return (find_tokenizer(a) / "tokenizer.json").read_bytes() == (find_tokenizer(b) / "tokenizer.json").read_bytes()
 
 
 def build_traces(cfg: DistillConfig, out: Path, progress: bool = True) -> tuple[Path, dict]:
     """out/traces.jsonl (+ stats) sampled from the teacher; reused when already there; or the user's file."""
     if cfg.data:
-        from nanoseek.data import load_chat_records
         n = len(load_chat_records(cfg.data))
         return Path(cfg.data), {"kept": n, "examples": n}
     path, stats_path = out / "traces.jsonl", out / "traces_stats.json"
     if path.is_file() and stats_path.is_file():
         return path, json.loads(stats_path.read_text())
-    from nanoseek.eval import load_checkpoint
-    from nanoseek.r1.rejection import load_problems
-    from nanoseek.train.trainer import resolve_device
 
     teacher, tok = load_checkpoint(cfg.teacher, resolve_device(cfg.sft.train.device), inference=True)
     records, stats = sample_traces(teacher, tok, load_problems(cfg.traces), cfg.traces, progress)
@@ -141,9 +136,6 @@ def distill(cfg: DistillConfig, out: str | Path, progress: bool = True) -> dict:
     path, stats = build_traces(cfg, out, progress)
     n = stats["examples"]
     if cfg.kl.weight > 0:
-        from nanoseek.eval import load_checkpoint
-        from nanoseek.train.trainer import resolve_device
-
         teacher, _ = load_checkpoint(cfg.teacher, resolve_device(cfg.sft.train.device))
         with kl_to_teacher(teacher, cfg.kl.weight, cfg.kl.temperature):
             final = sft_on(path, cfg.init, cfg.sft, out / "sft", cfg.epochs, n, progress)
@@ -153,26 +145,3 @@ def distill(cfg: DistillConfig, out: str | Path, progress: bool = True) -> dict:
 
 
 # ---------------------------------------------------------------- CLI
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", help="teacher model directory (samples the traces)")
-    parser.add_argument("--init", help="student model directory to fine-tune")
-    parser.add_argument("--data", help="chat JSONL of traces (instead of sampling the teacher)")
-    parser.add_argument("--recipe", help="TOML recipe for DistillConfig")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override, e.g. --set kl.weight=0.5 (repeatable)")
-    parser.add_argument("--out", default="runs/distill", help="run directory")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    from nanoseek.recipe import load_recipe
-
-    sets = list(args.sets) + [f"{k}={json.dumps(v)}" for k, v in
-                              (("teacher", args.teacher), ("init", args.init), ("data", args.data)) if v]
-    cfg = load_recipe(DistillConfig, args.recipe, sets)
-    result = distill(cfg, args.out, progress=not args.no_progress)
-    s = result["stats"]
-    fallback = f", {s['worked_fallback']} of them worked solutions" if s.get("worked_fallback") else ""
-    print(f"{s['examples']} traces{fallback} ({result['traces']}); student in {result['final']}")
-    return 0

@@ -16,19 +16,21 @@ it); `nanoseek eval` wraps it with a checkpoint, a task list or a JSONL file, a 
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
 import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from nanoseek.errors import UserError
+from nanoseek.sampling.rewards import accuracy_reward, format_reward, language_consistency
+from nanoseek.sampling import rollout
+from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, response_text, stop_token_ids
+from nanoseek.tasks import get_family, sample_problems
+from nanoseek.tasks.jsonl import load_jsonl_problems
 
 
 # ---------------------------------------------------------------- statistics (pure functions)
@@ -119,7 +121,7 @@ class EvalConfig:
     top_p: float = 0.95
     max_new_tokens: int = 96
     greedy: bool = True             # also decode greedily once per problem (greedy accuracy)
-    template: str = "r1_zero"       # prompt format: "r1_zero" | "chat" | "plain" (nanoseek.rl.rollout)
+    template: str = "r1_zero"       # prompt format: "r1_zero" | "chat" | "plain" (nanoseek.sampling.rollout)
     batch_size: int = 64            # rows per generation batch
     seed: int = 0
 
@@ -136,10 +138,6 @@ def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False,
     problems (a decode step costs about the same for 200 rows as for 800, so families share the batches).
     """
     from rich.progress import Progress
-
-    from nanoseek.rl.rewards import accuracy_reward, format_reward, language_consistency
-    from nanoseek.rl.rollout import SamplingConfig, encode_prompt, generate, response_text, stop_token_ids
-    from nanoseek.tasks import get_family
 
     base = EvalConfig()
     get = lambda name: getattr(cfg, name, getattr(base, name))                  # noqa: E731
@@ -165,7 +163,7 @@ def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False,
         nonlocal n_tokens
         out: list[list[int]] = []
         for i in range(0, len(rows), bs):
-            g = generate(model, [prompts[r] for r in rows[i:i + bs]], sc, stop, tokenizer.pad_id, gen)
+            g = rollout.generate(model, [prompts[r] for r in rows[i:i + bs]], sc, stop, tokenizer.pad_id, gen)
             out += g.completions()
             n_tokens += int(g.lengths.sum())
             bar.update(task, advance=len(g.finish))
@@ -233,36 +231,6 @@ def _summary(per_problem: list[dict], K: int, greedy: bool, tokens_per_s: float)
 
 # ---------------------------------------------------------------- loading, tables, `nanoseek eval`
 
-def find_tokenizer(path: str | Path) -> Path:
-    """The tokenizer of a checkpoint: in the directory itself, else in a `tokenizer/` folder of it or of
-    one of its two parents (a run directory keeps one tokenizer for all of `checkpoints/step-N`)."""
-    path = Path(path)
-    for d in (path, path.parent, path.parent.parent):
-        for cand in (d, d / "tokenizer"):
-            if (cand / "tokenizer.json").is_file():
-                return cand
-    raise UserError(f"no tokenizer.json in {path}, its parents or their tokenizer/ folders; copy the "
-                    f"tokenizer next to the checkpoint (nanoseek tokenizer --out {path})")
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", inference: bool = False):
-    """(model in eval mode, tokenizer) from an HF-format directory nanoseek can load. inference=True (models
-    that only generate): bf16 weights on CUDA, as R1 is served, so decoding runs CUDA graphs with the
-    grouped expert kernel; fp32 sampling there would sync with the host for every expert of every token."""
-    from nanoseek.hf import load_pretrained
-    from nanoseek.tokenizer import Tokenizer, check_vocab_fits
-
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"checkpoint {path} is not a directory; pass a model directory such as RUN/checkpoints/step-N")
-    tokenizer = Tokenizer.load(find_tokenizer(path))
-    model = load_pretrained(path, device=str(device)).eval()
-    if inference and next(model.parameters()).is_cuda:
-        model = model.to(torch.bfloat16)
-    check_vocab_fits(len(tokenizer), model.config.vocab_size)
-    return model, tokenizer
-
-
 def _cell(stat: dict, percent: bool) -> str:
     if percent:
         return f"{100 * stat['mean']:.1f} [{100 * stat['lo']:.1f}, {100 * stat['hi']:.1f}]"
@@ -295,54 +263,7 @@ def load_problems(tasks: list[str] | None, data: str | None, n: int, seed: int, 
     if bool(tasks) == bool(data):
         raise UserError("pass exactly one of --tasks NAMES or --data FILE.jsonl")
     if data:
-        from nanoseek.tasks.jsonl import load_jsonl_problems
         problems = load_jsonl_problems(data)
         return problems[:n] if n else problems
-    from nanoseek.tasks import sample_problems
     return sample_problems(tasks, n, split="test", seed=seed, difficulty=difficulty)
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="model directory (HF format) with a tokenizer")
-    parser.add_argument("--tasks", default=None, help="comma-separated task families, e.g. arithmetic,countdown")
-    parser.add_argument("--data", default=None, help="JSONL file with question/prompt and answer (GSM8K, MATH)")
-    parser.add_argument("--samples", type=int, default=8, help="samples per problem K (default 8)")
-    parser.add_argument("--n-problems", type=int, default=100, help="problems to evaluate (0 = all of --data)")
-    parser.add_argument("--json", default=None, help="write the full result (per-problem records too) here")
-    parser.add_argument("--template", default="r1_zero", choices=["r1_zero", "chat", "plain"])
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--difficulty", type=int, default=None, help="task difficulty (default: the family's mix)")
-    parser.add_argument("--no-greedy", action="store_true", help="skip the greedy decode")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-
-
-def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.markdown import Markdown
-
-    from nanoseek.files import atomic_write_json
-
-    if args.samples < 1 or args.n_problems < 0:
-        raise UserError("--samples must be >= 1 and --n-problems >= 0")
-    tasks = [t for t in (args.tasks or "").replace(" ", ",").split(",") if t]
-    problems = load_problems(tasks, args.data, args.n_problems, args.seed, args.difficulty)
-    from nanoseek.train.trainer import resolve_device
-
-    model, tokenizer = load_checkpoint(args.checkpoint, resolve_device(args.device), inference=True)
-    cfg = EvalConfig(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
-                     max_new_tokens=args.max_new_tokens, greedy=not args.no_greedy, template=args.template,
-                     batch_size=args.batch_size, seed=args.seed)
-    console = Console()
-    result = evaluate(model, tokenizer, problems, cfg, progress=True)
-    result["checkpoint"] = str(args.checkpoint)
-    result["config"] = dataclasses.asdict(cfg)
-    console.print(f"{args.checkpoint}: {len(problems)} problems, {args.samples} samples each")
-    console.print(Markdown(markdown_table(result)))
-    if args.json:
-        atomic_write_json(args.json, result)
-        console.print(f"written {args.json}")
-    return 0

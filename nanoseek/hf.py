@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints on disk: `load_pretrained` and `save_pretrained` in the hub layout.
+"""Hugging Face checkpoints on disk: `load_pretrained` and `save_pretrained` in the hub layout, and
+`load_checkpoint` / `find_tokenizer` for a model directory together with its tokenizer.
 
 Our parameter names already follow the hub (docs/INTERFACES.md), so this module is a thin, checked map.
 Three places differ, and each is translated here and nowhere else:
@@ -31,6 +32,8 @@ from safetensors.torch import save_file
 from nanoseek.config import DenseConfig, ModelConfig, _read_json, config_from_hf_dict
 from nanoseek.errors import UserError
 from nanoseek.files import atomic_dir, atomic_write_json
+from nanoseek.model import build_model
+from nanoseek.tokenizer import Tokenizer, check_vocab_fits
 
 FP8_BLOCK = 128                            # V3 §3.3: weights are scaled per 128x128 block
 MAX_SHARD_BYTES = 4 * 1024**3              # shard size on save, as the hub splits big checkpoints
@@ -199,8 +202,6 @@ def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype = torch.f
 
     Parameters are cast to `dtype`; buffers keep their own dtype (the router bias stays fp32).
     """
-    from nanoseek.model import build_model
-
     path = Path(path)
     cfg = load_config(path)
     tensors = _dequantize_all(read_safetensors(path))
@@ -294,3 +295,33 @@ def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
 
 def _natural_key(key: str) -> list:
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", key)]
+
+
+# ---------------------------------------------------------------- a checkpoint with its tokenizer
+
+def find_tokenizer(path: str | Path) -> Path:
+    """The tokenizer of a checkpoint: in the directory itself, else in a `tokenizer/` folder of it or of
+    one of its two parents (a run directory keeps one tokenizer for all of `checkpoints/step-N`)."""
+    path = Path(path)
+    for d in (path, path.parent, path.parent.parent):
+        for cand in (d, d / "tokenizer"):
+            if (cand / "tokenizer.json").is_file():
+                return cand
+    raise UserError(f"no tokenizer.json in {path}, its parents or their tokenizer/ folders; copy the "
+                    f"tokenizer next to the checkpoint (nanoseek tokenizer --out {path})")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", inference: bool = False):
+    """(model in eval mode, tokenizer) from an HF-format directory nanoseek can load. inference=True (models
+    that only generate): bf16 weights on CUDA, as R1 is served, so decoding runs CUDA graphs with the
+    grouped expert kernel; fp32 sampling there would sync with the host for every expert of every token."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} is not a directory; pass a model directory such as RUN/checkpoints/step-N")
+    tokenizer = Tokenizer.load(find_tokenizer(path))
+    model = load_pretrained(path, device=str(device)).eval()
+    if inference and next(model.parameters()).is_cuda:
+        model = model.to(torch.bfloat16)
+    check_vocab_fits(len(tokenizer), model.config.vocab_size)
+    return model, tokenizer
+

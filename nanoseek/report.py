@@ -23,9 +23,13 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.data import PackedDataset
+from nanoseek.eval import mean_ci
+from nanoseek.files import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from nanoseek.hf import load_pretrained
+from nanoseek.model import expert_loads, moe_layers
 from nanoseek.r1.coldstart import describe as coldstart_describe
 from nanoseek.r1.rejection import describe as rejection_describe
-from nanoseek.files import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 
 EXPORTS = {"base": "01-pretrain", "r1-zero": "02-r1-zero", "r1": "07-all-rl",
            "student-distilled": "09-distill", "student-rl": "10-student-rl"}
@@ -37,10 +41,6 @@ EXPORTS = {"base": "01-pretrain", "r1-zero": "02-r1-zero", "r1": "07-all-rl",
 def record_expert_loads(final: str | Path, run_dir: str | Path, pretrain_cfg, batches: int = 4, device="cpu") -> None:
     """Per-expert token counts [L_moe, E] of the base on held-out corpus batches -> run_dir/expert_loads.json
     (rows: the MoE decoder layers, then the MTP modules' MoE layers, as in metrics.jsonl's "maxvio")."""
-    from nanoseek.data import PackedDataset
-    from nanoseek.hf import load_pretrained
-    from nanoseek.model import expert_loads, moe_layers
-
     model = load_pretrained(final, device=str(device))
     layers = moe_layers(model)
     val_dir = Path(run_dir) / "data" / "val"
@@ -67,15 +67,11 @@ def moe_layer_names(cfg, n: int) -> list[str]:
 
 def _pool(results: dict, key: str):
     """mean_ci of a per-problem quantity over all families (None when the eval did not record it)."""
-    from nanoseek.eval import mean_ci
-
     values = [q[key] for r in results.values() for q in r["per_problem"] if key in q]
     return mean_ci(values) if values else None
 
 
 def _pass1_pooled(results: dict):
-    from nanoseek.eval import mean_ci
-
     return mean_ci(q["correct"] / r["samples"] for r in results.values() for q in r["per_problem"])
 
 

@@ -29,7 +29,6 @@ Why these choices:
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -41,6 +40,7 @@ import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from nanoseek.errors import UserError
+from nanoseek.files import atomic_dir
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 USER, ASSISTANT, SYSTEM = "<|user|>", "<|assistant|>", "<|system|>"
@@ -166,8 +166,6 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json + tokenizer_config.json atomically (the directory appears complete or not at all)."""
-        from nanoseek.files import atomic_dir
-
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                   **self.extra_config, "bos_token": self.bos_token, "eos_token": self.eos_token,
                   "pad_token": self.pad_token, "chat_template": self.chat_template}
@@ -267,24 +265,3 @@ def _without_specials(texts: Iterable[str]) -> Iterator[str]:
 
 
 # ---- `nanoseek tokenizer` ----
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="directory to write tokenizer.json + tokenizer_config.json")
-    parser.add_argument("--vocab-size", type=int, default=1024,
-                        help="BPE vocabulary size including the 10 special tokens (default 1024: the tiny model)")
-    parser.add_argument("--recipe", default=None, help="TOML file of corpus settings (nanoseek.data.CorpusConfig)")
-    parser.add_argument("--set", action="append", default=[], help="corpus override, e.g. --set n_documents=5000")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Train on the generated pretraining corpus, so the merges fit the text the model will see."""
-    from nanoseek.data import CorpusConfig, build_corpus
-    from nanoseek.recipe import load_recipe
-
-    _check_vocab_size(args.vocab_size)   # before minutes of corpus building
-    texts = [doc.text for doc in build_corpus(load_recipe(CorpusConfig, args.recipe, args.set))]
-    tok = Tokenizer.train(texts, args.vocab_size)
-    tok.save(args.out)
-    n_tokens = sum(len(ids) for ids in tok.encode_batch(texts))
-    print(f"tokenizer with {len(tok)} tokens written to {args.out} ({len(texts)} documents, "
-          f"{sum(map(len, texts)) / n_tokens:.2f} characters per token)")
-    return 0

@@ -79,7 +79,7 @@ def test_evaluate_bookkeeping_on_scripted_completions(monkeypatch):
     """generate() is replaced by a script of completions, so every statistic is known independently."""
     import torch
 
-    import nanoseek.rl.rollout as rollout
+    import nanoseek.sampling.rollout as rollout
     from nanoseek.eval import EvalConfig, evaluate
     from nanoseek.tasks import sample_problems
     from nanoseek.tokenizer import Tokenizer

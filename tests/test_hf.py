@@ -17,7 +17,7 @@ from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForC
 from nanoseek import load_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.errors import UserError
-from nanoseek.hf import dequantize_fp8
+from nanoseek.hf import dequantize_fp8, save_pretrained
 from nanoseek.model import build_model
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32,
@@ -61,7 +61,7 @@ def test_deepseek_v3_parity_both_ways(tmp_path, q_lora_rank, yarn, n_group, topk
     ref = logits(hf)
     assert (logits(ours) - ref).abs().max() <= 1e-5
 
-    ours.save_pretrained(tmp_path / "ours")
+    save_pretrained(ours, tmp_path / "ours")
     back, info = hf_load(tmp_path / "ours")
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert (logits(back) - ref).abs().max() <= 1e-5
@@ -76,7 +76,7 @@ def test_mtp_saved_as_hub_layer(tmp_path):
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(std=0.3)
-    model.save_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
     files = load_file(tmp_path / "m" / "model.safetensors")
     L = cfg.num_hidden_layers
     for k in (L, L + 1):                        # MTP module k at hub layer L + k, with the stored copies
@@ -125,7 +125,6 @@ def test_fused_sharded_and_bf16(tmp_path):
     assert (logits(ours) - ref).abs().max() <= 1e-5
 
     # sharded by us, read by transformers; and bf16 on disk keeps the router bias in fp32
-    from nanoseek.hf import save_pretrained
     save_pretrained(ours, tmp_path / "ours", max_shard_bytes=40_000)
     index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
@@ -133,7 +132,7 @@ def test_fused_sharded_and_bf16(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert (logits(back) - ref).abs().max() <= 1e-5
 
-    ours.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    save_pretrained(ours, tmp_path / "bf16", dtype=torch.bfloat16)
     files = load_file(tmp_path / "bf16" / "model.safetensors")
     assert files["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert files["model.layers.1.mlp.experts.0.up_proj.weight"].dtype == torch.bfloat16
@@ -204,7 +203,7 @@ def test_deepseek_v2_parity_both_ways(tmp_path):
     assert ours.config.scoring_func == "softmax"
     ref = logits(hf)
     assert (logits(ours) - ref).abs().max() <= 1e-5
-    ours.save_pretrained(tmp_path / "ours")
+    save_pretrained(ours, tmp_path / "ours")
     back, info = hf_load(tmp_path / "ours")
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert (logits(back) - ref).abs().max() <= 1e-5
@@ -227,7 +226,7 @@ def test_dense_parity_both_ways(tmp_path, model_type, tied):
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
     ref = logits(hf)
     assert (logits(ours) - ref).abs().max() <= 1e-5
-    ours.save_pretrained(tmp_path / "ours")
+    save_pretrained(ours, tmp_path / "ours")
     assert ("lm_head.weight" in load_file(tmp_path / "ours" / "model.safetensors")) != tied
     back, info = hf_load(tmp_path / "ours")
     assert type(back) is model_cls

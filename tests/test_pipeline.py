@@ -33,7 +33,7 @@ def tok():
 
 
 def test_sample_traces_keeps_correct_wellformed_one_language_distinct(tok, monkeypatch):
-    import nanoseek.rl.rollout as rollout
+    import nanoseek.sampling.rollout as rollout
 
     p0, p1, p2 = sample_problems(["arithmetic"], 3, split="train", seed=5)
     wrong = lambda p: p.completion().replace(f"<answer>{p.answer}</answer>", f"<answer>{int(p.answer) + 1}</answer>")  # noqa: E731

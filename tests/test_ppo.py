@@ -83,7 +83,7 @@ def test_ppo_loop_trains_the_critic_and_checkpoints_it(tmp_path):
 
     from nanoseek.files import read_jsonl
     from nanoseek.rl.trainer import train_rl
-    from nanoseek.train.checkpoint import load_trainer_state
+    from nanoseek.run.checkpoint import load_trainer_state
 
     cfg = tiny_rl_config(make_base(tmp_path), 2)
     cfg.eval.problems = 0

@@ -6,8 +6,7 @@ import time
 import pytest
 
 from nanoseek.errors import UserError
-from nanoseek.rl.rewards import (RewardConfig, accuracy_reward, compute_rewards, format_reward,
-                                 language_consistency, overlong_penalty)
+from nanoseek.sampling.rewards import RewardConfig, accuracy_reward, compute_rewards, format_reward, language_consistency, overlong_penalty
 from nanoseek.tasks import Problem, sample_problems
 from nanoseek.tasks.language import TO_ALT
 

@@ -8,7 +8,7 @@ from nanoseek.config import DenseConfig, ModelConfig
 from nanoseek.errors import UserError
 from nanoseek.model import build_model
 from nanoseek.rl.grpo import token_logprobs
-from nanoseek.rl.rollout import SamplingConfig, filtered_probs, generate, left_pad
+from nanoseek.sampling.rollout import SamplingConfig, filtered_probs, generate, left_pad
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12], [13, 14], [15, 16, 17, 18, 19], [20, 21, 22, 23]]
 
@@ -110,7 +110,7 @@ def test_filtered_probs_match_reference(temperature, top_k, top_p):
 
 def test_sampling_frequencies_follow_the_filtered_distribution():
     """Empirical frequencies of 20k draws through the engine's sampler vs the filtered distribution."""
-    from nanoseek.rl.rollout import _next_tokens
+    from nanoseek.sampling.rollout import _next_tokens
 
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]]).repeat(20000, 1)
     cfg = SamplingConfig(temperature=0.9, top_p=0.9, top_k=4, stop=[])
@@ -156,7 +156,7 @@ def test_chat_printer_shows_reasoning_dim_and_streams_whole_characters():
 
     from rich.console import Console
 
-    from nanoseek.rl.commands import ThinkingPrinter
+    from nanoseek.commands.rl import ThinkingPrinter
 
     pieces = {1: "<think>", 2: "add 2", 3: "</think>", 4: "<answer>4", 5: "</answer>", 6: "\xe2", 7: "\x82\xac"}
 

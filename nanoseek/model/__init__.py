@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from nanoseek.config import DenseConfig, ModelConfig
 from nanoseek.model.deepseek import DeepseekV3ForCausalLM, ModelOutput
+from nanoseek.model.dense import DenseForCausalLM
 from nanoseek.model.mla import MLACache
 from nanoseek.model.moe import expert_loads, max_violation, moe_layers, update_router_biases
 
@@ -14,11 +15,9 @@ from nanoseek.model.moe import expert_loads, max_violation, moe_layers, update_r
 def build_model(cfg: ModelConfig | DenseConfig):
     """ModelConfig -> DeepseekV3ForCausalLM; DenseConfig -> DenseForCausalLM. Honours `with torch.device(...)`."""
     if isinstance(cfg, DenseConfig):
-        from nanoseek.model.dense import DenseForCausalLM
-
         return DenseForCausalLM(cfg)
     return DeepseekV3ForCausalLM(cfg)
 
 
-__all__ = ["build_model", "DeepseekV3ForCausalLM", "ModelOutput", "MLACache", "moe_layers", "expert_loads",
+__all__ = ["build_model", "DeepseekV3ForCausalLM", "DenseForCausalLM", "ModelOutput", "MLACache", "moe_layers", "expert_loads",
            "update_router_biases", "max_violation"]

@@ -6,7 +6,7 @@ heads), SwiGLU MLP, pre-RMSNorm, RoPE on half-split pairs (`rotate_half`, as Lla
 are laid out — DeepSeek's MLA uses interleaved pairs instead), optional q/k/v bias (Qwen2) and optional
 tied embeddings. It speaks the same interface as `DeepseekV3ForCausalLM` (docs/INTERFACES.md): aligned
 labels, the same output fields (mtp_loss and balance_loss are zero), a preallocated KV cache for rollouts,
-and hub-layout `save_pretrained`, so the trainer, the RL engine and `hf.py` never ask which one they hold.
+and the hub layout `nanoseek.hf.save_pretrained` writes, so the trainer, the RL engine and `hf.py` never ask which one they hold.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from nanoseek.config import DenseConfig
 from nanoseek.errors import UserError
-from nanoseek.model.deepseek import ModelOutput, cross_entropy
+from nanoseek.model.block import ModelOutput, cross_entropy
 from nanoseek.model.mla import attention_mask_for
 from nanoseek.model.moe import MLP
 from nanoseek.model.norm import RMSNorm
@@ -175,8 +175,3 @@ class DenseForCausalLM(nn.Module):
         zero = logits.new_zeros(())
         loss = cross_entropy(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, mtp_loss=zero, balance_loss=zero, hidden_states=h)
-
-    def save_pretrained(self, path, dtype=None) -> None:
-        from nanoseek.hf import save_pretrained
-
-        save_pretrained(self, path, dtype)

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from nanoseek.errors import UserError
+from nanoseek.parallel.expert import check_layout
+from nanoseek.parallel.pipeline import split_layers
 
 SCHEDULES = ("gpipe", "1f1b", "zbv", "dualpipev")   # zbv and dualpipev hold 2 stages per rank ("V" shape)
 DP_MODES = ("fsdp", "ddp", "hfreduce")
@@ -63,10 +65,8 @@ class ParallelConfig:
         """UserError, before anything is written, when the model cannot take this layout: experts or router
         groups that do not split over `ep`, too few layers for the pipeline stages, tied embeddings under pp."""
         if self.ep > 1:
-            from nanoseek.parallel.expert import check_layout
             check_layout(model_config, self.ep)
         if self.pp > 1:
-            from nanoseek.parallel.pipeline import split_layers
             if model_config.tie_word_embeddings:
                 raise UserError("parallel: pipeline parallel needs untied embeddings (the head is on the last "
                                 "stage); set parallel.pp=1 for a model with tie_word_embeddings")

@@ -25,9 +25,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanoseek.errors import UserError
+from nanoseek.model.deepseek import DecoderLayer
+from nanoseek.model.moe import MoE
+
 
 def _dtype(name: str) -> torch.dtype:
-    from nanoseek.errors import UserError
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
@@ -36,14 +39,12 @@ def _dtype(name: str) -> torch.dtype:
 
 def blocks(module: nn.Module) -> list[nn.Module]:
     """Decoder layers and MTP modules under `module` (whole model or a pipeline stage), in order."""
-    from nanoseek.model.deepseek import DecoderLayer
     return [m for m in module.modules() if isinstance(m, DecoderLayer)]
 
 
 def apply_fsdp(parts: list[nn.Module], ctx) -> None:
     """fully_shard every block of every part (in place), then each part's root."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from nanoseek.model.moe import MoE
 
     cfg = ctx.cfg
     mp = MixedPrecisionPolicy(param_dtype=_dtype(cfg.param_dtype), reduce_dtype=_dtype(cfg.reduce_dtype))

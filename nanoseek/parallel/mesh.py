@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from nanoseek.errors import UserError
 from nanoseek.parallel.config import ParallelConfig
 
 
@@ -56,7 +57,6 @@ class ParallelContext:
         if dp == 1:
             return x
         if x.shape[0] % dp:
-            from nanoseek.errors import UserError
             raise UserError(f"batch size {x.shape[0]} is not divisible by parallel.dp={dp}; make it a multiple")
         n = x.shape[0] // dp
         return x[self.dp_rank * n:(self.dp_rank + 1) * n]

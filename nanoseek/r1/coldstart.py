@@ -20,10 +20,15 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanoseek.data import load_chat_records
 from nanoseek.errors import UserError
 from nanoseek.files import atomic_write_json
-from nanoseek.r1.rejection import DEFAULT_TASKS, TraceConfig, default_sft_config, sample_traces, sft_on, write_records
-from nanoseek.train.commands import SFTConfig
+from nanoseek.hf import load_checkpoint
+from nanoseek.r1.rejection import (DEFAULT_TASKS, TraceConfig, default_sft_config, load_problems, sample_traces,
+                                   sft_on, write_records)
+from nanoseek.run import resolve_device
+from nanoseek.tasks import sample_problems
+from nanoseek.train.runs import SFTConfig
 
 
 @dataclass
@@ -49,8 +54,6 @@ class ColdStartConfig:
 
 def worked_examples(tasks: list[str], n: int, seed: int, register: str = "en", difficulty: int | dict | None = None) -> list[dict]:
     """n chat examples {"prompt", "response"} from the worked solutions of TRAIN-split problems."""
-    from nanoseek.tasks import sample_problems
-
     return [{"prompt": p.prompt, "response": p.completion(register), "family": p.family, "source": "worked"}
             for p in sample_problems(tasks, n, split="train", seed=seed, difficulty=difficulty)]
 
@@ -62,7 +65,6 @@ def build_coldstart_data(cfg: ColdStartConfig, out: Path, progress: bool = True)
         return data, json.loads(stats_path.read_text())
     dc = cfg.data
     if dc.path:
-        from nanoseek.data import load_chat_records
         n = len(load_chat_records(dc.path))           # validates every line now, not mid-training
         stats = {"user": n, "worked": 0, "r1_zero": 0}
         atomic_write_json(stats_path, stats)
@@ -70,10 +72,6 @@ def build_coldstart_data(cfg: ColdStartConfig, out: Path, progress: bool = True)
     records = worked_examples(dc.tasks, dc.examples, dc.seed, dc.register, dc.difficulty)
     stats = {"worked": len(records), "r1_zero": 0}
     if dc.r1_zero:
-        from nanoseek.eval import load_checkpoint
-        from nanoseek.r1.rejection import load_problems
-        from nanoseek.train.trainer import resolve_device
-
         model, tok = load_checkpoint(dc.r1_zero, resolve_device(cfg.sft.train.device), inference=True)
         traces, trace_stats = sample_traces(model, tok, load_problems(dc.r1_zero_traces), dc.r1_zero_traces, progress)
         for t in traces:

@@ -29,8 +29,16 @@ import torch
 
 from nanoseek.errors import UserError
 from nanoseek.files import atomic_write_json, atomic_write_text
-from nanoseek.train.commands import SFTConfig, SFTDataConfig
+from nanoseek.hf import load_checkpoint
+from nanoseek.r1.general import general_records
+from nanoseek.run import resolve_device
+from nanoseek.sampling.rewards import RewardConfig, compute_rewards
+from nanoseek.sampling import rollout
+from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, response_text, stop_token_ids
+from nanoseek.tasks import sample_problems
+from nanoseek.tasks.jsonl import load_jsonl_problems
 from nanoseek.train.optim import OptimConfig
+from nanoseek.train.runs import SFTConfig, SFTDataConfig, sft
 from nanoseek.train.trainer import EvalConfig, TrainConfig
 
 DEFAULT_TASKS = ["arithmetic", "countdown", "linear"]
@@ -58,12 +66,10 @@ class TraceConfig:
 def load_problems(tc: TraceConfig) -> list:
     """TRAIN-split task problems, or the problems of a user JSONL file (its first `prompts`)."""
     if tc.data:
-        from nanoseek.tasks.jsonl import load_jsonl_problems
         problems = load_jsonl_problems(tc.data)
         if not problems:
             raise UserError(f"{tc.data} holds no problems; point at a JSONL file with question/answer")
         return problems[:tc.prompts] if tc.prompts else problems
-    from nanoseek.tasks import sample_problems
     return sample_problems(tc.tasks, tc.prompts, split="train", seed=tc.seed, difficulty=tc.difficulty)
 
 
@@ -75,9 +81,6 @@ def sample_traces(model, tok, problems: list, tc: TraceConfig, progress: bool = 
     response is in the R1 format (`<think>…</think> <answer>…</answer>`); stats count every filter.
     """
     from rich.progress import Progress
-
-    from nanoseek.rl.rewards import RewardConfig, compute_rewards
-    from nanoseek.rl.rollout import SamplingConfig, encode_prompt, generate, response_text, stop_token_ids
 
     if tc.samples < 1 or tc.batch_size < 1:
         raise UserError("traces.samples and traces.batch_size must be >= 1")
@@ -97,7 +100,7 @@ def sample_traces(model, tok, problems: list, tc: TraceConfig, progress: bool = 
         task = bar.add_task("rejection sampling", total=len(rows))
         for start in range(0, len(rows), tc.batch_size):
             chunk = rows[start:start + tc.batch_size]
-            g = generate(model, [prompts[i] for i in chunk], sampling, stop, tok.pad_id, gen)
+            g = rollout.generate(model, [prompts[i] for i in chunk], sampling, stop, tok.pad_id, gen)
             for i, c in zip(chunk, g.completions()):
                 text = response_text(tok, c, tc.template).strip()
                 r = compute_rewards(rewards, problems[i], text, len(c))
@@ -140,8 +143,6 @@ def sft_steps(n_examples: int, batch_size: int, epochs: float) -> int:
 def sft_on(records_path: Path, init: str, sft_cfg: SFTConfig, out: Path, epochs: float, n_examples: int,
            progress: bool) -> Path:
     """SFT `init` on a chat JSONL for `epochs` passes (epochs 0 = sft.train.steps as given); returns final/."""
-    from nanoseek.train.commands import sft
-
     train = sft_cfg.train
     if epochs > 0:
         train = dataclasses.replace(train, steps=sft_steps(n_examples, train.batch_size, epochs))
@@ -169,10 +170,6 @@ class RejectionConfig:
 
 def build_rejection_data(cfg: RejectionConfig, out: Path, progress: bool = True) -> tuple[Path, dict]:
     """Sample, filter and mix into out/data.jsonl (+ out/stats.json); reused when already there."""
-    from nanoseek.eval import load_checkpoint
-    from nanoseek.r1.general import general_records
-    from nanoseek.train.trainer import resolve_device
-
     data, stats_path = out / "data.jsonl", out / "stats.json"
     if data.is_file() and stats_path.is_file():
         return data, json.loads(stats_path.read_text())

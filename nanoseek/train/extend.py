@@ -27,12 +27,18 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import ModelConfig
+from nanoseek.data import PackedDataset, check_model_fit, write_shards
+from nanoseek.data.corpus import build_corpus
 from nanoseek.errors import UserError
 from nanoseek.files import atomic_write_json, atomic_write_text
-from nanoseek.train.commands import (DataConfig, check_run_dir, export_final, finished, fixed_batches, load_init,
-                                     seed_everything, setup_torch, start_run, task_evaluator)
+from nanoseek.hf import load_pretrained
+from nanoseek.model import build_model
+from nanoseek.run import (autocast, check_run_dir, export_final, finished, load_init, seed_everything, setup_torch,
+                          start_run)
+from nanoseek.tokenizer import Tokenizer, check_vocab_fits
 from nanoseek.train.optim import OptimConfig
-from nanoseek.train.trainer import CheckpointConfig, EvalConfig, TrainConfig, autocast, prepare_model, train
+from nanoseek.train.runs import DataConfig, fixed_batches, task_evaluator
+from nanoseek.train.trainer import CheckpointConfig, EvalConfig, TrainConfig, prepare_model, train
 
 BOXES = ("red", "blue", "green", "gold", "iron", "oak", "sky", "sun", "moon", "star", "rain", "snow", "sand",
          "rock", "fire", "ice")
@@ -249,12 +255,6 @@ def markdown(result: dict, names: list[str]) -> str:
 
 def extend(cfg: ExtendConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Continue training `cfg.init` at `train.seq_len` with YaRN; write eval/retrieval.{json,md}."""
-    from nanoseek.data import PackedDataset, check_model_fit, write_shards
-    from nanoseek.data.corpus import build_corpus
-    from nanoseek.hf import load_pretrained
-    from nanoseek.model import build_model
-    from nanoseek.tokenizer import Tokenizer, check_vocab_fits
-
     out = Path(out)
     if not cfg.init:
         raise UserError("extend needs a base model: pass --init MODEL_DIR (e.g. runs/pretrain/final)")

@@ -217,6 +217,7 @@ def _hopper(t: torch.Tensor) -> bool:
 
 
 def _kernels():
+    # Lazy: the Triton kernels import triton, an optional dependency present only on CUDA machines.
     from nanoseek.kernels import fp8_triton
     return fp8_triton
 

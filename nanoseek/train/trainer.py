@@ -64,7 +64,7 @@ class EvalConfig:
     max_new_tokens: int = 96
     temperature: float = 0.6          # R1 report's evaluation sampling
     top_p: float = 0.95
-    template: str = "r1_zero"         # prompt format (nanoseek.rl.rollout.encode_prompt): r1_zero | chat | plain
+    template: str = "r1_zero"         # prompt format (nanoseek.sampling.rollout.encode_prompt): r1_zero | chat | plain
 
 
 @dataclass

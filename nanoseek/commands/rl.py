@@ -15,13 +15,19 @@ from pathlib import Path
 import torch
 
 from nanoseek.errors import UserError
+from nanoseek.hf import load_checkpoint
+from nanoseek.parallel.mesh import destroy
+from nanoseek.recipe import load_recipe
+from nanoseek.rl.trainer import RLConfig, train_rl
+from nanoseek.run import resolve_device
+from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, stop_token_ids
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     command = parser.prog.split()[-1]
     if command in ("grpo", "ppo"):
         parser.add_argument("--recipe", default=None, help="TOML recipe, e.g. recipes/r1_zero_tiny.toml")
-        parser.add_argument("--set", action="append", default=[], help="override, e.g. --set grpo.beta=0.04")
+        parser.add_argument("--set", action="append", default=[], help="override, e.g. --set rl.beta=0.04")
         parser.add_argument("--init", default=None, help="model directory to start from (sets train.init)")
         parser.add_argument("--out", required=True, help="run directory")
         parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
@@ -46,9 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.command in ("grpo", "ppo"):
         return _train(args)
-    from nanoseek.eval import load_checkpoint
-    from nanoseek.rl.rollout import SamplingConfig
-    from nanoseek.train.trainer import resolve_device
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, top_k=args.top_k, greedy=args.greedy, stop=[])
@@ -58,8 +61,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(args, model, tok, sampling, gen) -> int:
-    from nanoseek.rl.rollout import encode_prompt, generate
-
     if args.samples < 1:
         raise UserError(f"--samples {args.samples}: need at least 1")
     prompts = [p for p in args.prompt for _ in range(args.samples)]
@@ -76,8 +77,6 @@ def _generate(args, model, tok, sampling, gen) -> int:
 
 def _stops(tok, template: str) -> list[int]:
     """eos; under the R1-Zero template also </answer>, where the template's answer ends (when it is a token)."""
-    from nanoseek.rl.rollout import stop_token_ids
-
     extra = ["</answer>"] if template == "r1_zero" and tok.token_id("</answer>") is not None else []
     return stop_token_ids(tok, extra)
 
@@ -123,8 +122,6 @@ def _split_tags(text: str) -> list[str]:
 def _chat(args, model, tok, sampling, gen) -> int:
     from rich.console import Console
 
-    from nanoseek.rl.rollout import encode_prompt, generate
-
     console = Console(highlight=False)
     console.print(f"[bold]nanoseek chat[/] — {args.checkpoint} ({args.template} template). "
                   "Type /reset to start over, /exit or Ctrl-D to quit. Reasoning is shown [dim italic]dim[/].")
@@ -163,10 +160,6 @@ def _chat(args, model, tok, sampling, gen) -> int:
 
 
 def _train(args) -> int:
-    from nanoseek.parallel.mesh import destroy
-    from nanoseek.recipe import load_recipe
-    from nanoseek.rl.trainer import RLConfig, train_rl
-
     out = Path(args.out)
     if args.resume and args.recipe is None and (out / "config.toml").is_file():
         cfg = load_recipe(RLConfig, out / "config.toml", args.set)   # --resume: the run's own config (+ --set)

@@ -21,18 +21,21 @@ for R1's reasoning stage / long-output runs in the recipe).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from nanoseek.errors import UserError
-from nanoseek.tasks import Problem, get_family
+from nanoseek.tasks import FAMILIES, Problem, TaskFamily, get_family
 from nanoseek.tasks.language import REGISTERS, language_share
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
-def accuracy_reward(problem: Problem, completion: str) -> float:
-    """1.0 if the completion's answer is right by the problem family's verifier, else 0.0."""
-    return get_family(problem.family).score(problem, completion)
+def accuracy_reward(problem: Problem, completion: str, families: Mapping[str, TaskFamily] = FAMILIES) -> float:
+    """1.0 if the completion's answer is right by the problem family's verifier, else 0.0 (a family of
+    `families`, else a built-in one: `get_family`)."""
+    family = families[problem.family] if problem.family in families else get_family(problem.family)
+    return family.score(problem, completion)
 
 
 def format_reward(completion: str, starts_in_think: bool = False) -> float:
@@ -94,11 +97,13 @@ class RewardConfig:
                             "0 <= cache_tokens <= max_tokens (max_tokens 0 turns the penalty off)")
 
 
-def compute_rewards(cfg: RewardConfig, problem: Problem, completion: str, n_tokens: int) -> dict[str, float]:
-    """Each unweighted component and the weighted "total" for one completion of `n_tokens` tokens."""
+def compute_rewards(cfg: RewardConfig, problem: Problem, completion: str, n_tokens: int,
+                    families: Mapping[str, TaskFamily] = FAMILIES) -> dict[str, float]:
+    """Each unweighted component and the weighted "total" for one completion of `n_tokens` tokens; the
+    accuracy by the problem's family in `families` (a run passes its own mapping when it adds families)."""
     register = problem.meta.get("register", cfg.register)
     out = {
-        "accuracy": accuracy_reward(problem, completion),
+        "accuracy": accuracy_reward(problem, completion, families),
         "format": format_reward(completion, cfg.starts_in_think),
         "language": language_consistency(completion, register),
         "overlong": overlong_penalty(n_tokens, cfg.max_tokens, cfg.cache_tokens) if cfg.max_tokens else 0.0,

@@ -20,6 +20,7 @@ import torch
 
 from nanoseek.errors import UserError
 from nanoseek.files import atomic_dir
+from nanoseek.hf import save_pretrained
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -63,8 +64,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, trainer_state: dict,
                     keep_last: int) -> Path:
     """Write `checkpoints/step-{step}` atomically, then delete all but the newest `keep_last` (≥ 1)."""
-    from nanoseek.hf import save_pretrained
-
     root = Path(run_dir) / "checkpoints"
     path = root / f"step-{step}"
     with atomic_dir(path) as tmp:

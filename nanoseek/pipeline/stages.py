@@ -35,7 +35,6 @@ wait on their own Python (benchmarks/RESULTS.md: stage start-up 30-55 s → 8-16
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -44,18 +43,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanoseek.config import DenseConfig
-from nanoseek.distill import DistillConfig
+from nanoseek.data.corpus import prepare_corpus
+from nanoseek.distill import DistillConfig, distill
 from nanoseek.errors import UserError
-from nanoseek.files import atomic_write_json, atomic_write_text
-from nanoseek.r1.coldstart import ColdStartConfig, ColdStartDataConfig
-from nanoseek.r1.rejection import RejectionConfig, TraceConfig
+from nanoseek.eval import EvalConfig as SamplingEval, evaluate
+from nanoseek.files import atomic_dir, atomic_write_json, atomic_write_text
+from nanoseek.hf import load_checkpoint, save_pretrained
+from nanoseek.model import build_model
+from nanoseek.r1.coldstart import ColdStartConfig, ColdStartDataConfig, coldstart
+from nanoseek.r1.general import GeneralFamily, preference_pairs
+from nanoseek.r1.rejection import RejectionConfig, TraceConfig, rejection
 from nanoseek.recipe import from_dict, load_recipe, to_toml
-from nanoseek.rl.reward_model import RewardModelConfig, RMDataConfig, RMTrainConfig
-from nanoseek.rl.rewards import RewardConfig
-from nanoseek.rl.rollout import SamplingConfig
-from nanoseek.rl.trainer import RLConfig, RLEvalConfig, RLTrainConfig, TaskConfig
-from nanoseek.train.commands import PretrainConfig
+from nanoseek.report import record_expert_loads, write_report
+from nanoseek.rl.reward_model import (RMDataConfig, RMTrainConfig, RewardModelConfig, load_reward_model,
+                                      reward_scorer, train_reward_model)
+from nanoseek.rl.trainer import RLConfig, RLEvalConfig, RLTrainConfig, TaskConfig, train_rl
+from nanoseek.run import check_run_dir, resolve_device
+from nanoseek.sampling.rewards import RewardConfig
+from nanoseek.sampling.rollout import SamplingConfig
+from nanoseek.tasks import sample_problems
+from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.optim import OptimConfig
+from nanoseek.train.runs import PretrainConfig, corpus_tokenizer, pretrain, resolve_model
 from nanoseek.train.trainer import CheckpointConfig, EvalConfig, TrainConfig
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -315,8 +324,6 @@ class Pipeline:
     # -- running --------------------------------------------------------------------------------------
     def run(self, stop_after: str | None = None) -> dict:
         """Every stage (or, with stop_after, that stage and the ones it needs), then the report."""
-        from nanoseek.train.commands import check_run_dir
-
         try:
             check_run_dir(self.run_dir, self.cfg, resume=True)    # a rerun must be the same run
         except UserError as e:
@@ -342,7 +349,6 @@ class Pipeline:
             atomic_write_json(elapsed_file, {"wall_s": spent + time.perf_counter() - t0})
         if stop_after:
             return self.outputs
-        from nanoseek.report import write_report
         return write_report(self, console=self.console)
 
     def finished(self, stage: Stage) -> bool:
@@ -492,10 +498,6 @@ class Pipeline:
     # -- stages -----------------------------------------------------------------------------------------
     def tokenizer(self, d: Path) -> dict:
         """The BPE tokenizer and the packed shards of the teacher's corpus, which the pretraining stages copy."""
-        from nanoseek.data.corpus import prepare_corpus
-        from nanoseek.tokenizer import Tokenizer
-        from nanoseek.train.commands import corpus_tokenizer, resolve_model
-
         if (d / "tokenizer" / "tokenizer.json").is_file():            # an interrupted attempt got this far
             tok = Tokenizer.load(d / "tokenizer")
         else:
@@ -509,36 +511,26 @@ class Pipeline:
 
     def _shards(self, pc: PretrainConfig, run: Path) -> None:
         """Start a pretraining run with stage 0's shards when it reads the same corpus (prepare_corpus reuses them)."""
-        from nanoseek.files import atomic_dir
-
         src = self.outputs["00-tokenizer"].get("data")
         if src and pc.data.corpus == self.cfg.pretrain.data.corpus and not (run / "data").exists():
             with atomic_dir(run / "data") as tmp:
                 shutil.copytree(src, tmp, dirs_exist_ok=True)
 
     def pretrain(self, d: Path) -> dict:
-        from nanoseek.report import record_expert_loads
-        from nanoseek.train.commands import pretrain
-        from nanoseek.train.trainer import resolve_device
-
         self._shards(self.cfg.pretrain, d)
         final = pretrain(self._with_tokenizer(self.cfg.pretrain), d, resume=True, progress=self.progress)
         record_expert_loads(final, d, self.cfg.pretrain, device=resolve_device(self.cfg.device))
         return {"final": str(final)}
 
-    def _grpo(self, rc: RLConfig, init: str, d: Path) -> dict:
-        from nanoseek.rl.trainer import train_rl
-
+    def _grpo(self, rc: RLConfig, init: str, d: Path, families: tuple = ()) -> dict:
         rc = dataclasses.replace(rc, train=dataclasses.replace(rc.train, init=str(init)))
-        train_rl(rc, d, algo="grpo", resume=True, progress=self.progress)
+        train_rl(rc, d, algo="grpo", resume=True, progress=self.progress, families=families)
         return {"final": str(d / "final")}
 
     def r1_zero(self, d: Path) -> dict:
         return self._grpo(self.cfg.r1_zero, self.out("01-pretrain"), d)
 
     def coldstart(self, d: Path) -> dict:
-        from nanoseek.r1.coldstart import coldstart
-
         cc = self.cfg.coldstart
         r1z = self.out("02-r1-zero") if self.cfg.use_r1_zero_outputs else None
         cc = dataclasses.replace(cc, init=self.out("01-pretrain"), data=dataclasses.replace(cc.data, r1_zero=r1z))
@@ -548,37 +540,25 @@ class Pipeline:
         return self._grpo(self.cfg.reasoning_rl, self.out("03-coldstart"), d)
 
     def rejection(self, d: Path) -> dict:
-        from nanoseek.r1.rejection import rejection
-
         rc = dataclasses.replace(self.cfg.rejection, init=self.out("04-reasoning-rl"), base=self.out("01-pretrain"))
         return rejection(rc, d, progress=self.progress)
 
     def reward_model(self, d: Path) -> dict:
-        from nanoseek.rl.reward_model import train_reward_model
-
         # from the cold-start SFT model (V3 builds its reward models from SFT checkpoints, §5.2.1): it knows the chat
         # format, and the reward model then trains beside stages 2-3 instead of after them
         rc = dataclasses.replace(self.cfg.reward_model, init=self.out("03-coldstart"))
-        metrics = train_reward_model(rc, d, progress=self.progress)
+        generated = None if rc.data.path else preference_pairs(rc.data.pairs, seed=rc.train.seed)
+        metrics = train_reward_model(rc, d, progress=self.progress, generated=generated)
         return {"final": str(d / "final"), "heldout": metrics["heldout"]}
 
     def all_rl(self, d: Path) -> dict:
-        from nanoseek.r1.general import GeneralFamily, registered
-        from nanoseek.rl.reward_model import load_reward_model
-        from nanoseek.train.trainer import resolve_device
-
         rm, tok = load_reward_model(self.out("06-reward-model"), resolve_device(self.cfg.device))
-        with registered(GeneralFamily(rm, tok, self.cfg.all_rl.harmful_share)):
-            return self._grpo(self.cfg.all_rl.rl, self.out("05-rejection"), d)
+        general = GeneralFamily(reward_scorer(rm, tok), self.cfg.all_rl.harmful_share)
+        return self._grpo(self.cfg.all_rl.rl, self.out("05-rejection"), d, families=(general,))
 
     def student_base(self, d: Path) -> dict:
         """A random-init dense student (vocab and positions = the base's), pretrained on the same corpus."""
         import torch
-
-        from nanoseek.hf import save_pretrained
-        from nanoseek.model import build_model
-        from nanoseek.tokenizer import Tokenizer
-        from nanoseek.train.commands import pretrain, resolve_model
 
         tok_dir = self.out("00-tokenizer", "tokenizer")
         base_cfg = resolve_model(self.cfg.pretrain.model)
@@ -595,8 +575,6 @@ class Pipeline:
         return {"final": str(pretrain(pc, d / "run", resume=True, progress=self.progress))}
 
     def distill(self, d: Path) -> dict:
-        from nanoseek.distill import distill
-
         dc = dataclasses.replace(self.cfg.distill, teacher=self.out("07-all-rl"), init=self.out("08-student-base"))
         return distill(dc, d, progress=self.progress)
 
@@ -617,10 +595,6 @@ class Pipeline:
         return f.is_file() and json.loads(f.read_text()).get("eval") == dataclasses.asdict(self.cfg.eval)
 
     def evaluate_model(self, stage: str) -> Path:
-        from nanoseek.eval import EvalConfig as SamplingEval, evaluate, load_checkpoint
-        from nanoseek.tasks import sample_problems
-        from nanoseek.train.trainer import resolve_device
-
         file = self._eval_file(stage)
         if self._evaluated(stage):
             return file
@@ -642,48 +616,3 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------- CLI: pipeline | coldstart | rejection
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    command = parser.prog.split()[-1]
-    if command == "pipeline":
-        parser.add_argument("--preset", default="tiny", choices=PRESETS,
-                            help="tiny = the embedded CPU default; small = recipes/pipeline_small.toml (one H100)")
-        parser.add_argument("--stop-after", default=None, choices=[st.name.split("-", 1)[1] for st in STAGES],
-                            metavar="STAGE", help="run this stage and the stages it needs, then stop (e.g. pretrain, r1-zero)")
-    elif command == "coldstart":
-        parser.add_argument("--init", help="model to fine-tune (R1: the base)")
-        parser.add_argument("--r1-zero", help="an R1-Zero model: add its correct, readable outputs to the data")
-        parser.add_argument("--data", help="chat JSONL of long-CoT examples to use as is")
-    else:
-        parser.add_argument("--init", help="model to sample, e.g. a reasoning-RL run's final/")
-        parser.add_argument("--base", help="also SFT this model on the result (R1: the base model)")
-        parser.add_argument("--data", help="JSONL of problems to sample (default: generated TRAIN-split tasks)")
-    parser.add_argument("--recipe", help="TOML recipe (overrides the defaults)")
-    example = {"pipeline": "pretrain.train.steps=100", "coldstart": "data.examples=500"}.get(command, "traces.samples=8")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help=f"override one setting, e.g. --set {example} (repeatable)")
-    parser.add_argument("--out", default=f"runs/{command}", help="run directory")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
-
-
-def run(args: argparse.Namespace) -> int:
-    progress = not args.no_progress
-    if args.command == "pipeline":
-        cfg = load_pipeline_config(args.preset, args.recipe, args.sets)
-        Pipeline(cfg, args.out, progress=progress).run(stop_after=args.stop_after)
-        return 0
-    flags = {"coldstart": (("init", "init"), ("r1_zero", "data.r1_zero"), ("data", "data.path")),
-             "rejection": (("init", "init"), ("base", "base"), ("data", "traces.data"))}[args.command]
-    sets = args.sets + [f"{key}={json.dumps(getattr(args, arg))}" for arg, key in flags if getattr(args, arg)]
-    if args.command == "coldstart":
-        from nanoseek.r1.coldstart import coldstart, describe
-
-        result = coldstart(load_recipe(ColdStartConfig, args.recipe, sets), args.out, progress)
-        print(f"cold start: {describe(result['stats'])}\ndata: {result['data']}\nmodel: {result['final']}")
-        return 0
-    from nanoseek.r1.rejection import describe, rejection
-
-    result = rejection(load_recipe(RejectionConfig, args.recipe, sets), args.out, progress)
-    print(f"rejection sampling: {describe(result['stats'])}\ndata: {result['data']}"
-          + (f"\nmodel: {result['final']}" if "final" in result else ""))
-    return 0

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from nanoseek.errors import UserError
+from nanoseek.tokenizer import r1_zero_prompt
 
 
 @dataclass
@@ -284,7 +285,6 @@ def encode_prompt(tokenizer, question: str, template: str) -> list[int]:
     if template == "chat":
         return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]))
     if template == "r1_zero":
-        from nanoseek.tokenizer import r1_zero_prompt
         text = r1_zero_prompt(question)
     elif template == "plain":
         text = question

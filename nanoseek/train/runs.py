@@ -1,4 +1,4 @@
-"""`nanoseek pretrain | sft | extend`: configs, run directories, and the data each stage trains on.
+"""Pretraining and SFT runs (`nanoseek pretrain | sft`): their configs and the data each trains on.
 
 Every stage is one config tree (defaults = the tiny CPU recipe) resolved from `--recipe` and `--set`, then:
 validate everything that can be wrong (config, tokenizer vs model vocab, seq_len vs the model's positions,
@@ -6,36 +6,35 @@ the data) BEFORE the run directory is touched, write the resolved `config.toml`,
 (nanoseek.train.trainer), and export `final/` (HF model + tokenizer, so `load_pretrained(run/final)` works).
 
 Run directory: config.toml, tokenizer/, data/ (pretrain/extend shards), metrics.jsonl, tb/,
-checkpoints/step-N/, final/. `--resume` continues from the newest checkpoint; the resolved config must be the
+checkpoints/step-N/, final/ (kept by nanoseek.run). `--resume` continues from the newest checkpoint; the resolved config must be the
 one the run started with (train.steps, eval and checkpoint settings may change).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
-import json
-import os
-import random
-import shutil
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from nanoseek.config import ModelConfig
-from nanoseek.data.corpus import CorpusConfig
+from nanoseek.data import PackedDataset, SFTDataset, check_model_fit, load_chat_records
+from nanoseek.data.corpus import CorpusConfig, build_corpus, prepare_corpus
+from nanoseek.data.sft import to_messages
 from nanoseek.errors import UserError
-from nanoseek.files import atomic_dir, atomic_write_text
+from nanoseek.eval import EvalConfig as SamplingEval, evaluate
+from nanoseek.hf import load_pretrained
+from nanoseek.model import build_model
 from nanoseek.parallel import ParallelConfig, parallelize
-from nanoseek.parallel.mesh import destroy
-from nanoseek.recipe import from_dict, load_recipe, to_dict, to_toml
-from nanoseek.train.checkpoint import latest_checkpoint
+from nanoseek.recipe import from_dict
+from nanoseek.run import (check_run_dir, export_final, finished, join_ranks, load_init, rank0_first, seed_everything,
+                          setup_torch, start_run)
+from nanoseek.sampling.rollout import encode_prompt
+from nanoseek.tasks import sample_problems
+from nanoseek.tokenizer import Tokenizer, check_vocab_fits
 from nanoseek.train.optim import OptimConfig
-from nanoseek.train.trainer import CheckpointConfig, EvalConfig, TrainConfig, prepare_model, resolve_device, train
+from nanoseek.train.trainer import CheckpointConfig, EvalConfig, TrainConfig, prepare_model, train
 
 
 # ---------------------------------------------------------------- configs
@@ -77,12 +76,6 @@ class SFTConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
-# Settings a resumed run may change: how long to train, how often to evaluate and checkpoint, whether to
-# compile, the CPU threads, and the parallel layout (checkpoints are single-device files, so any layout
-# resumes any other).
-RESUMABLE_CHANGES = ("train.steps", "train.compile", "train.threads", "eval.", "checkpoint.", "parallel.")
-
-
 # ---------------------------------------------------------------- model section
 
 def resolve_model(section: dict) -> ModelConfig:
@@ -100,127 +93,6 @@ def model_section(cfg: ModelConfig, preset: str) -> dict:
 
 # ---------------------------------------------------------------- run directory
 
-def check_run_dir(out: Path, cfg, resume: bool) -> Path | None:
-    """Refuse to overwrite a run; on resume, check the config matches. Returns the checkpoint to resume from."""
-    if not resume:
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        return None
-    saved = out / "config.toml"
-    if saved.is_file():
-        old = _flatten(tomllib.loads(saved.read_text(encoding="utf-8")))
-        new = _flatten(tomllib.loads(to_toml(cfg)))
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES):
-                raise UserError(f"--resume: {key} = {new.get(key)!r} differs from {old.get(key)!r} in {saved}; "
-                                "resume with the run's own recipe, or start a new run with another --out")
-    return latest_checkpoint(out)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and not (prefix == "model." and k == "rope_scaling"):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def finished(out: Path, resume_from: Path | None, steps: int) -> bool:
-    """A resumed run whose last checkpoint is the last step and whose final/ export exists: nothing to do."""
-    return (resume_from is not None and resume_from.name == f"step-{steps}"
-            and (out / "final" / "config.json").is_file())
-
-
-def start_run(out: Path, cfg, tok) -> None:
-    """Create the run directory with its resolved config and tokenizer (idempotent on resume)."""
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.toml", to_toml(cfg))
-    if not (out / "tokenizer" / "tokenizer.json").is_file():
-        tok.save(out / "tokenizer")
-
-
-def export_final(out: Path, model, tok) -> Path:
-    """`final/`: the HF model and its tokenizer, loadable with `load_pretrained` and `nanoseek eval`."""
-    from nanoseek.hf import save_pretrained
-
-    with atomic_dir(out / "final") as tmp:
-        save_pretrained(model, tmp)
-        for f in (out / "tokenizer").iterdir():
-            shutil.copy2(f, tmp / f.name)
-    return out / "final"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def setup_torch(tc: TrainConfig) -> torch.device:
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
-    if tc.precision not in ("fp32", "bf16", "fp8"):
-        raise UserError(f"train.precision={tc.precision!r}; choose fp32, bf16 or fp8")
-    if tc.batch_size < 1 or tc.grad_accum < 1 or tc.steps < 1 or tc.seq_len < 2:
-        raise UserError("train.steps, train.batch_size and train.grad_accum must be >= 1 and train.seq_len >= 2")
-    return device
-
-
-def join_ranks(pc: ParallelConfig, tc, device: torch.device):
-    """(ParallelContext, this rank's device) when torchrun launched several processes (WORLD_SIZE > 1):
-    join the process group (NCCL on GPUs, gloo on CPU) and check the batch splits over the layout. On one
-    process: (None, device), after checking that the [parallel] section asks for one rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        pc.resolve(1)
-        return None, device
-    if device.type != ("cuda" if torch.cuda.is_available() else "cpu"):
-        raise UserError(f"train.device={tc.device!r} under torchrun: the ranks use "
-                        f"{'the GPUs' if torch.cuda.is_available() else 'the CPU'}; set train.device=\"auto\"")
-    from nanoseek.parallel import init_distributed
-    ctx = init_distributed(pc)
-    batch = getattr(tc, "batch_size", None)
-    if batch is not None:
-        dp, mb = ctx.cfg.dp, ctx.cfg.microbatches
-        if batch % dp:
-            raise UserError(f"train.batch_size={batch} is not divisible by parallel.dp={dp}: every data-parallel "
-                            "rank takes an equal share of each batch; make it a multiple")
-        if ctx.cfg.pp > 1 and (batch // dp * tc.grad_accum) % mb:
-            raise UserError(f"{batch // dp * tc.grad_accum} rows per rank per step do not split into "
-                            f"parallel.microbatches={mb}; change train.batch_size or parallel.microbatches")
-    return ctx, ctx.device
-
-
-@contextlib.contextmanager
-def rank0_first(ctx):
-    """Rank 0 runs the body (writing the run directory: config, tokenizer, data shards) before the other
-    ranks run it (reading what rank 0 wrote). All ranks have checked the run directory by then. Several
-    nodes need the run directory on a file system they share."""
-    if ctx is None or not ctx.distributed:
-        yield
-        return
-    ctx.barrier()
-    if not ctx.is_main:
-        ctx.barrier()
-    yield
-    if ctx.is_main:
-        ctx.barrier()
-
-
-def load_init(path: str, device: torch.device):
-    """(model, tokenizer dir) of an HF checkpoint to start from; UserError when it is not one."""
-    from nanoseek.eval import find_tokenizer
-    from nanoseek.hf import load_pretrained
-
-    p = Path(path)
-    if not p.is_dir():
-        raise UserError(f"--init {path} is not a directory; pass a model directory such as runs/pretrain/final")
-    return load_pretrained(p, device=str(device)), find_tokenizer(p)
-
-
 # ---------------------------------------------------------------- evaluation during training
 
 def task_evaluator(ec: EvalConfig, tok, model_cfg, seed: int):
@@ -229,9 +101,6 @@ def task_evaluator(ec: EvalConfig, tok, model_cfg, seed: int):
     Checked up front: the longest prompt plus max_new_tokens must fit the model's positions."""
     if not ec.problems or not ec.tasks:
         return None
-    from nanoseek.eval import EvalConfig as SamplingEval, evaluate
-    from nanoseek.rl.rollout import encode_prompt
-    from nanoseek.tasks import sample_problems
 
     problems = sample_problems(ec.tasks, ec.problems, split="test", seed=seed, difficulty=ec.difficulty)
     longest = max(len(encode_prompt(tok, p.prompt, ec.template)) for p in problems)
@@ -260,9 +129,6 @@ def fixed_batches(dataset, n: int, batch_size: int, n_items: int) -> list | None
 
 def corpus_datasets(cfg, tok, model_cfg: ModelConfig, out: Path, progress: bool):
     """(train PackedDataset, fixed validation batches) from the corpus shards under out/data."""
-    from nanoseek.data import PackedDataset
-    from nanoseek.data.corpus import prepare_corpus
-
     tc = cfg.train
     train_dir, val_dir = prepare_corpus(out / "data", cfg.data.corpus, tok, progress=progress)
     train_data = PackedDataset(train_dir, tc.seq_len, tc.batch_size, seed=tc.seed, model_config=model_cfg)
@@ -272,9 +138,6 @@ def corpus_datasets(cfg, tok, model_cfg: ModelConfig, out: Path, progress: bool)
 
 def corpus_tokenizer(cfg, vocab_size: int, resume_dir: Path | None = None, init_tok: Path | None = None):
     """The run's tokenizer: given, the --init model's, already in the run (resume), or trained on the corpus."""
-    from nanoseek.data.corpus import build_corpus
-    from nanoseek.tokenizer import Tokenizer
-
     if cfg.data.tokenizer or init_tok:
         return Tokenizer.load(cfg.data.tokenizer or init_tok)
     if resume_dir is not None and (resume_dir / "tokenizer" / "tokenizer.json").is_file():
@@ -284,10 +147,6 @@ def corpus_tokenizer(cfg, vocab_size: int, resume_dir: Path | None = None, init_
 
 def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Pretrain (next-token + MTP + balancing) into run directory `out`; returns `out/final`."""
-    from nanoseek.data import check_model_fit
-    from nanoseek.model import build_model
-    from nanoseek.tokenizer import check_vocab_fits
-
     out = Path(out)
     device = setup_torch(cfg.train)
     ctx, device = join_ranks(cfg.parallel, cfg.train, device)
@@ -315,7 +174,6 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progres
         train_data, val_batches = corpus_datasets(cfg, tok, model_cfg, out, progress and main)
     seed_everything(cfg.train.seed)
     if resume_from is not None:
-        from nanoseek.hf import load_pretrained
         model = load_pretrained(resume_from)
     elif init_model is not None:
         model = init_model
@@ -335,10 +193,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progres
 def sft_records(dc: SFTDataConfig, tasks: list[str], seed: int) -> list[dict]:
     """Chat records: the user's JSONL, or worked solutions of train-split task problems (prompt → solution)."""
     if dc.path:
-        from nanoseek.data import load_chat_records
         return load_chat_records(dc.path)
-    from nanoseek.data.sft import to_messages
-    from nanoseek.tasks import sample_problems
 
     return [to_messages({"prompt": p.prompt, "response": p.solution})
             for p in sample_problems(tasks, dc.examples, split="train", seed=seed)]
@@ -346,9 +201,6 @@ def sft_records(dc: SFTDataConfig, tasks: list[str], seed: int) -> list[dict]:
 
 def sft(cfg: SFTConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Fine-tune `cfg.init` on chat data with the loss on responses only; returns `out/final`."""
-    from nanoseek.data import SFTDataset
-    from nanoseek.tokenizer import Tokenizer
-
     out = Path(out)
     if not cfg.init:
         raise UserError("sft needs a model to start from: pass --init MODEL_DIR (e.g. runs/pretrain/final)")
@@ -377,7 +229,6 @@ def sft(cfg: SFTConfig, out: str | Path, resume: bool = False, progress: bool = 
             start_run(out, cfg, tok)
     seed_everything(tc.seed)
     if resume_from is not None:
-        from nanoseek.hf import load_pretrained
         model = load_pretrained(resume_from)
     model = prepare_model(model, tc, device)
     par = parallelize(model, ctx=ctx) if ctx is not None else None
@@ -387,33 +238,3 @@ def sft(cfg: SFTConfig, out: str | Path, resume: bool = False, progress: bool = 
 
 
 # ---------------------------------------------------------------- CLI
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", help="TOML recipe, e.g. recipes/tiny.toml (defaults: the tiny CPU recipe)")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one setting, e.g. --set train.steps=100 (repeatable)")
-    parser.add_argument("--out", help="run directory (default runs/<command>)")
-    parser.add_argument("--init", help="model directory to start from (required for sft and extend)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
-
-
-def run(args: argparse.Namespace) -> int:
-    stages = {"pretrain": (PretrainConfig, pretrain), "sft": (SFTConfig, sft)}
-    if args.command == "extend":
-        from nanoseek.train.extend import ExtendConfig, extend
-        stages["extend"] = (ExtendConfig, extend)
-    cls, stage = stages[args.command]
-    out = Path(args.out or f"runs/{args.command}")
-    sets = list(args.sets) + ([f"init={json.dumps(args.init)}"] if args.init else [])
-    if args.resume and args.recipe is None and (out / "config.toml").is_file():
-        cfg = load_recipe(cls, out / "config.toml", sets)     # --resume without a recipe: the run's own config
-    else:
-        cfg = load_recipe(cls, args.recipe, sets)
-    try:
-        final = stage(cfg, out, resume=args.resume, progress=not args.no_progress)
-    finally:
-        destroy()                                  # leave the process group (torchrun runs)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {final}")
-    return 0

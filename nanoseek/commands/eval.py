@@ -1,0 +1,55 @@
+"""`nanoseek eval`: pass@1 over K samples, cons@K, format rate with 95% intervals, for one checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from rich.console import Console
+from rich.markdown import Markdown
+
+from nanoseek.errors import UserError
+from nanoseek.eval import EvalConfig, evaluate, load_problems, markdown_table
+from nanoseek.files import atomic_write_json
+from nanoseek.hf import load_checkpoint
+from nanoseek.run import resolve_device
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="model directory (HF format) with a tokenizer")
+    parser.add_argument("--tasks", default=None, help="comma-separated task families, e.g. arithmetic,countdown")
+    parser.add_argument("--data", default=None, help="JSONL file with question/prompt and answer (GSM8K, MATH)")
+    parser.add_argument("--samples", type=int, default=8, help="samples per problem K (default 8)")
+    parser.add_argument("--n-problems", type=int, default=100, help="problems to evaluate (0 = all of --data)")
+    parser.add_argument("--json", default=None, help="write the full result (per-problem records too) here")
+    parser.add_argument("--template", default="r1_zero", choices=["r1_zero", "chat", "plain"])
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--difficulty", type=int, default=None, help="task difficulty (default: the family's mix)")
+    parser.add_argument("--no-greedy", action="store_true", help="skip the greedy decode")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.samples < 1 or args.n_problems < 0:
+        raise UserError("--samples must be >= 1 and --n-problems >= 0")
+    tasks = [t for t in (args.tasks or "").replace(" ", ",").split(",") if t]
+    problems = load_problems(tasks, args.data, args.n_problems, args.seed, args.difficulty)
+    model, tokenizer = load_checkpoint(args.checkpoint, resolve_device(args.device), inference=True)
+    cfg = EvalConfig(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                     max_new_tokens=args.max_new_tokens, greedy=not args.no_greedy, template=args.template,
+                     batch_size=args.batch_size, seed=args.seed)
+    console = Console()
+    result = evaluate(model, tokenizer, problems, cfg, progress=True)
+    result["checkpoint"] = str(args.checkpoint)
+    result["config"] = dataclasses.asdict(cfg)
+    console.print(f"{args.checkpoint}: {len(problems)} problems, {args.samples} samples each")
+    console.print(Markdown(markdown_table(result)))
+    if args.json:
+        atomic_write_json(args.json, result)
+        console.print(f"written {args.json}")
+    return 0
+

@@ -1,0 +1,91 @@
+"""How a run starts: the device, autocast, seeds, CPU threads, and joining the ranks torchrun launched."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+from nanoseek.errors import UserError
+from nanoseek.parallel import ParallelConfig, init_distributed
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name!r} but no CUDA device is visible; use train.device=\"cpu\"")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"train.device={name!r} is not a device; use auto, cpu or cuda") from None
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for "bf16" and "fp8" (the FP8 GEMMs run inside it, everything else in bf16); fp32 plain."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision in ("bf16", "fp8"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise UserError(f"train.precision={precision!r}; choose fp32, bf16 or fp8")
+
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_torch(tc) -> torch.device:
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
+    if tc.precision not in ("fp32", "bf16", "fp8"):
+        raise UserError(f"train.precision={tc.precision!r}; choose fp32, bf16 or fp8")
+    if tc.batch_size < 1 or tc.grad_accum < 1 or tc.steps < 1 or tc.seq_len < 2:
+        raise UserError("train.steps, train.batch_size and train.grad_accum must be >= 1 and train.seq_len >= 2")
+    return device
+
+
+def join_ranks(pc: ParallelConfig, tc, device: torch.device):
+    """(ParallelContext, this rank's device) when torchrun launched several processes (WORLD_SIZE > 1):
+    join the process group (NCCL on GPUs, gloo on CPU) and check the batch splits over the layout. On one
+    process: (None, device), after checking that the [parallel] section asks for one rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        pc.resolve(1)
+        return None, device
+    if device.type != ("cuda" if torch.cuda.is_available() else "cpu"):
+        raise UserError(f"train.device={tc.device!r} under torchrun: the ranks use "
+                        f"{'the GPUs' if torch.cuda.is_available() else 'the CPU'}; set train.device=\"auto\"")
+    ctx = init_distributed(pc)
+    batch = getattr(tc, "batch_size", None)
+    if batch is not None:
+        dp, mb = ctx.cfg.dp, ctx.cfg.microbatches
+        if batch % dp:
+            raise UserError(f"train.batch_size={batch} is not divisible by parallel.dp={dp}: every data-parallel "
+                            "rank takes an equal share of each batch; make it a multiple")
+        if ctx.cfg.pp > 1 and (batch // dp * tc.grad_accum) % mb:
+            raise UserError(f"{batch // dp * tc.grad_accum} rows per rank per step do not split into "
+                            f"parallel.microbatches={mb}; change train.batch_size or parallel.microbatches")
+    return ctx, ctx.device
+
+
+@contextlib.contextmanager
+def rank0_first(ctx):
+    """Rank 0 runs the body (writing the run directory: config, tokenizer, data shards) before the other
+    ranks run it (reading what rank 0 wrote). All ranks have checked the run directory by then. Several
+    nodes need the run directory on a file system they share."""
+    if ctx is None or not ctx.distributed:
+        yield
+        return
+    ctx.barrier()
+    if not ctx.is_main:
+        ctx.barrier()
+    yield
+    if ctx.is_main:
+        ctx.barrier()
