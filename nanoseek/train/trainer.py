@@ -7,9 +7,10 @@ One optimizer step (V3 §2, §4.2):
     b_i += γ·sign(mean(c) − c_i)              auxiliary-loss-free balancing (V3 §2.1.2) from the
                                               step's whole-batch expert loads c (all micro-batches)
 
-CE is weighted by each micro-batch's share of the step's target tokens, so accumulating k micro-batches
-gives the gradient of one k-times larger batch even when SFT masks a different number of tokens per
-micro-batch. Nothing in the loop draws random numbers except through the data iterator, whose position is
+CE and each MTP depth are weighted by each micro-batch's share of the step's target tokens
+(`nanoseek.model.loss.training_loss`, the objective of every parallel layout too), so accumulating k
+micro-batches gives the gradient of one k-times larger batch even when SFT masks a different number of
+tokens per micro-batch. The step runs through `Parallel` (`Parallel.single` on one process). Nothing in the loop draws random numbers except through the data iterator, whose position is
 checkpointed, and evaluation runs inside `torch.random.fork_rng`, so a resumed CPU run replays the
 uninterrupted one bit for bit.
 """
@@ -31,6 +32,7 @@ from nanoseek.model.moe import expert_loads, max_violation, moe_layers, update_r
 from nanoseek.parallel import Parallel
 from nanoseek.run import autocast
 from nanoseek.run.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from nanoseek.sampling.rollout import SamplingConfig
 from nanoseek.train.fp8 import convert_to_fp8
 from nanoseek.train.logger import MetricsLogger
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
@@ -50,20 +52,20 @@ class TrainConfig:
     mtp_lambda: float = 0.3           # λ of the MTP loss (V3 §2.2: 0.3 early, 0.1 later)
     balance_alpha: float = 1e-4       # α of the sequence-wise balance loss (V3 §2.1.2)
     bias_gamma: float = 1e-3          # γ of the aux-loss-free bias update; 0 switches it off
-    peak_flops: float = 717e12        # accelerator peak for MFU (DESIGN §8: H100 bf16 matmul, measured)
+    peak_flops: float = 717e12        # accelerator peak for MFU (docs/DESIGN.md §8: H100 bf16 matmul, measured)
 
 
 @dataclass
-class EvalConfig:
+class TrainEvalConfig:
+    """Evaluation during training: the held-out loss, and pass@1 on held-out task problems."""
     every: int = 100                  # evaluate every N steps (and after the last); 0 = only after the last
     val_batches: int = 4              # held-out batches for the validation loss
     tasks: list[str] = field(default_factory=lambda: ["arithmetic", "countdown", "linear"])
     problems: int = 48                # held-out TEST-split problems for pass@1 (0 = skip)
     difficulty: int | dict | None = None  # task level of those problems (one, or {family: level}); None = default mixes
     samples: int = 1                  # samples per problem for pass@1
-    max_new_tokens: int = 96
-    temperature: float = 0.6          # R1 report's evaluation sampling
-    top_p: float = 0.95
+    # the R1 report's evaluation sampling: temperature 0.6, top-p 0.95
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95))
     template: str = "r1_zero"         # prompt format (nanoseek.sampling.rollout.encode_prompt): r1_zero | chat | plain
 
 
@@ -165,14 +167,15 @@ def train(model: torch.nn.Module, cfg, run_dir: str | Path, train_data: Batches,
     """Run `cfg.train.steps` optimizer steps on `model` (already prepared, on its device), logging to
     `run_dir/metrics.jsonl` and checkpointing to `run_dir/checkpoints`.
 
-    cfg: any config tree with `.train` (TrainConfig), `.optim` (OptimConfig), `.eval` (EvalConfig) and
+    cfg: any config tree with `.train` (TrainConfig), `.optim` (OptimConfig), `.eval` (TrainEvalConfig) and
     `.checkpoint` (CheckpointConfig) sections. evaluate(model) -> dict of extra metrics (e.g. pass@1) run
     at eval steps. reduce_loads: where the [L_moe, E] expert loads are summed over the ranks before the bias
     update (default `par.reduce_loads`: identity on one process).
 
     par: `model` laid out over the ranks (nanoseek.parallel.parallelize); None means one process
-    (`Parallel.single`, a world of size 1). Every rank reads the same global batches (train.batch_size rows per micro-batch) and `par` takes this
-    rank's rows, so a step means the same on any layout; the expert loads are summed over the ranks; at eval
+    (`Parallel.single`, a world of size 1). Every rank reads the same global batches (train.batch_size rows
+    per micro-batch) and `par` takes this rank's rows, so a step means the same on any layout; the expert
+    loads are summed over the ranks; at eval
     and checkpoint steps the model is gathered into its single-device form on rank 0, which alone
     evaluates and writes metrics and checkpoints (the same files a one-process run writes, so any layout
     resumes any other). Returns the trained model (on rank 0 its gathered copy; None on the other ranks).
