@@ -10,9 +10,10 @@ One optimizer step (V3 §2, §4.2):
 CE and each MTP depth are weighted by each micro-batch's share of the step's target tokens
 (`nanoseek.model.loss.training_loss`, the objective of every parallel layout too), so accumulating k
 micro-batches gives the gradient of one k-times larger batch even when SFT masks a different number of
-tokens per micro-batch. The step runs through `Parallel` (`Parallel.single` on one process). Nothing in the loop draws random numbers except through the data iterator, whose position is
-checkpointed, and evaluation runs inside `torch.random.fork_rng`, so a resumed CPU run replays the
-uninterrupted one bit for bit.
+tokens per micro-batch. The step runs through `Parallel` (`Parallel.single` on one process). Nothing in
+the loop draws random numbers except through the data iterator, whose position is checkpointed, and
+evaluation runs inside `torch.random.fork_rng`, so a resumed CPU run replays the uninterrupted one bit for
+bit.
 """
 
 from __future__ import annotations
@@ -175,10 +176,9 @@ def train(model: torch.nn.Module, cfg, run_dir: str | Path, train_data: Batches,
     par: `model` laid out over the ranks (nanoseek.parallel.parallelize); None means one process
     (`Parallel.single`, a world of size 1). Every rank reads the same global batches (train.batch_size rows
     per micro-batch) and `par` takes this rank's rows, so a step means the same on any layout; the expert
-    loads are summed over the ranks; at eval
-    and checkpoint steps the model is gathered into its single-device form on rank 0, which alone
-    evaluates and writes metrics and checkpoints (the same files a one-process run writes, so any layout
-    resumes any other). Returns the trained model (on rank 0 its gathered copy; None on the other ranks).
+    loads are summed over the ranks; at eval and checkpoint steps the model is gathered into its
+    single-device form on rank 0, which alone evaluates and writes metrics and checkpoints (the same files a
+    one-process run writes, so any layout resumes any other). Returns the trained model (on rank 0 its gathered copy; None on the other ranks).
     """
     tc: TrainConfig = cfg.train
     oc: OptimConfig = cfg.optim
