@@ -57,7 +57,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, ite
 
 
 def bf16_peak_tflops(device: torch.device, n: int = 8192) -> float:
-    """Measured bf16 matmul rate on n³ random operands (DESIGN §8: ~717 TFLOP/s on our H100)."""
+    """Measured bf16 matmul rate on n³ random operands (docs/DESIGN.md §8: ~717 TFLOP/s on our H100)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

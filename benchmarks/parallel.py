@@ -8,7 +8,7 @@
 Prints one JSON object per measurement (rank 0):
 - throughput: tokens/s of a full training step (forward_backward + clip + AdamW) per layout and schedule.
 - bubble: per pipeline schedule, the measured idle fraction of a step (1 − compute time / step time, compute
-  timed around every stage forward / backward / weight-backward with device syncs), next to the DESIGN §5
+  timed around every stage forward / backward / weight-backward with device syncs), next to the docs/DESIGN.md §5
   formula and a timing simulation of the schedule's action table, both fed the measured F, B, W (and F&B).
 - overlap: F&B pairs (one micro-batch's forward with another's backward) run interleaved (ours) vs one after
   the other; the fraction of the all-to-all time inside the pairs that the interleaving hides =

@@ -6,7 +6,7 @@ sample (temperature 1) exactly `--new-tokens` tokens per row (no stop token), af
 call each. Prints one JSON line per (engine, batch) and a speed-up line per batch.
 
     python benchmarks/rollout.py --quick                         # CPU: tiny preset, batch 1 and 8
-    python benchmarks/rollout.py --preset small --batch 1 64     # H100: DESIGN §8 shape, bf16, 64 + 256 tokens
+    python benchmarks/rollout.py --preset small --batch 1 64     # H100: docs/DESIGN.md §8 shape, bf16, 64 + 256 tokens
 """
 
 from __future__ import annotations

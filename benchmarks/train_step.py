@@ -6,7 +6,7 @@
     python benchmarks/train_step.py --quick         # tiny preset on the CPU: checks the script
 
 One step = forward + backward + fused AdamW on the same config, batch and sequence length. `--dtype bf16` (the
-default, as the transformers reference of DESIGN §8: 86.8K tokens/s, ~19.5% MFU) keeps the weights in bf16;
+default, as the transformers reference of docs/DESIGN.md §8: 86.8K tokens/s, ~19.5% MFU) keeps the weights in bf16;
 `--dtype amp` keeps fp32 masters under bf16 autocast, as nanoseek's trainer does. MFU = tokens/s x training
 FLOPs per token (nanoseek.info: 6·N_activated + attention) / the bf16 matmul peak measured in the same run.
 transformers' DeepseekV3 has no MTP module, so its FLOPs per token are counted without it; nanoseek trains its

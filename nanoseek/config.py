@@ -5,7 +5,7 @@
 does the same for Llama/Qwen2-style decoders (distillation students and user checkpoints).
 
 One dial sets the size: `ModelConfig.preset(name)` with `tiny` (CPU default), `small` (one GPU, the
-reference shape of DESIGN.md §8), `deepseek-v2-lite` and `deepseek-v3` (the real 671B shape, for
+reference shape of docs/DESIGN.md §8), `deepseek-v2-lite` and `deepseek-v3` (the real 671B shape, for
 accounting on the meta device).
 """
 
@@ -289,7 +289,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The CPU default: a few million parameters, every V3 feature present (MLA with q LoRA, MoE with
     # groups, shared experts and a dense first layer, MTP).
     "tiny": dict(),
-    # One GPU: the reference shape of DESIGN.md §8 (896M total, 206M activated).
+    # One GPU: the reference shape of docs/DESIGN.md §8 (896M total, 206M activated).
     "small": dict(
         vocab_size=32768, hidden_size=1024, num_hidden_layers=12, num_attention_heads=16,
         first_k_dense_replace=1, intermediate_size=2816, n_routed_experts=64, num_experts_per_tok=6,

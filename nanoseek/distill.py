@@ -22,7 +22,6 @@ the logged "loss" then includes the KL term, validation loss does not.
 from __future__ import annotations
 
 import dataclasses
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +31,9 @@ import torch.nn.functional as F
 
 from nanoseek.data import load_chat_records
 from nanoseek.errors import UserError
-from nanoseek.files import atomic_write_json
 from nanoseek.hf import find_tokenizer, load_checkpoint
 from nanoseek.model.deepseek import ModelOutput
-from nanoseek.r1.rejection import TraceConfig, default_sft_config, load_problems, sample_traces, sft_on, write_records
+from nanoseek.r1.rejection import TraceConfig, cached_records, default_sft_config, sft_on, teacher_traces
 from nanoseek.run import resolve_device
 from nanoseek.train.runs import SFTConfig
 
@@ -105,19 +103,16 @@ def build_traces(cfg: DistillConfig, out: Path, progress: bool = True) -> tuple[
     if cfg.data:
         n = len(load_chat_records(cfg.data))
         return Path(cfg.data), {"kept": n, "examples": n}
-    path, stats_path = out / "traces.jsonl", out / "traces_stats.json"
-    if path.is_file() and stats_path.is_file():
-        return path, json.loads(stats_path.read_text())
 
-    teacher, tok = load_checkpoint(cfg.teacher, resolve_device(cfg.sft.train.device), inference=True)
-    records, stats = sample_traces(teacher, tok, load_problems(cfg.traces), cfg.traces, progress)
-    if not records:
-        raise UserError(f"the teacher got none of {stats['sampled']} samples right in the expected format; "
-                        "sample more (traces.prompts, traces.samples) or use a stronger teacher")
-    stats["examples"] = len(records)
-    write_records(path, records)
-    atomic_write_json(stats_path, stats)
-    return path, stats
+    def build() -> tuple[list[dict], dict]:
+        records, stats = teacher_traces(cfg.teacher, cfg.traces, cfg.sft.train.device, progress)
+        if not records:
+            raise UserError(f"the teacher got none of {stats['sampled']} samples right in the expected format; "
+                            "sample more (traces.prompts, traces.samples) or use a stronger teacher")
+        stats["examples"] = len(records)
+        return records, stats
+
+    return cached_records(out / "traces.jsonl", out / "traces_stats.json", build)
 
 
 def distill(cfg: DistillConfig, out: str | Path, progress: bool = True) -> dict:

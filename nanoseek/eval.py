@@ -16,21 +16,21 @@ it); `nanoseek eval` wraps it with a checkpoint, a task list or a JSONL file, a 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from nanoseek.errors import UserError
-from nanoseek.sampling.rewards import accuracy_reward, format_reward, language_consistency
 from nanoseek.sampling import rollout
+from nanoseek.sampling.rewards import accuracy_reward, format_reward, language_consistency
 from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, response_text, stop_token_ids
-from nanoseek.tasks import get_family, sample_problems
-from nanoseek.tasks.jsonl import load_jsonl_problems
+from nanoseek.tasks import get_family
 
 
 # ---------------------------------------------------------------- statistics (pure functions)
@@ -115,11 +115,11 @@ def majority_vote(answers: list[str | None]) -> int | None:
 # ---------------------------------------------------------------- evaluating a model
 
 @dataclass
-class EvalConfig:
+class PassAtKConfig:
+    """How `evaluate` samples: K completions per problem with `sampling` (R1 report's evaluation settings,
+    temperature 0.6 and top-p 0.95), and optionally one greedy decode."""
     samples: int = 8                # K samples per problem for pass@1 / cons@K
-    temperature: float = 0.6        # R1 report's evaluation sampling
-    top_p: float = 0.95
-    max_new_tokens: int = 96
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95))
     greedy: bool = True             # also decode greedily once per problem (greedy accuracy)
     template: str = "r1_zero"       # prompt format: "r1_zero" | "chat" | "plain" (nanoseek.sampling.rollout)
     batch_size: int = 64            # rows per generation batch
@@ -129,7 +129,7 @@ class EvalConfig:
 def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False, by_family: bool = False) -> dict:
     """Sample `cfg.samples` completions per problem (and one greedy), score them, return the statistics.
 
-    cfg: an EvalConfig, or any object with its fields (missing ones take EvalConfig's defaults).
+    cfg: a PassAtKConfig, or any object with its fields (missing ones take PassAtKConfig's defaults).
     Returns {"n_problems", "samples", "pass@1", "cons@K", "greedy", "format", "language", "length",
     "pass@k": {k: ...}, "per_problem": [...]}; each statistic is {"mean", "lo", "hi", "n"} (95% interval over
     problems). "language" is the share of chain-of-thought words in the problem's register (R1 §2.3.2).
@@ -139,7 +139,7 @@ def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False,
     """
     from rich.progress import Progress
 
-    base = EvalConfig()
+    base = PassAtKConfig()
     get = lambda name: getattr(cfg, name, getattr(base, name))                  # noqa: E731
     K, template = get("samples"), get("template")
     if not problems:
@@ -147,7 +147,7 @@ def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False,
     if K < 1:
         raise UserError(f"samples={K}: need at least one sample per problem")
     device = next(model.parameters()).device
-    sampling = SamplingConfig(max_new_tokens=get("max_new_tokens"), temperature=get("temperature"), top_p=get("top_p"))
+    sampling = get("sampling")
     stop = stop_token_ids(tokenizer, sampling.stop)
     prompts = [encode_prompt(tokenizer, p.prompt, template) for p in problems]
     gen = torch.Generator(device=device).manual_seed(get("seed"))
@@ -186,7 +186,7 @@ def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False,
         greedy = None
         if get("greedy"):
             rows = list(range(len(problems)))
-            greedy = score(rows, run(rows, SamplingConfig(max_new_tokens=sampling.max_new_tokens, greedy=True)))
+            greedy = score(rows, run(rows, dataclasses.replace(sampling, greedy=True)))
     model.train(was_training)
 
     per_problem = []
@@ -256,14 +256,4 @@ def markdown_table(result: dict) -> str:
     lines = [f"| metric ({result['n_problems']} problems) | mean [95% CI] | interval |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(result)]
     return "\n".join(lines) + "\n"
-
-
-def load_problems(tasks: list[str] | None, data: str | None, n: int, seed: int, difficulty: int | None = None) -> list:
-    """Held-out problems: the TEST split of task families, or a user JSONL file (first n)."""
-    if bool(tasks) == bool(data):
-        raise UserError("pass exactly one of --tasks NAMES or --data FILE.jsonl")
-    if data:
-        problems = load_jsonl_problems(data)
-        return problems[:n] if n else problems
-    return sample_problems(tasks, n, split="test", seed=seed, difficulty=difficulty)
 

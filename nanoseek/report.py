@@ -311,7 +311,7 @@ def write_report(pipeline, console=None) -> dict:
     rm = o["06-reward-model"]["heldout"]
     lines = [f"# nanoseek pipeline report ({pipeline.cfg.preset})", "",
              f"Every model on the same {fam['n_problems']} held-out TEST problems per family, "
-             f"{fam['samples']} samples each (temperature {pipeline.cfg.eval.temperature}, top-p {pipeline.cfg.eval.top_p}); "
+             f"{fam['samples']} samples each (temperature {pipeline.cfg.eval.sampling.temperature}, top-p {pipeline.cfg.eval.sampling.top_p}); "
              "pass@1 = mean correctness over the samples, cons@K = majority vote; cells are mean [95% interval] in %.", "",
              markdown(header, rows), "## Verdicts", "", *verdicts, "",
              "## RL rollouts (mean of the first vs the last 5 steps; %, length in tokens)", "",

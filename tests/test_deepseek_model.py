@@ -1,5 +1,5 @@
 """DeepSeek-V3 model: parity with transformers, decode == full path, routing / balancing / MTP against
-float64 references written from DESIGN.md §3, and the V3 parameter accounting on the meta device."""
+float64 references written from docs/DESIGN.md §3, and the V3 parameter accounting on the meta device."""
 
 import math
 
@@ -126,7 +126,7 @@ def test_decode_path_matches_full_forward_with_left_padding():
 # ---------------------------------------------------------------- (3) routing vs a float64 reference
 
 def reference_route(x, weight, bias, cfg):
-    """DESIGN §3 routing, one token at a time, in float64."""
+    """docs/DESIGN.md §3 routing, one token at a time, in float64."""
     x, weight, bias = x.double(), weight.double(), bias.double()
     E, K, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
     chosen, mix = [], []
@@ -308,7 +308,7 @@ def test_deepseek_v3_parameter_accounting_on_meta():
     routed = sum(p.numel() for n, p in named.items() if ".experts." in n and not n.startswith("mtp."))
     E, K, emb = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.vocab_size * cfg.hidden_size
     activated = trunk - routed * (E - K) // E
-    assert round(trunk / 1e9, 2) == 671.03                    # DESIGN §3: total (MTP excluded, as the report counts)
+    assert round(trunk / 1e9, 2) == 671.03                    # docs/DESIGN.md §3: total (MTP excluded, as the report counts)
     assert round(activated / 1e9, 2) == 37.55                 # with embedding and head
     assert round((activated - emb) / 1e9, 1) == 36.6          # without the input embedding
     assert round(mtp / 1e9, 1) == 11.6                        # MTP unique

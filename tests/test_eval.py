@@ -80,7 +80,7 @@ def test_evaluate_bookkeeping_on_scripted_completions(monkeypatch):
     import torch
 
     import nanoseek.sampling.rollout as rollout
-    from nanoseek.eval import EvalConfig, evaluate
+    from nanoseek.eval import PassAtKConfig, evaluate
     from nanoseek.tasks import sample_problems
     from nanoseek.tokenizer import Tokenizer
 
@@ -111,7 +111,7 @@ def test_evaluate_bookkeeping_on_scripted_completions(monkeypatch):
 
     monkeypatch.setattr(rollout, "generate", fake_generate)
     model = torch.nn.Linear(1, 1)
-    res = evaluate(model, tok, problems, EvalConfig(samples=K, batch_size=7))
+    res = evaluate(model, tok, problems, PassAtKConfig(samples=K, batch_size=7))
 
     per_correct = [sum(script[i * K + j][1] == p.answer for j in range(K)) for i, p in enumerate(problems)]
     assert res["n_problems"] == 5 and res["pass@1"]["mean"] == pytest.approx(sum(c / K for c in per_correct) / 5)
@@ -131,7 +131,7 @@ def test_evaluate_bookkeeping_on_scripted_completions(monkeypatch):
 
     # by_family: one sampling pass over all problems (the same script), statistics split by family
     calls.update(sample=0, greedy=0)
-    fam = evaluate(model, tok, problems, EvalConfig(samples=K, batch_size=7), by_family=True)
+    fam = evaluate(model, tok, problems, PassAtKConfig(samples=K, batch_size=7), by_family=True)
     assert list(fam) == ["arithmetic", "linear"] and calls["sample"] == 5 * K
     for name, rows in (("arithmetic", range(3)), ("linear", range(3, 5))):
         assert fam[name]["n_problems"] == len(rows)
@@ -143,7 +143,7 @@ def test_evaluate_bookkeeping_on_scripted_completions(monkeypatch):
 def test_eval_cli_errors_and_json(tmp_path):
     import json
 
-    from test_grpo import make_base
+    from conftest import make_base
 
     from nanoseek.cli import main
 

@@ -194,24 +194,6 @@ def test_grpo_solves_a_bandit(scaling, agg):
 
 # ---------------------------------------------------------------- the training loop, end to end
 
-def make_base(root):
-    """A micro DeepSeek model + a tokenizer trained on task solutions, saved as an HF directory."""
-    from nanoseek.config import ModelConfig
-    from nanoseek.hf import save_pretrained
-    from nanoseek.model import build_model
-    from nanoseek.tasks import sample_problems
-    from nanoseek.tokenizer import Tokenizer, r1_zero_prompt
-
-    texts = [r1_zero_prompt(p.prompt) + p.completion()[len("<think>"):] for p in sample_problems("arithmetic", 50)]
-    tok = Tokenizer.train(texts, 300)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-                                    kv_lora_rank=16, q_lora_rank=16, num_nextn_predict_layers=0))
-    save_pretrained(model, root / "base")
-    tok.save(root / "base" / "tokenizer")
-    return root / "base"
-
-
 def tiny_rl_config(init, steps):
     from nanoseek.rl.trainer import RLConfig
     from nanoseek.recipe import load_recipe
@@ -219,15 +201,15 @@ def tiny_rl_config(init, steps):
     return load_recipe(RLConfig, None, [
         f"train.steps={steps}", "train.prompts=2", "train.micro_batch=3", f'train.init="{init}"',
         "rl.group_size=3", "rl.mu=2", "rl.beta=0.1", "sampling.max_new_tokens=6", "eval.problems=2",
-        "eval.samples=2", "eval.max_new_tokens=6", "eval.every=1", "checkpoint.every=0", "optim.lr=0.01",
+        "eval.samples=2", "eval.sampling.max_new_tokens=6", "eval.every=1", "checkpoint.every=0", "optim.lr=0.01",
         "optim.warmup_steps=0", "rewards.language=1.0"])   # random text scores varied language shares: a signal
 
 
-def test_grpo_loop_runs_logs_and_resumes_exactly(tmp_path):
+def test_grpo_loop_runs_logs_and_resumes_exactly(tmp_path, base_checkpoint):
     from nanoseek.files import read_jsonl
     from nanoseek.rl.trainer import train_rl
 
-    base = make_base(tmp_path)
+    base = base_checkpoint
     train_rl(tiny_rl_config(base, 2), tmp_path / "full", progress=False)
     full = read_jsonl(tmp_path / "full" / "metrics.jsonl")
     assert [r["step"] for r in full] == [0, 1, 2]

@@ -1,4 +1,4 @@
-"""`nanoseek info`: meta-device counts against an analytic count from the config and DESIGN §3 / §8 figures."""
+"""`nanoseek info`: meta-device counts against an analytic count from the config and docs/DESIGN.md §3 / §8 figures."""
 
 import json
 

@@ -70,7 +70,7 @@ def test_split_layers_covers_the_model_once():
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zbv", "dualpipev"])
 @pytest.mark.parametrize("pp, m", [(2, 4), (4, 8), (4, 12), (8, 16)])
 def test_bubble_formula_matches_schedule_table(schedule, pp, m):
-    """DESIGN §5 formulas vs a timing simulation of the very action tables torch runs (V shapes) or the
+    """docs/DESIGN.md §5 formulas vs a timing simulation of the very action tables torch runs (V shapes) or the
     textbook orders (GPipe/1F1B), in the DualPipe paper's setting F = B − W = W."""
     F, W = 1.0, 1.0
     B = F + W

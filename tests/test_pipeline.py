@@ -104,7 +104,7 @@ def test_general_family_is_scored_by_the_reward_model_only_where_passed(tok):
 
 
 def test_configs_presets_and_bad_input(tmp_path):
-    from nanoseek.pipeline.stages import load_pipeline_config
+    from nanoseek.pipeline.config import load_pipeline_config
 
     tiny = load_pipeline_config("tiny")
     small = load_pipeline_config("small")
@@ -117,7 +117,7 @@ def test_configs_presets_and_bad_input(tmp_path):
 
 
 def test_stages_skip_the_last_optimizer_checkpoint_unless_kept():
-    from nanoseek.pipeline.stages import _stage_globals, load_pipeline_config
+    from nanoseek.pipeline.config import _stage_globals, load_pipeline_config
     from nanoseek.train.trainer import CheckpointConfig
 
     # due(): every N steps, and after the last step only when `final`
@@ -137,14 +137,14 @@ MINI = ["pretrain.train.steps=6", "pretrain.train.batch_size=4", "pretrain.train
         "pretrain.data.corpus.n_documents=400", "pretrain.data.corpus.val_documents=40", "pretrain.model.vocab_size=512",
         "reasoning_rl.train.steps=3", "reasoning_rl.checkpoint.every=1",
         "coldstart.data.examples=24", "coldstart.data.r1_zero_traces.prompts=4",
-        "coldstart.data.r1_zero_traces.max_new_tokens=16", "coldstart.epochs=0", "rejection.epochs=0", "distill.epochs=0",
-        "rejection.traces.prompts=4", "rejection.traces.samples=2", "rejection.traces.max_new_tokens=16",
+        "coldstart.data.r1_zero_traces.sampling.max_new_tokens=16", "coldstart.epochs=0", "rejection.epochs=0", "distill.epochs=0",
+        "rejection.traces.prompts=4", "rejection.traces.samples=2", "rejection.traces.sampling.max_new_tokens=16",
         "rejection.traces.min_kept=8", "distill.traces.prompts=4", "distill.traces.samples=2",
-        "distill.traces.max_new_tokens=16", "distill.traces.min_kept=8",
+        "distill.traces.sampling.max_new_tokens=16", "distill.traces.min_kept=8",
         "reward_model.data.pairs=16", "reward_model.train.steps=2", "reward_model.train.batch_size=4",
         "student.pretrain.train.steps=4", "student.pretrain.train.batch_size=4", "student.pretrain.train.seq_len=128",
         "student.pretrain.data.corpus.n_documents=400", "student.pretrain.data.corpus.val_documents=40",
-        "eval.problems=2", "eval.samples=2", "eval.max_new_tokens=16"]
+        "eval.problems=2", "eval.samples=2", "eval.sampling.max_new_tokens=16"]
 MINI += [f"{s}.train.{k}" for s in ("r1_zero", "reasoning_rl", "all_rl.rl", "student_rl")
          for k in ("prompts=2", "steps=2") if not (s == "reasoning_rl" and k == "steps=2")]
 MINI += [f"{s}.{k}" for s in ("r1_zero", "reasoning_rl", "all_rl.rl", "student_rl")
@@ -216,7 +216,7 @@ def test_miniature_pipeline_end_to_end_with_resume(tmp_path, monkeypatch):
                  "--set", "data.examples=8", *quick]) == 0
     assert (tmp_path / "cs" / "sft" / "final" / "config.json").is_file()
     assert main(["rejection", "--init", str(out / "export" / "r1"), "--out", str(tmp_path / "rej"),
-                 "--set", "traces.prompts=2", "--set", "traces.samples=2", "--set", "traces.max_new_tokens=8",
+                 "--set", "traces.prompts=2", "--set", "traces.samples=2", "--set", "traces.sampling.max_new_tokens=8",
                  "--set", "traces.min_kept=3", "--no-progress"]) == 0
     mixed = [json.loads(line) for line in (tmp_path / "rej" / "data.jsonl").read_text().splitlines()]
     assert len([r for r in mixed if r["family"] != "general"]) >= 2 and any(r["family"] == "general" for r in mixed)

@@ -79,7 +79,8 @@ def test_value_model_is_a_separate_copy_with_a_zero_head():
 
 
 def test_ppo_loop_trains_the_critic_and_checkpoints_it(tmp_path):
-    from test_grpo import make_base, tiny_rl_config
+    from conftest import make_base
+    from test_grpo import tiny_rl_config
 
     from nanoseek.files import read_jsonl
     from nanoseek.rl.trainer import train_rl

@@ -46,6 +46,8 @@ warmup_steps = 5
 every = 10
 val_batches = 2
 problems = 3
+
+[eval.sampling]
 max_new_tokens = 8
 
 [checkpoint]

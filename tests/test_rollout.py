@@ -180,7 +180,7 @@ def test_chat_printer_shows_reasoning_dim_and_streams_whole_characters():
 def test_generate_command_prints_one_json_line_per_sample(tmp_path, capsys):
     import json
 
-    from test_grpo import make_base
+    from conftest import make_base
 
     from nanoseek.cli import main
 

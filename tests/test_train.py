@@ -11,7 +11,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.files import read_jsonl
 from nanoseek.model import build_model, moe_layers
 from nanoseek.train.optim import OptimConfig, build_optimizer, wsd_lr
-from nanoseek.train.trainer import CheckpointConfig, EvalConfig, TrainConfig, forward_backward, train
+from nanoseek.train.trainer import CheckpointConfig, TrainEvalConfig, TrainConfig, forward_backward, train
 
 MICRO = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
                     num_attention_heads=2, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
@@ -124,7 +124,7 @@ def test_loss_is_ce_plus_lambda_mtp_plus_alpha_balance():
 
 def _cfg(steps=3, accum=1, gamma=0.01, every=2):
     return SimpleNamespace(train=TrainConfig(steps=steps, batch_size=2, grad_accum=accum, seq_len=12, bias_gamma=gamma),
-                           optim=OptimConfig(warmup_steps=1), eval=EvalConfig(every=every),
+                           optim=OptimConfig(warmup_steps=1), eval=TrainEvalConfig(every=every),
                            checkpoint=CheckpointConfig(every=0, keep_last=1))
 
 

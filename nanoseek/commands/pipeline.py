@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from nanoseek.pipeline.stages import PRESETS, STAGES, Pipeline, load_pipeline_config
+from nanoseek.pipeline.config import PRESETS, load_pipeline_config
+from nanoseek.pipeline.stages import STAGES, Pipeline
 from nanoseek.r1 import coldstart as coldstart_stage, rejection as rejection_stage
 from nanoseek.r1.coldstart import ColdStartConfig
 from nanoseek.r1.rejection import RejectionConfig

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.commands import add_recipe_arguments, flag_sets
 from nanoseek.errors import UserError
 from nanoseek.hf import load_checkpoint
 from nanoseek.parallel.mesh import destroy
@@ -26,8 +27,7 @@ from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     command = parser.prog.split()[-1]
     if command in ("grpo", "ppo"):
-        parser.add_argument("--recipe", default=None, help="TOML recipe, e.g. recipes/r1_zero_tiny.toml")
-        parser.add_argument("--set", action="append", default=[], help="override, e.g. --set rl.beta=0.04")
+        add_recipe_arguments(parser, "rl.beta=0.04")          # an RLConfig, e.g. recipes/r1_zero_tiny.toml
         parser.add_argument("--init", default=None, help="model directory to start from (sets train.init)")
         parser.add_argument("--out", required=True, help="run directory")
         parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
@@ -36,11 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="model directory (HF format) with a tokenizer")
     parser.add_argument("--template", default="plain" if command == "generate" else "chat",
                         choices=["plain", "chat", "r1_zero"], help="prompt format")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--greedy", action="store_true", help="argmax decoding")
+    add_recipe_arguments(parser, "temperature=0.8")        # a SamplingConfig; the flags below override it
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 128")
+    parser.add_argument("--temperature", type=float, default=None, help="default 0.6")
+    parser.add_argument("--top-p", type=float, default=None, help="default 0.95")
+    parser.add_argument("--top-k", type=int, default=None, help="default 0 (off)")
+    parser.add_argument("--greedy", action="store_const", const=True, default=None, help="argmax decoding")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     if command == "generate":
@@ -53,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
     if args.command in ("grpo", "ppo"):
         return _train(args)
 
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, top_k=args.top_k, greedy=args.greedy, stop=[])
+    # interactive defaults: the R1 report's evaluation sampling, a longer budget, no stop token but eos
+    base = SamplingConfig(max_new_tokens=128, temperature=0.6, top_p=0.95, stop=[])
+    flags = {k: k for k in ("max_new_tokens", "temperature", "top_p", "top_k", "greedy")}
+    sampling = load_recipe(SamplingConfig, args.recipe, args.sets + flag_sets(args, flags), base=base)
     model, tok = load_checkpoint(args.checkpoint, resolve_device(args.device), inference=True)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     return (_generate if args.command == "generate" else _chat)(args, model, tok, sampling, gen)
@@ -162,9 +165,9 @@ def _chat(args, model, tok, sampling, gen) -> int:
 def _train(args) -> int:
     out = Path(args.out)
     if args.resume and args.recipe is None and (out / "config.toml").is_file():
-        cfg = load_recipe(RLConfig, out / "config.toml", args.set)   # --resume: the run's own config (+ --set)
+        cfg = load_recipe(RLConfig, out / "config.toml", args.sets)   # --resume: the run's own config (+ --set)
     else:
-        cfg = load_recipe(RLConfig, args.recipe, args.set)
+        cfg = load_recipe(RLConfig, args.recipe, args.sets)
     if args.init:
         cfg.train.init = args.init
     try:

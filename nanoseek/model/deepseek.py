@@ -1,7 +1,7 @@
 """The DeepSeek-V3 decoder (V3 report §2): embedding → L × [MLA, dense FFN | DeepSeekMoE] → norm → head,
 plus D multi-token-prediction modules that reuse the embedding and head.
 
-Parameter names follow the Hugging Face hub layout (DESIGN §3, docs/INTERFACES.md) so that loading and saving
+Parameter names follow the Hugging Face hub layout (docs/DESIGN.md §3, docs/INTERFACES.md) so that loading and saving
 is a thin key map; MTP module k lives under `mtp.{k}.` here and `model.layers.{L+k}.` in the hub.
 One forward serves training (full attention, losses), scoring, and cached decoding (`cache=`).
 """

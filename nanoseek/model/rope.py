@@ -8,7 +8,7 @@ rope dims as complex numbers). We rotate the even/odd slices directly and write 
 YaRN (Peng et al. 2023; DeepSeek-V2 §B, V3 §4.3): dims whose wavelength is short compared with the original
 context keep their frequency (extrapolate), long-wavelength dims are divided by `factor` (interpolate), with a
 linear ramp between the correction range found from beta_fast / beta_slow rotations. The attention logits are
-sharpened by mscale² (applied in MLA's softmax scale, DESIGN §3); cos/sin carry the ratio
+sharpened by mscale² (applied in MLA's softmax scale, docs/DESIGN.md §3); cos/sin carry the ratio
 mscale(factor, mscale) / mscale(factor, mscale_all_dim), which is 1 for the released configs.
 """
 
@@ -64,7 +64,7 @@ def rope_frequencies(dim: int, theta: float, scaling: dict | None,
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
-    """MLA's attention scale: (qk_nope + qk_rope)^-0.5, times mscale² under YaRN (DESIGN §3)."""
+    """MLA's attention scale: (qk_nope + qk_rope)^-0.5, times mscale² under YaRN (docs/DESIGN.md §3)."""
     scale = cfg.qk_head_dim ** -0.5
     yarn = _yarn(cfg.rope_scaling)
     if yarn is not None and yarn.get("mscale_all_dim"):

@@ -1,4 +1,4 @@
-"""Parallelism on torch.distributed (DESIGN §5, V3 §3.2), applied to the single-device model from outside.
+"""Parallelism on torch.distributed (docs/DESIGN.md §5, V3 §3.2), applied to the single-device model from outside.
 
     config.py      ParallelConfig: the `[parallel]` recipe section (dp, ep, pp, schedule, ...)
     mesh.py        process group from torchrun's env, the (pp, edp, ep) device mesh, collectives

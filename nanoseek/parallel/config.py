@@ -1,4 +1,4 @@
-"""The `[parallel]` recipe section: how many ranks do what (DESIGN §5, V3 §3.2).
+"""The `[parallel]` recipe section: how many ranks do what (docs/DESIGN.md §5, V3 §3.2).
 
 DeepSeek-V3 trained with 16-way pipeline, 64-way expert and ZeRO-1 data parallelism. We keep the same
 three dials. Expert parallelism is carved OUT of data parallelism, as in V3: the `ep` ranks of an expert

@@ -197,7 +197,7 @@ def make_schedule(modules, mine, ctx, loss: PipelineLoss, mb_shape: tuple[int, i
     return stages, schedule
 
 
-# ---- bubbles (DualPipe paper / DESIGN §5) ---------------------------------------------------------
+# ---- bubbles (DualPipe paper / docs/DESIGN.md §5) ---------------------------------------------------------
 
 def bubble_time(schedule: str, pp: int, F: float, B: float, W: float, FB: float | None = None) -> float:
     """Idle time per rank per step, F/B/W = forward, full backward (incl. W), weight-backward of one stage.

@@ -39,179 +39,31 @@ import dataclasses
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanoseek.config import DenseConfig
 from nanoseek.data.corpus import prepare_corpus
-from nanoseek.distill import DistillConfig, distill
+from nanoseek.distill import distill
 from nanoseek.errors import UserError
-from nanoseek.eval import EvalConfig as SamplingEval, evaluate
+from nanoseek.eval import PassAtKConfig, evaluate
 from nanoseek.files import atomic_dir, atomic_write_json, atomic_write_text
 from nanoseek.hf import load_checkpoint, save_pretrained
 from nanoseek.model import build_model
-from nanoseek.r1.coldstart import ColdStartConfig, ColdStartDataConfig, coldstart
+from nanoseek.pipeline.config import PipelineConfig, _stage_globals
+from nanoseek.r1.coldstart import coldstart
 from nanoseek.r1.general import GeneralFamily, preference_pairs
-from nanoseek.r1.rejection import RejectionConfig, TraceConfig, rejection
-from nanoseek.recipe import from_dict, load_recipe, to_toml
+from nanoseek.r1.rejection import rejection
+from nanoseek.recipe import from_dict, to_toml
 from nanoseek.report import record_expert_loads, write_report
-from nanoseek.rl.reward_model import (RMDataConfig, RMTrainConfig, RewardModelConfig, load_reward_model,
-                                      reward_scorer, train_reward_model)
-from nanoseek.rl.trainer import RLConfig, RLEvalConfig, RLTrainConfig, TaskConfig, train_rl
+from nanoseek.rl.reward_model import load_reward_model, reward_scorer, train_reward_model
+from nanoseek.rl.trainer import RLConfig, train_rl
 from nanoseek.run import check_run_dir, resolve_device
-from nanoseek.sampling.rewards import RewardConfig
-from nanoseek.sampling.rollout import SamplingConfig
 from nanoseek.tasks import sample_problems
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.optim import OptimConfig
 from nanoseek.train.runs import PretrainConfig, corpus_tokenizer, pretrain, resolve_model
-from nanoseek.train.trainer import CheckpointConfig, EvalConfig, TrainConfig
-
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-PRESETS = ("tiny", "small")
-
 
 # ---------------------------------------------------------------- configuration (defaults = the tiny CPU run)
-
-def _rl(steps: int, template: str, language: float = 0.0, **train) -> RLConfig:
-    # recipes/r1_zero_tiny.toml's settings: lr 1e-4 (3e-4 lost accuracy on the tiny base), the second half decaying
-    return RLConfig(train=RLTrainConfig(steps=steps, prompts=8, **train),
-                    optim=OptimConfig(lr=1e-4, warmup_steps=5, decay_frac=0.5, min_lr_ratio=0.1, weight_decay=0.0),
-                    tasks=TaskConfig(template=template),
-                    sampling=SamplingConfig(max_new_tokens=128, temperature=1.0),
-                    rewards=RewardConfig(language=language),
-                    eval=RLEvalConfig(every=0, problems=0, at_start=False),
-                    checkpoint=CheckpointConfig(every=10, keep_last=1))
-
-
-def _base() -> PretrainConfig:
-    """The teacher's pretraining: recipes/tiny.toml, shortened to 800 steps so that the whole story fits in
-    20 minutes on 2 cores at the slow end of their speed (evaluation is the pipeline's own, at the end)."""
-    return load_recipe(PretrainConfig, RECIPES / "tiny.toml",
-                       ["train.steps=800", "eval.problems=0", "checkpoint.keep_last=1"])
-
-
-def _pretrain(steps: int) -> PretrainConfig:
-    # batch 8 x 256 tokens: at equal tokens, twice the updates of the trainer's default 16 reach a lower loss
-    return PretrainConfig(train=TrainConfig(steps=steps, batch_size=8, seq_len=256),
-                          eval=EvalConfig(every=0, val_batches=2, problems=0),
-                          checkpoint=CheckpointConfig(every=100, keep_last=1))
-
-
-@dataclass
-class StudentConfig:
-    model: dict = field(default_factory=lambda: {"model_type": "qwen2", "hidden_size": 128, "num_hidden_layers": 4,
-                                                 "num_attention_heads": 4, "num_key_value_heads": 2,
-                                                 "intermediate_size": 384})  # DenseConfig fields; vocab = the base's
-    pretrain: PretrainConfig = field(default_factory=lambda: _pretrain(400))
-
-
-@dataclass
-class AllScenarioConfig:
-    rl: RLConfig = field(default_factory=lambda: _rl(16, "chat", language=0.3))
-    harmful_share: float = 0.25       # share of general prompts that are harmful requests
-
-
-@dataclass
-class PipelineEvalConfig:
-    problems: int = 24                # held-out TEST problems per task family (the same for every model)
-    samples: int = 4                  # K: pass@1 is the mean over K samples, cons@K their majority vote
-    max_new_tokens: int = 160
-    temperature: float = 0.6          # R1 report's evaluation sampling
-    top_p: float = 0.95
-    batch_size: int = 128
-    seed: int = 1234
-
-
-@dataclass
-class PipelineConfig:
-    preset: str = "tiny"              # informational: which recipe this is
-    tasks: list[str] = field(default_factory=lambda: ["arithmetic", "countdown", "linear"])  # set in every stage
-    difficulty: int | dict | None = 2  # task level of the corpus, RL, sampling and evaluation in every stage (None =
-                                      # each family's default mix); 2: a few-minute CPU base is sometimes right
-    device: str = "auto"              # set in every stage
-    threads: int = 1                  # torch CPU threads in every stage (0 = torch's default): these tiny models gain
-                                      # little from intra-op threads; two 1-thread stages at once do twice the work
-    workers: int = 2                  # stages (and per-model evaluations) run at once, each in its own process, as
-                                      # their inputs are ready; 1 = one after another in this process
-    keep_checkpoints: bool = False    # keep a finished stage's checkpoints/ (only an interrupted stage resumes from
-                                      # them; its final/ model stays): the small teacher's are ~11 GB each
-    pretrain: PretrainConfig = field(default_factory=_base)
-    r1_zero: RLConfig = field(default_factory=lambda: _rl(24, "r1_zero"))
-    coldstart: ColdStartConfig = field(default_factory=lambda: ColdStartConfig(
-        data=ColdStartDataConfig(examples=1500, r1_zero_traces=TraceConfig(prompts=128, samples=2, template="r1_zero",
-                                                                             per_prompt=1, seed=1))))
-    use_r1_zero_outputs: bool = True  # cold start also takes R1-Zero's correct, readable outputs
-    reasoning_rl: RLConfig = field(default_factory=lambda: _rl(20, "chat", language=0.3))
-    rejection: RejectionConfig = field(default_factory=lambda: RejectionConfig(
-        traces=TraceConfig(prompts=512, samples=2, min_kept=512, seed=2)))
-    reward_model: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(
-        data=RMDataConfig(pairs=800), train=RMTrainConfig(steps=60)))
-    all_rl: AllScenarioConfig = field(default_factory=AllScenarioConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    distill: DistillConfig = field(default_factory=lambda: DistillConfig(traces=TraceConfig(prompts=512, samples=2, min_kept=512, seed=3)))
-    student_rl: RLConfig = field(default_factory=lambda: _rl(24, "r1_zero"))
-    eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)
-    export: bool = True               # copy the final models to run_dir/export/<name>/ (HF format)
-
-
-def load_pipeline_config(preset: str = "tiny", recipe: str | None = None, sets: list[str] | None = None) -> PipelineConfig:
-    """Defaults (tiny) ← recipes/pipeline_<preset>.toml when it exists ← --recipe ← --set."""
-    if preset not in PRESETS:
-        raise UserError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    base = PipelineConfig()
-    preset_file = RECIPES / f"pipeline_{preset}.toml"
-    if preset_file.is_file():
-        base = load_recipe(PipelineConfig, preset_file)
-    elif preset != "tiny":
-        raise UserError(f"preset {preset!r} needs {preset_file}, which this checkout lacks")
-    return load_recipe(PipelineConfig, recipe, sets, base=base)
-
-
-def _stage_globals(cfg: PipelineConfig) -> PipelineConfig:
-    """Push the top-level tasks / difficulty / device / threads into every stage's own config."""
-    def train(tc, **extra):
-        return dataclasses.replace(tc, device=cfg.device, threads=cfg.threads, **extra)
-
-    def ck(c: CheckpointConfig) -> CheckpointConfig:   # no optimizer state after the last step: done.json says done
-        return c if cfg.keep_checkpoints else dataclasses.replace(c, final=False)
-
-    def rl(rc: RLConfig, extra_tasks: tuple = ()) -> RLConfig:
-        return dataclasses.replace(rc, train=train(rc.train), checkpoint=ck(rc.checkpoint), tasks=dataclasses.replace(
-            rc.tasks, names=cfg.tasks + list(extra_tasks), difficulty=cfg.difficulty))
-
-    def traces(tc: TraceConfig) -> TraceConfig:
-        return dataclasses.replace(tc, tasks=list(cfg.tasks), difficulty=cfg.difficulty)
-
-    def sft(sc):
-        return dataclasses.replace(sc, train=train(sc.train), checkpoint=ck(sc.checkpoint))
-
-    def corpus(cc):   # the corpus practises the level everything else uses
-        level = cfg.difficulty if cfg.difficulty is None or isinstance(cfg.difficulty, dict) else \
-            {f: cfg.difficulty for f in cfg.tasks}
-        level = level if level is not None else cc.difficulty
-        return dataclasses.replace(cc, families=list(cfg.tasks), difficulty=level)
-
-    pre = cfg.pretrain
-    return dataclasses.replace(
-        cfg,
-        pretrain=dataclasses.replace(pre, train=train(pre.train), checkpoint=ck(pre.checkpoint),
-                                     data=dataclasses.replace(pre.data, corpus=corpus(pre.data.corpus))),
-        r1_zero=rl(cfg.r1_zero),
-        coldstart=dataclasses.replace(cfg.coldstart, sft=sft(cfg.coldstart.sft), data=dataclasses.replace(
-            cfg.coldstart.data, tasks=list(cfg.tasks), difficulty=cfg.difficulty,
-            r1_zero_traces=traces(cfg.coldstart.data.r1_zero_traces))),
-        reasoning_rl=rl(cfg.reasoning_rl),
-        rejection=dataclasses.replace(cfg.rejection, sft=sft(cfg.rejection.sft), traces=traces(cfg.rejection.traces)),
-        reward_model=dataclasses.replace(cfg.reward_model, train=train(cfg.reward_model.train)),
-        all_rl=dataclasses.replace(cfg.all_rl, rl=rl(cfg.all_rl.rl, ("general",))),
-        student=dataclasses.replace(cfg.student, pretrain=dataclasses.replace(
-            cfg.student.pretrain, train=train(cfg.student.pretrain.train), checkpoint=ck(cfg.student.pretrain.checkpoint),
-            data=dataclasses.replace(cfg.student.pretrain.data, corpus=corpus(cfg.student.pretrain.data.corpus)))),
-        distill=dataclasses.replace(cfg.distill, sft=sft(cfg.distill.sft), traces=traces(cfg.distill.traces)),
-        student_rl=rl(cfg.student_rl),
-    )
-
 
 # ---------------------------------------------------------------- stage runner
 
@@ -604,8 +456,8 @@ class Pipeline:
                     for p in sample_problems([f], ec.problems, split="test", seed=ec.seed, difficulty=self.cfg.difficulty)]
         t0 = time.perf_counter()
         model, tok = load_checkpoint(self.out(stage), resolve_device(self.cfg.device), inference=True)
-        sc = SamplingEval(samples=ec.samples, temperature=ec.temperature, top_p=ec.top_p, greedy=False,
-                          max_new_tokens=ec.max_new_tokens, template=template, batch_size=ec.batch_size, seed=ec.seed)
+        sc = PassAtKConfig(samples=ec.samples, sampling=ec.sampling, greedy=False, template=template,
+                           batch_size=ec.batch_size, seed=ec.seed)
         with self.console.status(f"evaluating {name}"):
             per_family = evaluate(model, tok, problems, sc, by_family=True)
         atomic_write_json(file, {"name": name, "stage": stage, "path": self.out(stage), "template": template,

@@ -15,7 +15,6 @@ template:
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,7 @@ from pathlib import Path
 from nanoseek.data import load_chat_records
 from nanoseek.errors import UserError
 from nanoseek.files import atomic_write_json
-from nanoseek.hf import load_checkpoint
-from nanoseek.r1.rejection import (DEFAULT_TASKS, TraceConfig, default_sft_config, load_problems, sample_traces,
-                                   sft_on, write_records)
-from nanoseek.run import resolve_device
+from nanoseek.r1.rejection import DEFAULT_TASKS, TraceConfig, cached_records, default_sft_config, sft_on, teacher_traces
 from nanoseek.tasks import sample_problems
 from nanoseek.train.runs import SFTConfig
 
@@ -60,30 +56,28 @@ def worked_examples(tasks: list[str], n: int, seed: int, register: str = "en", d
 
 def build_coldstart_data(cfg: ColdStartConfig, out: Path, progress: bool = True) -> tuple[Path, dict]:
     """Write out/data.jsonl (+ stats.json); reused when already there (a resumed stage)."""
-    data, stats_path = out / "data.jsonl", out / "stats.json"
-    if data.is_file() and stats_path.is_file():
-        return data, json.loads(stats_path.read_text())
     dc = cfg.data
     if dc.path:
         n = len(load_chat_records(dc.path))           # validates every line now, not mid-training
         stats = {"user": n, "worked": 0, "r1_zero": 0}
-        atomic_write_json(stats_path, stats)
+        atomic_write_json(out / "stats.json", stats)
         return Path(dc.path), stats
-    records = worked_examples(dc.tasks, dc.examples, dc.seed, dc.register, dc.difficulty)
-    stats = {"worked": len(records), "r1_zero": 0}
-    if dc.r1_zero:
-        model, tok = load_checkpoint(dc.r1_zero, resolve_device(cfg.sft.train.device), inference=True)
-        traces, trace_stats = sample_traces(model, tok, load_problems(dc.r1_zero_traces), dc.r1_zero_traces, progress)
-        for t in traces:
-            t["source"] = "r1_zero"
-        records += traces
-        stats.update(r1_zero=len(traces), r1_zero_filter=trace_stats)
-    if not records:
-        raise UserError("cold start has no examples; raise data.examples or pass data.path")
-    random.Random(dc.seed).shuffle(records)
-    write_records(data, records)
-    atomic_write_json(stats_path, stats)
-    return data, stats
+
+    def build() -> tuple[list[dict], dict]:
+        records = worked_examples(dc.tasks, dc.examples, dc.seed, dc.register, dc.difficulty)
+        stats = {"worked": len(records), "r1_zero": 0}
+        if dc.r1_zero:
+            traces, trace_stats = teacher_traces(dc.r1_zero, dc.r1_zero_traces, cfg.sft.train.device, progress)
+            for t in traces:
+                t["source"] = "r1_zero"
+            records += traces
+            stats.update(r1_zero=len(traces), r1_zero_filter=trace_stats)
+        if not records:
+            raise UserError("cold start has no examples; raise data.examples or pass data.path")
+        random.Random(dc.seed).shuffle(records)
+        return records, stats
+
+    return cached_records(out / "data.jsonl", out / "stats.json", build)
 
 
 def coldstart(cfg: ColdStartConfig, out: str | Path, progress: bool = True) -> dict:

@@ -24,6 +24,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -32,14 +33,13 @@ from nanoseek.files import atomic_write_json, atomic_write_text
 from nanoseek.hf import load_checkpoint
 from nanoseek.r1.general import general_records
 from nanoseek.run import resolve_device
-from nanoseek.sampling.rewards import RewardConfig, compute_rewards
 from nanoseek.sampling import rollout
+from nanoseek.sampling.rewards import RewardConfig, compute_rewards
 from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, response_text, stop_token_ids
-from nanoseek.tasks import sample_problems
-from nanoseek.tasks.jsonl import load_jsonl_problems
+from nanoseek.tasks.problems import load_problems
 from nanoseek.train.optim import OptimConfig
 from nanoseek.train.runs import SFTConfig, SFTDataConfig, sft
-from nanoseek.train.trainer import EvalConfig, TrainConfig
+from nanoseek.train.trainer import TrainEvalConfig, TrainConfig
 
 DEFAULT_TASKS = ["arithmetic", "countdown", "linear"]
 
@@ -53,9 +53,8 @@ class TraceConfig:
     prompts: int = 384                # TRAIN-split problems to sample
     samples: int = 4                  # K completions per prompt
     template: str = "chat"            # prompt format of the sampled model: "chat" (R1 stages) | "r1_zero"
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.95
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=128, temperature=0.7,
+                                                                            top_p=0.95))
     batch_size: int = 128             # rows per generation batch
     min_language: float = 1.0         # keep reasoning whose target-register share is at least this
     per_prompt: int = 2               # distinct kept responses per prompt at most (de-duplicated)
@@ -63,14 +62,12 @@ class TraceConfig:
     seed: int = 0
 
 
-def load_problems(tc: TraceConfig) -> list:
-    """TRAIN-split task problems, or the problems of a user JSONL file (its first `prompts`)."""
-    if tc.data:
-        problems = load_jsonl_problems(tc.data)
-        if not problems:
-            raise UserError(f"{tc.data} holds no problems; point at a JSONL file with question/answer")
-        return problems[:tc.prompts] if tc.prompts else problems
-    return sample_problems(tc.tasks, tc.prompts, split="train", seed=tc.seed, difficulty=tc.difficulty)
+def teacher_traces(model_dir: str | Path, tc: TraceConfig, device: str, progress: bool = True) -> tuple[list[dict], dict]:
+    """Load the model at `model_dir` and sample its kept traces (`sample_traces`) on the TRAIN-split task
+    problems of `tc`, or on the first `tc.prompts` problems of the user's JSONL file `tc.data`."""
+    model, tok = load_checkpoint(model_dir, resolve_device(device), inference=True)
+    problems = load_problems(tc.tasks, tc.data, tc.prompts, "train", tc.seed, tc.difficulty)
+    return sample_traces(model, tok, problems, tc, progress)
 
 
 @torch.no_grad()
@@ -85,7 +82,7 @@ def sample_traces(model, tok, problems: list, tc: TraceConfig, progress: bool = 
     if tc.samples < 1 or tc.batch_size < 1:
         raise UserError("traces.samples and traces.batch_size must be >= 1")
     device = next(model.parameters()).device
-    sampling = SamplingConfig(max_new_tokens=tc.max_new_tokens, temperature=tc.temperature, top_p=tc.top_p)
+    sampling = tc.sampling
     stop = stop_token_ids(tok, sampling.stop)
     gen = torch.Generator(device=device).manual_seed(tc.seed)
     rows = [i for i in range(len(problems)) for _ in range(tc.samples)]
@@ -135,6 +132,17 @@ def write_records(path: str | Path, records: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+def cached_records(path: Path, stats_path: Path, build: Callable[[], tuple[list[dict], dict]]) -> tuple[Path, dict]:
+    """(path, stats) of a stage's records: reused when both files exist (a resumed stage samples nothing),
+    else `build()` -> (records, stats), written atomically, records first, so the stats file marks them done."""
+    if path.is_file() and stats_path.is_file():
+        return path, json.loads(stats_path.read_text())
+    records, stats = build()
+    write_records(path, records)
+    atomic_write_json(stats_path, stats)
+    return path, stats
+
+
 def sft_steps(n_examples: int, batch_size: int, epochs: float) -> int:
     """Optimizer steps for `epochs` passes over `n_examples` at `batch_size` (at least 1)."""
     return max(1, math.ceil(epochs * n_examples / batch_size))
@@ -155,7 +163,7 @@ def sft_on(records_path: Path, init: str, sft_cfg: SFTConfig, out: Path, epochs:
 
 def default_sft_config() -> SFTConfig:
     return SFTConfig(optim=OptimConfig(lr=1e-3, warmup_steps=10), train=TrainConfig(steps=100, mtp_lambda=0.1),
-                     eval=EvalConfig(every=0, problems=0, template="chat"), data=SFTDataConfig(val_examples=32))
+                     eval=TrainEvalConfig(every=0, problems=0, template="chat"), data=SFTDataConfig(val_examples=32))
 
 
 @dataclass
@@ -170,23 +178,20 @@ class RejectionConfig:
 
 def build_rejection_data(cfg: RejectionConfig, out: Path, progress: bool = True) -> tuple[Path, dict]:
     """Sample, filter and mix into out/data.jsonl (+ out/stats.json); reused when already there."""
-    data, stats_path = out / "data.jsonl", out / "stats.json"
-    if data.is_file() and stats_path.is_file():
-        return data, json.loads(stats_path.read_text())
-    if not cfg.init:
-        raise UserError("rejection needs the model to sample: pass --init MODEL_DIR (e.g. a reasoning-RL run's final/)")
-    model, tok = load_checkpoint(cfg.init, resolve_device(cfg.sft.train.device), inference=True)
-    records, stats = sample_traces(model, tok, load_problems(cfg.traces), cfg.traces, progress)
-    if not records:
-        raise UserError(f"rejection sampling kept none of {stats['sampled']} samples ({stats['correct']} correct); "
-                        "sample more (traces.prompts, traces.samples) or train the model further")
-    general = general_records(round(cfg.general_ratio * len(records)), seed=cfg.traces.seed)
-    stats.update(reasoning=len(records), general=len(general))
-    mixed = records + general
-    random.Random(cfg.traces.seed).shuffle(mixed)
-    write_records(data, mixed)
-    atomic_write_json(stats_path, stats)
-    return data, stats
+    def build() -> tuple[list[dict], dict]:
+        if not cfg.init:
+            raise UserError("rejection needs the model to sample: pass --init MODEL_DIR (e.g. a reasoning-RL run's final/)")
+        records, stats = teacher_traces(cfg.init, cfg.traces, cfg.sft.train.device, progress)
+        if not records:
+            raise UserError(f"rejection sampling kept none of {stats['sampled']} samples ({stats['correct']} correct); "
+                            "sample more (traces.prompts, traces.samples) or train the model further")
+        general = general_records(round(cfg.general_ratio * len(records)), seed=cfg.traces.seed)
+        stats.update(reasoning=len(records), general=len(general))
+        mixed = records + general
+        random.Random(cfg.traces.seed).shuffle(mixed)
+        return mixed, stats
+
+    return cached_records(out / "data.jsonl", out / "stats.json", build)
 
 
 def rejection(cfg: RejectionConfig, out: str | Path, progress: bool = True) -> dict:

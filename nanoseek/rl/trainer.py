@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from nanoseek.errors import UserError
-from nanoseek.eval import EvalConfig, evaluate
+from nanoseek.eval import PassAtKConfig, evaluate
 from nanoseek.files import atomic_write_bytes, atomic_write_json, read_jsonl
 from nanoseek.hf import load_pretrained
 from nanoseek.parallel import Parallel, ParallelConfig, parallelize
@@ -85,7 +85,7 @@ class TaskConfig:
 
 
 @dataclass
-class RLEvalConfig(EvalConfig):
+class RLEvalConfig(PassAtKConfig):
     every: int = 25                 # evaluate every N steps and after the last; 0 = only after the last
     problems: int = 64              # held-out TEST-split problems of the training tasks (0 = no eval)
     at_start: bool = True           # also evaluate the initial model, logged as step 0

@@ -38,7 +38,7 @@ from nanoseek.run import (autocast, check_run_dir, export_final, finished, load_
 from nanoseek.tokenizer import Tokenizer, check_vocab_fits
 from nanoseek.train.optim import OptimConfig
 from nanoseek.train.runs import DataConfig, fixed_batches, task_evaluator
-from nanoseek.train.trainer import CheckpointConfig, EvalConfig, TrainConfig, prepare_model, train
+from nanoseek.train.trainer import CheckpointConfig, TrainEvalConfig, TrainConfig, prepare_model, train
 
 BOXES = ("red", "blue", "green", "gold", "iron", "oak", "sky", "sun", "moon", "star", "rain", "snow", "sand",
          "rock", "fire", "ice")
@@ -78,7 +78,7 @@ class ExtendConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=5, decay_frac=0.3))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=60, batch_size=4, seq_len=1024,
                                                                    mtp_lambda=0.1))
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(every=0, problems=0))
+    eval: TrainEvalConfig = field(default_factory=lambda: TrainEvalConfig(every=0, problems=0))
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=20))
 
 

@@ -23,7 +23,7 @@ from nanoseek.data import PackedDataset, SFTDataset, check_model_fit, load_chat_
 from nanoseek.data.corpus import CorpusConfig, build_corpus, prepare_corpus
 from nanoseek.data.sft import to_messages
 from nanoseek.errors import UserError
-from nanoseek.eval import EvalConfig as SamplingEval, evaluate
+from nanoseek.eval import PassAtKConfig, evaluate
 from nanoseek.hf import load_pretrained
 from nanoseek.model import build_model
 from nanoseek.parallel import ParallelConfig, parallelize
@@ -34,7 +34,7 @@ from nanoseek.sampling.rollout import encode_prompt
 from nanoseek.tasks import sample_problems
 from nanoseek.tokenizer import Tokenizer, check_vocab_fits
 from nanoseek.train.optim import OptimConfig
-from nanoseek.train.trainer import CheckpointConfig, EvalConfig, TrainConfig, prepare_model, train
+from nanoseek.train.trainer import CheckpointConfig, TrainEvalConfig, TrainConfig, prepare_model, train
 
 
 # ---------------------------------------------------------------- configs
@@ -52,9 +52,9 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)   # used under torchrun (DESIGN §5)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)   # used under torchrun (docs/DESIGN.md §5)
 
 
 @dataclass
@@ -71,7 +71,7 @@ class SFTConfig:
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, mtp_lambda=0.1))
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(every=50, template="chat"))
+    eval: TrainEvalConfig = field(default_factory=lambda: TrainEvalConfig(every=50, template="chat"))
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=50))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
@@ -95,7 +95,7 @@ def model_section(cfg: ModelConfig, preset: str) -> dict:
 
 # ---------------------------------------------------------------- evaluation during training
 
-def task_evaluator(ec: EvalConfig, tok, model_cfg, seed: int):
+def task_evaluator(ec: TrainEvalConfig, tok, model_cfg, seed: int):
     """pass@1 (and pass@K for K > 1 samples) on held-out TEST-split task problems, sampled with the rollout
     engine (R1 report settings).
     Checked up front: the longest prompt plus max_new_tokens must fit the model's positions."""
@@ -104,12 +104,12 @@ def task_evaluator(ec: EvalConfig, tok, model_cfg, seed: int):
 
     problems = sample_problems(ec.tasks, ec.problems, split="test", seed=seed, difficulty=ec.difficulty)
     longest = max(len(encode_prompt(tok, p.prompt, ec.template)) for p in problems)
-    if longest + ec.max_new_tokens > model_cfg.max_position_embeddings:
-        raise UserError(f"eval prompts reach {longest} tokens + eval.max_new_tokens={ec.max_new_tokens} > the model's "
-                        f"max_position_embeddings={model_cfg.max_position_embeddings}; lower eval.max_new_tokens "
+    budget = ec.sampling.max_new_tokens
+    if longest + budget > model_cfg.max_position_embeddings:
+        raise UserError(f"eval prompts reach {longest} tokens + eval.sampling.max_new_tokens={budget} > the model's "
+                        f"max_position_embeddings={model_cfg.max_position_embeddings}; lower eval.sampling.max_new_tokens "
                         "or set eval.problems=0")
-    sampling = SamplingEval(samples=ec.samples, temperature=ec.temperature, top_p=ec.top_p,
-                            max_new_tokens=ec.max_new_tokens, greedy=False, template=ec.template, seed=seed)
+    sampling = PassAtKConfig(samples=ec.samples, sampling=ec.sampling, greedy=False, template=ec.template, seed=seed)
 
     def run(model) -> dict:
         result = evaluate(model, tok, problems, sampling)

@@ -1,0 +1,33 @@
+"""Fixtures the test files share: a micro DeepSeek-V3 shape and a saved micro checkpoint with its tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoseek.config import ModelConfig
+from nanoseek.hf import save_pretrained
+from nanoseek.model import build_model
+from nanoseek.tasks import sample_problems
+from nanoseek.tokenizer import Tokenizer, r1_zero_prompt
+
+# The micro shape the CPU tests train and sample: 2 layers, hidden 32, MLA ranks 16, no MTP (a few seconds a run).
+MICRO = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, kv_lora_rank=16, q_lora_rank=16,
+             num_nextn_predict_layers=0)
+
+
+def make_base(root):
+    """A micro DeepSeek model + a tokenizer trained on task solutions, saved as an HF directory `root/base`."""
+    texts = [r1_zero_prompt(p.prompt) + p.completion()[len("<think>"):] for p in sample_problems("arithmetic", 50)]
+    tok = Tokenizer.train(texts, 300)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=len(tok), **MICRO))
+    save_pretrained(model, root / "base")
+    tok.save(root / "base" / "tokenizer")
+    return root / "base"
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(tmp_path_factory):
+    """One micro checkpoint (random weights, BPE tokenizer) for the tests that only read it."""
+    return make_base(tmp_path_factory.mktemp("micro"))
