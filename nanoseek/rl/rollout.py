@@ -48,7 +48,7 @@ class SamplingConfig:
     greedy: bool = False            # argmax decoding (temperature / top-p / top-k ignored)
     stop: list[str] = field(default_factory=lambda: ["</answer>"])  # stop tokens besides eos (single tokens)
     compact_at: float = 0.5         # drop finished rows once this share of the live rows has stopped
-    decode: str = "auto"            # "auto" | "dynamic" | "static" | "graph" (see the module docstring)
+    decode: str = "auto"            # "auto" | "dynamic" | "static" | "graph" | "compiled" (module docstring)
     max_batch: int = 0              # static/graph: rows decoded at once; more prompts wait for a finished row's
                                     # place (continuous batching). 0 = every prompt at once
 
@@ -61,8 +61,8 @@ class SamplingConfig:
             raise UserError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             raise UserError(f"top_k={self.top_k} must be >= 0 (0 = off)")
-        if self.decode not in ("auto", "dynamic", "static", "graph"):
-            raise UserError(f"decode={self.decode!r}; choose auto, dynamic, static or graph")
+        if self.decode not in ("auto", "dynamic", "static", "graph", "compiled"):
+            raise UserError(f"decode={self.decode!r}; choose auto, dynamic, static, graph or compiled")
         if self.max_batch < 0:
             raise UserError(f"max_batch={self.max_batch} must be >= 0 (0 = every prompt at once)")
 
@@ -198,8 +198,11 @@ class StaticDecoder:
     check_every = 16
 
     def __init__(self, model, B: int, S: int, N: int, cache_dtype, cfg: SamplingConfig, stop_ids: list[int],
-                 graph: bool):
+                 graph: bool, compiled: bool = False):
         self.model, self.cfg, self.B, self.S, self.N = model, cfg, B, S, N
+        # compiled: the step through torch.compile first (its elementwise chains fused: a decode step of a
+        # small model is hundreds of tiny kernels, each ~2 us even inside a graph), then captured as a graph
+        self._body = torch.compile(self._step, dynamic=False) if compiled else self._step
         device = model.lm_head.weight.device
         self.cache = model.new_cache(B, S, device=device, dtype=cache_dtype)
         self.cache_dtype = cache_dtype
@@ -216,8 +219,9 @@ class StaticDecoder:
         self.rows = torch.arange(B, device=device)
         self.graph, self.use_graph, self.steps = None, graph, 0
 
-    def _finish_check(self, tok: Tensor) -> Tensor:
-        return torch.isin(tok, self.stop) | (self.ngen >= self.N)
+    def _finished(self, tok: Tensor) -> Tensor:
+        """Rows [B] whose new token tok [B] ends them: a stop token, or the length limit reached."""
+        return (tok[:, None] == self.stop).any(-1) | (self.ngen >= self.N)
 
     def _step(self) -> None:
         live = ~self.done
@@ -236,7 +240,7 @@ class StaticDecoder:
         self.hist_tok[self.rows, col] = torch.where(live, tok, self.hist_tok[self.rows, col])
         self.hist_logp[self.rows, col] = torch.where(live, logp, self.hist_logp[self.rows, col])
         self.ngen += live
-        self.done |= live & self._finish_check(tok)
+        self.done |= live & self._finished(tok)
         self.tok.copy_(tok)
 
     def step(self, generator: torch.Generator | None) -> None:
@@ -244,23 +248,23 @@ class StaticDecoder:
             torch.rand(self.B, generator=generator, out=self.u)                 # outside the graph
         self.steps += 1
         if not self.use_graph:
-            return self._step()
+            return self._body()
         if self.graph is None and self.steps <= 2:                              # warm up on a side stream
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self._step()
+                self._body()
             torch.cuda.current_stream().wait_stream(stream)
             return
         if self.graph is None:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph):                                   # recorded, not run
-                    self._step()
+                    self._body()
             except RuntimeError as e:   # e.g. a host sync inside the model (fp32 grouped_mm reads offs on the host)
                 warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0]}); decoding without graphs")
                 self.use_graph = False
-                return self._step()
+                return self._body()
             self.graph = graph
         self.graph.replay()
 
@@ -284,7 +288,7 @@ class StaticDecoder:
         self.hist_tok[r, 0], self.hist_logp[r, 0] = tok, logp
         self.ngen[r] = 1
         self.tok[r] = tok
-        self.done[r] = torch.isin(tok, self.stop) | (self.N <= 1)
+        self.done[r] = (tok[:, None] == self.stop).any(-1) | (self.N <= 1)
 
 
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -292,10 +296,10 @@ _KEEP_DECODERS = 3                                  # per model: their caches ho
 
 
 def _decoder(model, B: int, S: int, N: int, cache_dtype, cfg: SamplingConfig, stop_ids: list[int],
-             graph: bool) -> StaticDecoder:
+             mode: str) -> StaticDecoder:
     """The model's decoder for this shape and sampling setting, built (and its graph captured) on first use."""
     w = model.lm_head.weight
-    key = (B, S, N, cache_dtype, w.data_ptr(), w.dtype, graph, cfg.greedy, cfg.temperature, cfg.top_k, cfg.top_p,
+    key = (B, S, N, cache_dtype, w.data_ptr(), w.dtype, mode, cfg.greedy, cfg.temperature, cfg.top_k, cfg.top_p,
            tuple(sorted(set(stop_ids))), torch.is_autocast_enabled(w.device.type),
            torch.get_autocast_dtype(w.device.type))
     kept = _DECODERS.setdefault(model, {})
@@ -304,7 +308,8 @@ def _decoder(model, B: int, S: int, N: int, cache_dtype, cfg: SamplingConfig, st
     else:
         while len(kept) >= _KEEP_DECODERS:
             kept.pop(next(iter(kept)))
-        kept[key] = StaticDecoder(model, B, S, N, cache_dtype, cfg, stop_ids, graph)
+        kept[key] = StaticDecoder(model, B, S, N, cache_dtype, cfg, stop_ids, graph=mode in ("graph", "compiled"),
+                                  compiled=mode == "compiled")
     return kept[key]
 
 
@@ -317,14 +322,14 @@ def _bf16_on_cuda(model) -> bool:
 
 
 def _generate_static(model, prompts, cfg: SamplingConfig, stop_ids, pad_id, generator, on_token,
-                     graph: bool, cache_dtype, device) -> Generation:
+                     mode: str, cache_dtype, device) -> Generation:
     """The static engine: up to `cfg.max_batch` rows decode at once; a finished row takes the next waiting
     prompt at the next check (every `check_every` steps, the only host reads)."""
     R, N = len(prompts), cfg.max_new_tokens
     width = min(R, cfg.max_batch) if cfg.max_batch else R
     P = max(len(p) for p in prompts)
     S = -(-(P + N) // 64) * 64                                                  # slot bucket; S-1 is scratch
-    dec = _decoder(model, _bucket(width), S, N, cache_dtype, cfg, stop_ids, graph)
+    dec = _decoder(model, _bucket(width), S, N, cache_dtype, cfg, stop_ids, mode)
     out_tok = torch.full((R, N), pad_id, dtype=torch.long, device=device)
     out_logp = torch.zeros((R, N), dtype=torch.float32, device=device)
     lengths = torch.zeros(R, dtype=torch.long, device=device)
@@ -391,8 +396,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], cfg: SamplingConf
     device = next(model.parameters()).device
     B, N = len(prompts), cfg.max_new_tokens
     mode = cfg.decode if cfg.decode != "auto" else ("graph" if _bf16_on_cuda(model) else "dynamic")
-    if mode == "graph" and device.type != "cuda":
-        raise UserError("decode=\"graph\" needs a CUDA device; use decode=\"static\" or \"auto\"")
+    if mode in ("graph", "compiled") and device.type != "cuda":
+        raise UserError(f"decode=\"{mode}\" needs a CUDA device; use decode=\"static\" or \"auto\"")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt must have at least one token")
     P = max(len(p) for p in prompts)
@@ -404,7 +409,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], cfg: SamplingConf
     # half the bytes and no per-step cast of the whole cache when the weights are fp32 masters)
     amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     if mode != "dynamic":
-        return _generate_static(model, prompts, cfg, stop_ids, pad_id, generator, on_token, mode == "graph",
+        return _generate_static(model, prompts, cfg, stop_ids, pad_id, generator, on_token, mode,
                                 amp or model.lm_head.weight.dtype, device)
     return _generate_dynamic(model, prompts, cfg, stop_ids, pad_id, generator, on_token, amp, device)
 
