@@ -394,7 +394,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], cfg: SamplingConf
     samples) are prefilled once and their cache rows copied.
     """
     device = next(model.parameters()).device
-    B, N = len(prompts), cfg.max_new_tokens
+    N = cfg.max_new_tokens
     mode = cfg.decode if cfg.decode != "auto" else ("graph" if _bf16_on_cuda(model) else "dynamic")
     if mode in ("graph", "compiled") and device.type != "cuda":
         raise UserError(f"decode=\"{mode}\" needs a CUDA device; use decode=\"static\" or \"auto\"")

@@ -11,7 +11,6 @@ corrects the expectation for the sampler's distribution while C bounds the varia
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 
