@@ -106,7 +106,8 @@ def profile_step(model) -> dict:
     dec = next(reversed(rollout._DECODERS[model].values()))
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        dec._body()
+        with torch.no_grad():
+            dec._step()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     return {"graph": dec.use_graph, "kernels_per_step": len(kernels),

@@ -318,3 +318,30 @@ def test_cuda_graph_decoding_reads_the_host_once_per_check():
     syncs = sum("synchroniz" in str(c.message) for c in caught)
     print("syncs", syncs)
     assert syncs <= 64 // StaticDecoder.check_every + 12
+
+
+@pytest.mark.parametrize("kind", ["deepseek", "dense"])
+def test_decode_step_reads_nothing_from_the_host(kind):
+    """What a CUDA graph cannot capture, checked on the CPU: one decode step (model, cache update, sampling
+    with temperature / top-k / top-p, bookkeeping) makes no host read (item, nonzero) and no host-to-device
+    copy (a Python scalar written by index assignment is lifted to a host tensor first)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nanoseek.rl import rollout
+
+    class Record(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = make_model(kind)
+    cfg = SamplingConfig(max_new_tokens=4, temperature=0.7, top_k=20, top_p=0.9, stop=[], decode="static")
+    generate(model, PROMPTS, cfg, [95], generator=torch.Generator().manual_seed(0))
+    dec = next(iter(rollout._DECODERS[model].values()))
+    with torch.no_grad(), Record() as rec:
+        dec._step()
+    assert len(rec.ops) > 100
+    bad = [op for op in rec.ops if any(k in op for k in ("lift_fresh", "_local_scalar_dense", "nonzero", "tolist"))]
+    assert not bad
