@@ -171,7 +171,8 @@ def main() -> None:
     for name in args.models:
         torch.manual_seed(0)
         cfg = model_config(name)
-        model = build_model(cfg).to(device=device, dtype=dtype).eval()
+        with torch.device(device):                                         # initialise on the device: fast
+            model = build_model(cfg).to(dtype=dtype).eval()
         hf_model = None
         if not args.skip_transformers:
             from transformers import AutoModelForCausalLM

@@ -15,15 +15,18 @@ so generation is its own engine rather than a loop around `model(...)`:
   to rounding), not the log-prob under the truncated sampling distribution.
 
 Decoding modes (`SamplingConfig.decode`):
-- "dynamic": each step attends over the filled slots only and finished rows are dropped (CPU default);
-- "static": every step has the same shapes, as gpt-fast does: attention runs over all S cache slots with the
-  mask opening the filled ones. The model's cache contract writes the new token at slot `cache.length`, so
-  we pin `length` to the last slot S-1 (a scratch "self" slot every query sees) and afterwards copy that
-  slot's K/V into the row's next free slot, all with device-side indices. No shape or Python int changes
-  from step to step, so
-- "graph": the static step is captured once in a CUDA graph and replayed (no per-kernel launch cost, which
-  is what bounds small-batch decoding of a many-layer MoE). Finished rows are not dropped in these modes;
-  "auto" = "graph" on CUDA in bf16, "dynamic" elsewhere. All modes give the same tokens (tested on CPU).
+- "dynamic": eager; each step attends over the filled slots only, finished rows are dropped (`compact_at`)
+  and a host read per step decides it (the CPU default, where that read costs nothing);
+- "static": the `StaticDecoder`: every step has the same shapes, as gpt-fast does — attention over all S
+  cache slots with a per-row mask, each row with its own next free slot, position and token count, and
+  sampling (temperature, top-k, top-p, inverse-CDF draw from uniforms made outside the step), stop checks and
+  output bookkeeping on the device. The host reads the finished mask once every `check_every` steps; rows
+  that finished then take waiting prompts (continuous batching, `max_batch`);
+- "graph": the static step captured once per (model, batch bucket, slots, sampling setting) as a CUDA graph
+  and replayed, also across `generate` calls; "compiled": the model's forward through torch.compile first
+  (fewer, fused kernels), then the graph. "auto" = "graph" on CUDA in bf16, "dynamic" elsewhere.
+Every mode gives the greedy tokens of an uncached full forward (tests/test_rollout.py, CPU). Identical
+prompts (a GRPO group's G samples) are prefilled once and their cache rows copied, in every mode.
 """
 
 from __future__ import annotations
