@@ -345,3 +345,39 @@ def test_decode_step_reads_nothing_from_the_host(kind):
     assert len(rec.ops) > 100
     bad = [op for op in rec.ops if any(k in op for k in ("lift_fresh", "_local_scalar_dense", "nonzero", "tolist"))]
     assert not bad
+
+
+def test_decoders_do_not_keep_their_model_alive():
+    import gc
+    import weakref
+
+    from nanoseek.rl import rollout
+
+    model = make_model("dense")
+    generate(model, PROMPTS, SamplingConfig(max_new_tokens=3, greedy=True, stop=[], decode="static"), [95])
+    assert len(rollout._DECODERS[model]) == 1
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_reused_across_calls_sees_updated_fp32_masters_under_autocast():
+    """The GRPO trainer's setting: fp32 master weights, bf16 autocast, an optimizer step between rollouts.
+    The second call replays the first call's graph; it must decode with the updated weights (a graph captured
+    from autocast's weight-cast cache would read the first call's freed bf16 copies instead)."""
+    from nanoseek.rl import rollout
+
+    model = make_model("deepseek").cuda()
+    cfg = SamplingConfig(max_new_tokens=10, greedy=True, stop=[], decode="graph")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        generate(model, PROMPTS, cfg, [95])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        replayed = generate(model, PROMPTS, cfg, [95]).tokens
+        rollout._DECODERS.pop(model)
+        fresh = generate(model, PROMPTS, cfg, [95]).tokens
+    assert torch.equal(replayed, fresh)

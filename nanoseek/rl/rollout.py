@@ -31,6 +31,7 @@ prompts (a GRPO group's G samples) are prefilled once and their cache rows copie
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -202,7 +203,9 @@ class StaticDecoder:
 
     def __init__(self, model, B: int, S: int, N: int, cache_dtype, cfg: SamplingConfig, stop_ids: list[int],
                  graph: bool, compiled: bool = False):
-        self.model, self.cfg, self.B, self.S, self.N = model, cfg, B, S, N
+        # a weak reference: `_DECODERS` is keyed weakly by the model, and a strong one here would keep every
+        # model that ever generated (and its decoders' caches) alive
+        self._model, self.cfg, self.B, self.S, self.N = weakref.ref(model), cfg, B, S, N
         # compiled: the model's forward through torch.compile (its elementwise chains fused: a decode step of
         # `small` is ~1,600 kernels, 2.7 ms of GPU time at batch 1 on an H200 even inside a graph), then the
         # whole step captured as a graph. Sampling stays out of the compile (inductor failed to generate the
@@ -232,7 +235,7 @@ class StaticDecoder:
         """Feed each row's last token, keep its K/V in the row's next free slot; the logits [B, V]."""
         self.pos += 1
         self.cache.length = self.S - 1                                          # the model writes at slot S-1
-        logits = self.model(self.tok[:, None], position_ids=self.pos, attention_mask=self.mask,
+        logits = self._model()(self.tok[:, None], position_ids=self.pos, attention_mask=self.mask,
                             cache=self.cache).logits[:, -1]                     # [B, V]
         slot = self.slot.clamp(max=self.S - 2)                                  # finished rows run on harmlessly
         for t, dim in _cache_slots(self.cache):                                 # persist slot S-1 at `slot`
@@ -262,14 +265,14 @@ class StaticDecoder:
         if self.graph is None and self.steps <= 2:                              # warm up on a side stream
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream), _no_cast_cache():
                 self._step()
             torch.cuda.current_stream().wait_stream(stream)
             return
         if self.graph is None:
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):                                   # recorded, not run
+                with torch.cuda.graph(graph), _no_cast_cache():                 # recorded, not run
                     self._step()
             except RuntimeError as e:   # e.g. a host sync inside the model (fp32 grouped_mm reads offs on the host)
                 warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0]}); decoding without graphs")
@@ -281,7 +284,7 @@ class StaticDecoder:
     def admit(self, rows: list[int], prompts: list[list[int]], pad_id: int, generator) -> None:
         """Start `prompts` in cache rows `rows`: prefill (once per distinct prompt), copy the prompt's cache
         into the rows' slots [0, P), sample each row's first token from the prefill logits."""
-        tmp, logits, pmask, last, inv = _prefill(self.model, prompts, pad_id, self.cache_dtype,
+        tmp, logits, pmask, last, inv = _prefill(self._model(), prompts, pad_id, self.cache_dtype,
                                                  self.mask.device)
         P = pmask.shape[1]
         r = torch.tensor(rows, device=self.mask.device)
@@ -299,6 +302,15 @@ class StaticDecoder:
         self.ngen[r] = 1
         self.tok[r] = tok
         self.done[r] = (tok[:, None] == self.stop).any(-1) | (self.N <= 1)
+
+
+def _no_cast_cache():
+    """Autocast without its weight-cast cache, for the steps a graph is captured from: a cached bf16 copy of
+    an fp32 master weight would be read by every replay, though it is freed when the caller's autocast
+    region ends and stale after the next optimizer step (torch's CUDA-graph notes ask for this)."""
+    if torch.is_autocast_enabled("cuda"):
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+    return contextlib.nullcontext()
 
 
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
