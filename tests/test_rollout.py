@@ -381,3 +381,18 @@ def test_cuda_graph_reused_across_calls_sees_updated_fp32_masters_under_autocast
         rollout._DECODERS.pop(model)
         fresh = generate(model, PROMPTS, cfg, [95]).tokens
     assert torch.equal(replayed, fresh)
+
+
+@pytest.mark.parametrize("max_batch", [0, 2])
+def test_static_engine_streams_each_rows_tokens_in_order(max_batch):
+    """on_token (`nanoseek chat`) reports every generated token of every row exactly once, in order, also when
+    rows are admitted mid-way (continuous batching)."""
+    from collections import defaultdict
+
+    model = make_model("deepseek")
+    seen = defaultdict(list)
+    cfg = SamplingConfig(max_new_tokens=9, temperature=1.0, stop=[], decode="static", max_batch=max_batch)
+    g = generate(model, PROMPTS, cfg, list(range(85, 96)), generator=torch.Generator().manual_seed(3),
+                 on_token=lambda r, t: seen[r].append(t))
+    assert [seen[i] for i in range(len(PROMPTS))] == g.completions()
+    assert len(set(g.lengths.tolist())) > 1
