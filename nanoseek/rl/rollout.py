@@ -314,7 +314,7 @@ def _no_cast_cache():
 
 
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_KEEP_DECODERS = 3                                  # per model: their caches hold device memory
+_KEEP_DECODERS = 2          # per model (rollouts + evaluation); each holds its cache [L, B, S, ...] on the device
 
 
 def _decoder(model, B: int, S: int, N: int, cache_dtype, cfg: SamplingConfig, stop_ids: list[int],
