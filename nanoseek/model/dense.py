@@ -97,6 +97,11 @@ class DenseAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:  # write the T new slots, attend over everything filled so far
             k, v = cache.update(layer, k, v)
+        if T == 1 and cache is not None and self.n_kv != self.n_heads:
+            # a decode step: each kv head's query group as the queries of one head, so SDPA reads the
+            # cache once per kv head (enable_gqa with a mask can fall back to repeating k/v per query head)
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv, -1, self.head_dim), k, v, attn_mask=mask)
+            return self.o_proj(y.reshape(B, 1, -1))                             # heads in (kv, group) order
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -145,6 +145,15 @@ class MLA(nn.Module):
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)                      # [B, nh, T, r]
         latent = cache.update(self.layer_idx, torch.cat([c_kv, k_pe[:, 0]], dim=-1)).to(q_lat.dtype)  # [B, S, r+rope]
         S = latent.shape[1]
+        if q_lat.shape[2] == 1:
+            # one query per row (a decode step): the nh query heads are the "queries" of ONE shared latent head,
+            # so each row's cache is read once (SDPA over the head-expanded latent may copy it nh times)
+            q = torch.cat([q_lat, q_pe], dim=-1)[:, :, 0]                        # [B, nh, r+rope]
+            s = torch.bmm(q, latent.transpose(1, 2)).float() * self.scale       # [B, nh, S]
+            if mask is not None:
+                s = s.masked_fill(~mask[:, :, 0], float("-inf"))                # mask [B|1, 1, 1, S]
+            o_lat = torch.bmm(s.softmax(-1).to(latent.dtype), latent[..., :self.kv_rank])   # [B, nh, r]
+            return torch.einsum("bhr,hdr->bhd", o_lat, w_uv)[:, :, None]         # [B, nh, 1, v]
         kv = latent[:, None].expand(B, nh, S, latent.shape[-1])
         o_lat = F.scaled_dot_product_attention(torch.cat([q_lat, q_pe], dim=-1), kv, kv[..., :self.kv_rank],
                                                attn_mask=mask, is_causal=mask is None, scale=self.scale)

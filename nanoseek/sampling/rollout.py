@@ -15,20 +15,25 @@ so generation is its own engine rather than a loop around `model(...)`:
   to rounding), not the log-prob under the truncated sampling distribution.
 
 Decoding modes (`SamplingConfig.decode`):
-- "dynamic": each step attends over the filled slots only and finished rows are dropped (CPU default);
-- "static": every step has the same shapes, as gpt-fast does: attention runs over all S cache slots with the
-  mask opening the filled ones. The model's cache contract writes the new token at slot `cache.length`, so
-  we pin `length` to the last slot S-1 (a scratch "self" slot every query sees) and afterwards copy that
-  slot's K/V into the row's next free slot, all with device-side indices. No shape or Python int changes
-  from step to step, so
-- "graph": the static step is captured once in a CUDA graph and replayed (no per-kernel launch cost, which
-  is what bounds small-batch decoding of a many-layer MoE). Finished rows are not dropped in these modes;
-  "auto" = "graph" on CUDA in bf16, "dynamic" elsewhere. All modes give the same tokens (tested on CPU).
+- "dynamic": eager; each step attends over the filled slots only, finished rows are dropped (`compact_at`)
+  and a host read per step decides it (the CPU default, where that read costs nothing);
+- "static": the `StaticDecoder`: every step has the same shapes, as gpt-fast does — attention over all S
+  cache slots with a per-row mask, each row with its own next free slot, position and token count, and
+  sampling (temperature, top-k, top-p, inverse-CDF draw from uniforms made outside the step), stop checks and
+  output bookkeeping on the device. The host reads the finished mask once every `check_every` steps; rows
+  that finished then take waiting prompts (continuous batching, `max_batch`);
+- "graph": the static step captured once per (model, batch bucket, slots, sampling setting) as a CUDA graph
+  and replayed, also across `generate` calls; "compiled": the model's forward through torch.compile first
+  (fewer, fused kernels), then the graph. "auto" = "graph" on CUDA in bf16, "dynamic" elsewhere.
+Every mode gives the greedy tokens of an uncached full forward (tests/test_rollout.py, CPU). Identical
+prompts (a GRPO group's G samples) are prefilled once and their cache rows copied, in every mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -48,7 +53,9 @@ class SamplingConfig:
     greedy: bool = False            # argmax decoding (temperature / top-p / top-k ignored)
     stop: list[str] = field(default_factory=lambda: ["</answer>"])  # stop tokens besides eos (single tokens)
     compact_at: float = 0.5         # drop finished rows once this share of the live rows has stopped
-    decode: str = "auto"            # "auto" | "dynamic" | "static" | "graph" (see the module docstring)
+    decode: str = "auto"            # "auto" | "dynamic" | "static" | "graph" | "compiled" (module docstring)
+    max_batch: int = 0              # static/graph: rows decoded at once; more prompts wait for a finished row's
+                                    # place (continuous batching). 0 = every prompt at once
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -59,8 +66,10 @@ class SamplingConfig:
             raise UserError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             raise UserError(f"top_k={self.top_k} must be >= 0 (0 = off)")
-        if self.decode not in ("auto", "dynamic", "static", "graph"):
-            raise UserError(f"decode={self.decode!r}; choose auto, dynamic, static or graph")
+        if self.decode not in ("auto", "dynamic", "static", "graph", "compiled"):
+            raise UserError(f"decode={self.decode!r}; choose auto, dynamic, static, graph or compiled")
+        if self.max_batch < 0:
+            raise UserError(f"max_batch={self.max_batch} must be >= 0 (0 = every prompt at once)")
 
 
 @dataclass
@@ -106,16 +115,28 @@ def filtered_probs(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top
     return probs
 
 
-def _next_tokens(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Sample from logits [B, V]; return tokens [B] and their temperature-1 log-probs [B] (fp32)."""
+def sample_tokens(logits: Tensor, cfg: SamplingConfig, u: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Sample from logits [B, V] with uniforms u [B] (None when greedy); return tokens [B] and their
+    temperature-1 log-probs [B] (fp32). Every shape is fixed and nothing is read on the host, so this runs
+    inside the CUDA graph of a decode step.
+
+    Inverse-CDF sampling: the first token whose cumulative mass reaches (1 - u)·total, u in [0, 1), so the
+    threshold is in (0, total] and a token of zero mass (cut by top-k / top-p) is never picked."""
     logits = logits.float()
     if cfg.greedy:
         tok = logits.argmax(-1)
     else:
-        probs = filtered_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        cdf = filtered_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p).cumsum(-1)     # [B, V]
+        x = (1.0 - u[:, None]) * cdf[:, -1:]                                            # [B, 1]
+        tok = torch.searchsorted(cdf, x).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
     logp = logits.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return tok, logp
+
+
+def _next_tokens(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """`sample_tokens` with fresh uniforms from `generator`."""
+    u = None if cfg.greedy else torch.rand(logits.shape[0], device=logits.device, generator=generator)
+    return sample_tokens(logits, cfg, u)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
@@ -138,62 +159,181 @@ def _cache_slots(cache) -> list[tuple[Tensor, int]]:
     return [(cache.k, 3), (cache.v, 3)]
 
 
-class StaticDecoder:
-    """One fixed-shape decode step over a prefilled cache of S slots; optionally a CUDA graph.
+def _slot_major(t: Tensor, dim: int) -> Tensor:
+    """View of a cache tensor as [L, B, S, ...] (slots third), so one advanced index [:, rows, slots] fits both."""
+    return t.movedim(dim, 2)
 
-    mask [B, S]: the prompt's attention mask padded with zeros, plus the scratch slot S-1 (always open).
-    `slot` is the next free slot (the prompt length P at first), a device tensor like `pos` [B, 1].
+
+def _prefill(model, prompts: list[list[int]], pad_id: int, cache_dtype, device, extra: int = 0) -> tuple:
+    """Prefill each DISTINCT prompt once (a GRPO group's G copies share one forward); left-padded.
+
+    Returns the cache of the U distinct rows (P + `extra` slots), their last logits [U, V], mask [U, P],
+    last positions [U, 1] and `inv` [B] (request b is distinct row inv[b])."""
+    first: dict[tuple, int] = {}
+    inv = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    uniq = [list(k) for k in first]
+    ids, mask = left_pad(uniq, pad_id, device)                                  # [U, P]
+    cache = model.new_cache(len(uniq), ids.shape[1] + extra, device=device, dtype=cache_dtype)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)                                    # real-token positions
+    logits = model(ids, position_ids=pos, attention_mask=mask, cache=cache).logits[:, -1]
+    return cache, logits, mask, pos[:, -1:], torch.tensor(inv, device=device)
+
+
+def _bucket(n: int) -> int:
+    """Batch-size bucket of the graph cache: powers of two up to 16, then multiples of 16."""
+    return 1 << (n - 1).bit_length() if n <= 16 else -(-n // 16) * 16
+
+
+class StaticDecoder:
+    """A fixed-shape decode engine over B cache rows of S slots each, its step optionally a CUDA graph.
+
+    Every row is independent: its own mask [S], position, next free slot and generated-token count, so a
+    finished row can take a waiting prompt (continuous batching) while the others keep decoding. One step
+    (`_step`) feeds each row's last token, writes its K/V, samples the next token ON THE DEVICE with
+    uniforms drawn outside the graph, records it in `hist_*` [B, N] and updates the finished mask — no
+    host read; the host looks at `done` once every `check_every` steps.
+
+    The model's cache contract writes the new token at slot `cache.length`, so we pin it to the last slot
+    S-1 (a scratch slot every query sees) and afterwards copy that slot into each row's next free slot with
+    device-side indices. Decoders are kept per model and shape (`_decoder`), so a graph is captured once
+    and replayed across `generate` calls (the parameters are read in place: training steps between calls
+    are seen).
     """
 
-    def __init__(self, model, cache, prompt_mask: Tensor, pos: Tensor, graph: bool):
-        self.model, self.cache = model, cache
-        B, P = prompt_mask.shape
-        t, dim = _cache_slots(cache)[0]
-        self.S = t.shape[dim]
-        self.mask = torch.zeros(B, self.S, dtype=prompt_mask.dtype, device=pos.device)
-        self.mask[:, :P] = prompt_mask
-        self.mask[:, -1] = 1
-        self.pos = pos.clone()                                                  # [B, 1]
-        self.slot = torch.full((1,), P, dtype=torch.long, device=pos.device)
-        self.tok = torch.zeros(B, dtype=torch.long, device=pos.device)
-        self.logits: Tensor | None = None
+    check_every = 16
+
+    def __init__(self, model, B: int, S: int, N: int, cache_dtype, cfg: SamplingConfig, stop_ids: list[int],
+                 graph: bool, compiled: bool = False):
+        # a weak reference: `_DECODERS` is keyed weakly by the model, and a strong one here would keep every
+        # model that ever generated (and its decoders' caches) alive
+        self._model, self.cfg, self.B, self.S, self.N = weakref.ref(model), cfg, B, S, N
+        # compiled: the model's forward through torch.compile (its elementwise chains fused: a decode step of
+        # `small` is ~1,600 kernels, 2.7 ms of GPU time at batch 1 on an H200 even inside a graph), then the
+        # whole step captured as a graph. Sampling stays out of the compile (inductor failed to generate the
+        # cumsum over a 152K vocabulary, torch 2.11)
+        self._forward = torch.compile(self._model_step, dynamic=False) if compiled else self._model_step
+        device = model.lm_head.weight.device
+        self.cache = model.new_cache(B, S, device=device, dtype=cache_dtype)
+        self.cache_dtype = cache_dtype
+        self.mask = torch.zeros(B, S, dtype=torch.long, device=device)
+        self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(B, dtype=torch.long, device=device)     # next free slot per row
+        self.tok = torch.zeros(B, dtype=torch.long, device=device)      # last sampled token per row
+        self.ngen = torch.zeros(B, dtype=torch.long, device=device)     # tokens generated per row
+        self.done = torch.ones(B, dtype=torch.bool, device=device)      # finished or empty
+        self.hist_tok = torch.zeros(B, N, dtype=torch.long, device=device)
+        self.hist_logp = torch.zeros(B, N, dtype=torch.float32, device=device)
+        self.u = torch.zeros(B, dtype=torch.float32, device=device)
+        self.stop = torch.tensor(sorted(set(stop_ids)) or [-1], dtype=torch.long, device=device)
+        self.rows = torch.arange(B, device=device)
         self.graph, self.use_graph, self.steps = None, graph, 0
 
-    def _step(self) -> Tensor:
+    def _finished(self, tok: Tensor) -> Tensor:
+        """Rows [B] whose new token tok [B] ends them: a stop token, or the length limit reached."""
+        return (tok[:, None] == self.stop).any(-1) | (self.ngen >= self.N)
+
+    def _model_step(self) -> Tensor:
+        """Feed each row's last token, keep its K/V in the row's next free slot; the logits [B, V]."""
         self.pos += 1
         self.cache.length = self.S - 1                                          # the model writes at slot S-1
-        logits = self.model(self.tok[:, None], position_ids=self.pos, attention_mask=self.mask,
-                            cache=self.cache).logits[:, -1]
+        logits = self._model()(self.tok[:, None], position_ids=self.pos, attention_mask=self.mask,
+                            cache=self.cache).logits[:, -1]                     # [B, V]
+        slot = self.slot.clamp(max=self.S - 2)                                  # finished rows run on harmlessly
         for t, dim in _cache_slots(self.cache):                                 # persist slot S-1 at `slot`
-            t.index_copy_(dim, self.slot, t.narrow(dim, self.S - 1, 1))
-        self.mask.index_fill_(1, self.slot, 1)
+            t = _slot_major(t, dim)
+            t[:, self.rows, slot] = t[:, :, self.S - 1]
+        self.mask.scatter_(1, slot[:, None], 1)     # (an index_put of the scalar 1 copies it from the host)
         self.slot += 1
         return logits
 
-    def __call__(self, tok: Tensor) -> Tensor:
+    def _step(self) -> None:
+        live = ~self.done
+        logits = self._forward()
+        tok, logp = sample_tokens(logits, self.cfg, None if self.cfg.greedy else self.u)
+        col = self.ngen.clamp(max=self.N - 1)
+        self.hist_tok[self.rows, col] = torch.where(live, tok, self.hist_tok[self.rows, col])
+        self.hist_logp[self.rows, col] = torch.where(live, logp, self.hist_logp[self.rows, col])
+        self.ngen += live
+        self.done |= live & self._finished(tok)
         self.tok.copy_(tok)
+
+    def step(self, generator: torch.Generator | None) -> None:
+        if not self.cfg.greedy:                                                 # the step's randomness, drawn
+            torch.rand(self.B, generator=generator, out=self.u)                 # outside the graph
         self.steps += 1
         if not self.use_graph:
             return self._step()
         if self.graph is None and self.steps <= 2:                              # warm up on a side stream
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                logits = self._step()
+            with torch.cuda.stream(stream), _no_cast_cache():
+                self._step()
             torch.cuda.current_stream().wait_stream(stream)
-            return logits
+            return
         if self.graph is None:
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):                                   # recorded, not run
-                    self.logits = self._step()
+                with torch.cuda.graph(graph), _no_cast_cache():                 # recorded, not run
+                    self._step()
             except RuntimeError as e:   # e.g. a host sync inside the model (fp32 grouped_mm reads offs on the host)
                 warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0]}); decoding without graphs")
                 self.use_graph = False
                 return self._step()
             self.graph = graph
         self.graph.replay()
-        return self.logits
+
+    def admit(self, rows: list[int], prompts: list[list[int]], pad_id: int, generator) -> None:
+        """Start `prompts` in cache rows `rows`: prefill (once per distinct prompt), copy the prompt's cache
+        into the rows' slots [0, P), sample each row's first token from the prefill logits."""
+        tmp, logits, pmask, last, inv = _prefill(self._model(), prompts, pad_id, self.cache_dtype,
+                                                 self.mask.device)
+        P = pmask.shape[1]
+        r = torch.tensor(rows, device=self.mask.device)
+        for (t, dim), (src, sdim) in zip(_cache_slots(self.cache), _cache_slots(tmp)):
+            _slot_major(t, dim)[:, r, :P] = _slot_major(src, sdim)[:, inv]
+        self.mask[r] = 0
+        self.mask[r, :P] = pmask[inv]
+        self.mask[r, self.S - 1] = 1
+        self.pos[r] = last[inv]
+        self.slot[r] = P
+        tok, logp = _next_tokens(logits[inv], self.cfg, generator)
+        self.hist_tok[r] = 0
+        self.hist_logp[r] = 0
+        self.hist_tok[r, 0], self.hist_logp[r, 0] = tok, logp
+        self.ngen[r] = 1
+        self.tok[r] = tok
+        self.done[r] = (tok[:, None] == self.stop).any(-1) | (self.N <= 1)
+
+
+def _no_cast_cache():
+    """Autocast without its weight-cast cache, for the steps a graph is captured from: a cached bf16 copy of
+    an fp32 master weight would be read by every replay, though it is freed when the caller's autocast
+    region ends and stale after the next optimizer step (torch's CUDA-graph notes ask for this)."""
+    if torch.is_autocast_enabled("cuda"):
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_KEEP_DECODERS = 2          # per model (rollouts + evaluation); each holds its cache [L, B, S, ...] on the device
+
+
+def _decoder(model, B: int, S: int, N: int, cache_dtype, cfg: SamplingConfig, stop_ids: list[int],
+             mode: str) -> StaticDecoder:
+    """The model's decoder for this shape and sampling setting, built (and its graph captured) on first use."""
+    w = model.lm_head.weight
+    key = (B, S, N, cache_dtype, w.data_ptr(), w.dtype, mode, cfg.greedy, cfg.temperature, cfg.top_k, cfg.top_p,
+           tuple(sorted(set(stop_ids))), torch.is_autocast_enabled(w.device.type),
+           torch.get_autocast_dtype(w.device.type))
+    kept = _DECODERS.setdefault(model, {})
+    if key in kept:
+        kept[key] = kept.pop(key)                                               # most recently used last
+    else:
+        while len(kept) >= _KEEP_DECODERS:
+            kept.pop(next(iter(kept)))
+        kept[key] = StaticDecoder(model, B, S, N, cache_dtype, cfg, stop_ids, graph=mode in ("graph", "compiled"),
+                                  compiled=mode == "compiled")
+    return kept[key]
 
 
 def _bf16_on_cuda(model) -> bool:
@@ -204,31 +344,107 @@ def _bf16_on_cuda(model) -> bool:
                                                          and torch.get_autocast_dtype("cuda") == torch.bfloat16))
 
 
+def _generate_static(model, prompts, cfg: SamplingConfig, stop_ids, pad_id, generator, on_token,
+                     mode: str, cache_dtype, device) -> Generation:
+    """The static engine: up to `cfg.max_batch` rows decode at once; a finished row takes the next waiting
+    prompt at the next check (every `check_every` steps, the only host reads)."""
+    R, N = len(prompts), cfg.max_new_tokens
+    width = min(R, cfg.max_batch) if cfg.max_batch else R
+    P = max(len(p) for p in prompts)
+    S = -(-(P + N) // 64) * 64                                                  # slot bucket; S-1 is scratch
+    dec = _decoder(model, _bucket(width), S, N, cache_dtype, cfg, stop_ids, mode)
+    out_tok = torch.full((R, N), pad_id, dtype=torch.long, device=device)
+    out_logp = torch.zeros((R, N), dtype=torch.float32, device=device)
+    lengths = torch.zeros(R, dtype=torch.long, device=device)
+    dec.done.fill_(True)
+    owner = [-1] * dec.B                        # request held by each cache row (-1 = free)
+    left = [0] * dec.B                          # upper bound on each row's remaining steps
+    waiting = iter(range(R))
+    check = 1 if on_token is not None else dec.check_every
+    while True:
+        free = [b for b in range(dec.B) if owner[b] < 0]
+        take = list(zip(free, waiting))
+        if take:
+            dec.admit([b for b, _ in take], [prompts[r] for _, r in take], pad_id, generator)
+            for b, r in take:
+                owner[b], left[b] = r, N - 1
+                if on_token is not None:
+                    on_token(r, int(dec.hist_tok[b, 0]))
+        busy = [b for b in range(dec.B) if owner[b] >= 0]
+        if not busy:
+            break
+        n = min(check, max(left[b] for b in busy))
+        for _ in range(n):
+            was_done = dec.done.tolist() if on_token is not None else None
+            dec.step(generator)
+            if on_token is not None:                                            # streaming: a read per step
+                toks = dec.tok.tolist()
+                for b in busy:
+                    if not was_done[b]:
+                        on_token(owner[b], toks[b])
+        left = [max(0, x - n) for x in left]
+        done = dec.done.tolist()                                                # the check: one host read
+        fin = [b for b in busy if done[b] or left[b] <= 0]
+        if fin:
+            rows = torch.tensor(fin, device=device)
+            reqs = torch.tensor([owner[b] for b in fin], device=device)
+            out_tok[reqs] = _masked_hist(dec, rows, pad_id)
+            out_logp[reqs] = _masked_hist(dec, rows, 0.0, logp=True)
+            lengths[reqs] = dec.ngen[rows]
+            for b in fin:
+                owner[b] = -1
+    last = out_tok.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+    stopped = torch.isin(last, dec.stop) & (lengths > 0)
+    return Generation(out_tok, out_logp, lengths, ["stop" if s else "length" for s in stopped.tolist()])
+
+
+def _masked_hist(dec: StaticDecoder, rows: Tensor, fill, logp: bool = False) -> Tensor:
+    """The history of cache rows `rows` [k] with entries past each row's length set to `fill`: [k, N]."""
+    hist = (dec.hist_logp if logp else dec.hist_tok)[rows]
+    cols = torch.arange(dec.N, device=rows.device)
+    return hist.masked_fill(cols >= dec.ngen[rows, None], fill)
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: list[int],
              pad_id: int = 0, generator: torch.Generator | None = None,
              on_token: Callable[[int, int], None] | None = None) -> Generation:
-    """Sample a completion for every prompt (token-id lists), all rows in one batch.
+    """Sample a completion for every prompt (token-id lists).
 
     stop_ids: tokens that end a row (eos, `</answer>`, ...; see `stop_token_ids`). generator: for
     reproducible sampling (on the model's device). on_token(row, token_id) is called for each new token
-    of each unfinished row, in order (streaming for `nanoseek chat`).
+    of each unfinished row, in order (streaming for `nanoseek chat`). Identical prompts (a GRPO group's G
+    samples) are prefilled once and their cache rows copied.
     """
     device = next(model.parameters()).device
-    B, N = len(prompts), cfg.max_new_tokens
+    N = cfg.max_new_tokens
     mode = cfg.decode if cfg.decode != "auto" else ("graph" if _bf16_on_cuda(model) else "dynamic")
-    if mode == "graph" and device.type != "cuda":
-        raise UserError("decode=\"graph\" needs a CUDA device; use decode=\"static\" or \"auto\"")
-    ids, mask = left_pad(prompts, pad_id, device)                               # [B, P]
+    if mode in ("graph", "compiled") and device.type != "cuda":
+        raise UserError(f"decode=\"{mode}\" needs a CUDA device; use decode=\"static\" or \"auto\"")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt must have at least one token")
+    P = max(len(p) for p in prompts)
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and ids.shape[1] + N > max_pos:
-        raise UserError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({N}) exceeds the model's "
+    if max_pos is not None and P + N > max_pos:
+        raise UserError(f"prompt ({P} tokens) + max_new_tokens ({N}) exceeds the model's "
                         f"max_position_embeddings ({max_pos}); shorten the prompt or lower max_new_tokens")
     # under autocast the attention reads the cache in the autocast dtype anyway: store it so (same numbers,
     # half the bytes and no per-step cast of the whole cache when the weights are fp32 masters)
     amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    cache = model.new_cache(B, ids.shape[1] + N, device=device, dtype=amp)     # static: slot P+N-1 is scratch
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)                                    # [B, P] real-token positions
+    if mode != "dynamic":
+        return _generate_static(model, prompts, cfg, stop_ids, pad_id, generator, on_token, mode,
+                                amp or model.lm_head.weight.dtype, device)
+    return _generate_dynamic(model, prompts, cfg, stop_ids, pad_id, generator, on_token, amp, device)
+
+
+def _generate_dynamic(model, prompts, cfg: SamplingConfig, stop_ids, pad_id, generator, on_token, amp,
+                      device) -> Generation:
+    """Eager decoding over the filled slots, finished rows dropped (`compact_at`): the CPU engine, where a
+    host read per step costs nothing and shrinking the batch saves real compute."""
+    B, N = len(prompts), cfg.max_new_tokens
+    cache, logits, mask, pos, inv = _prefill(model, prompts, pad_id, amp, device, extra=N)
+    if logits.shape[0] < B:                                                     # copy shared prompts' rows
+        cache, logits, mask, pos = cache.select(inv), logits[inv], mask[inv], pos[inv]
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
 
     out_tok = torch.full((B, N), pad_id, dtype=torch.long, device=device)
@@ -237,10 +453,6 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], cfg: SamplingConf
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     rows = torch.arange(B, device=device)       # original row of each live row
     done = torch.zeros(B, dtype=torch.bool, device=device)  # per live row
-
-    logits = model(ids, position_ids=pos, attention_mask=mask, cache=cache).logits[:, -1]   # [B, V]
-    pos = pos[:, -1:]                                                            # [B_live, 1]
-    step = StaticDecoder(model, cache, mask, pos, mode == "graph") if mode != "dynamic" else None
     for t in range(N):
         tok, logp = _next_tokens(logits, cfg, generator)                        # [B_live]
         live = ~done
@@ -257,9 +469,6 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], cfg: SamplingConf
         n_done = int(done.sum())                                                # the step's one host sync
         if n_done == len(done) or t == N - 1:
             break
-        if step is not None:
-            logits = step(tok)
-            continue
         if n_done and n_done >= cfg.compact_at * len(done):                     # finished rows leave the batch
             keep = (~done).nonzero().squeeze(-1)
             cache = cache.select(keep)
