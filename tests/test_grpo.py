@@ -132,6 +132,27 @@ def test_kl_k3_nonnegative_and_unbiased():
 
 
 @pytest.mark.parametrize("agg", ["grpo", "dapo", "drgrpo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_padded_slots_never_make_nan(agg, beta):
+    """Padded slots may hold any log-prob: a > 88-nat gap there (exp = inf in fp32, inf * 0 = NaN) must change
+    neither the loss nor the gradient, which equal those of the same batch with benign padding."""
+    logp, old, ref, mask = (t.float() for t in random_batch(5))
+    assert (mask == 0).any()
+    adv = torch.randn(logp.shape[0])
+    pad = mask == 0
+    wild = (logp.masked_fill(pad, -200.0), old.masked_fill(pad, -1.0), ref.masked_fill(pad, -1.0))
+    results = []
+    for lp, o, r in ((logp, old, ref), wild):
+        lp = lp.clone().requires_grad_(True)
+        loss, stats = policy_loss(lp, o, adv, mask, beta=beta, ref_logp=r, aggregation=agg, max_len=12)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(lp.grad).all() and torch.isfinite(stats["kl"])
+        results.append((loss.detach(), lp.grad, stats["kl"], stats["ratio"]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("agg", ["grpo", "dapo", "drgrpo"])
 def test_micro_batches_add_up_to_full_batch(agg):
     logp, old, ref, mask = random_batch(11, B=8)
     adv = torch.randn(8, dtype=torch.float64)

@@ -140,13 +140,15 @@ class GeneralFamily(TaskFamily):
         return Problem(FAMILY, e["prompt"], e["response"], r1_format("I answer directly.", e["response"]),
                        difficulty, {"kind": "benign"})
 
-    def extract_answer(self, completion: str) -> str | None:
-        from nanoseek.tasks.base import answer_span
+    def answer_in(self, span: str) -> str | None:
+        return span.strip()
 
-        span = answer_span(completion)
-        return span.strip() if span is not None else None
+    def fallback_answer(self, completion: str) -> str | None:
+        return None
 
-    def score(self, problem: Problem, completion: str) -> float:
+    def score(self, problem: Problem, completion: str, answer_format: str = "answer_tag",
+              fallback: bool = False) -> float:
+        """σ(reward model score) of the whole completion: the answer format does not apply."""
         if self.rm is None:
             return 0.0
         from nanoseek.rl.reward_model import score
