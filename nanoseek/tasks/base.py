@@ -149,6 +149,14 @@ class TaskFamily:
         """The lenient guess when no final answer is written: here the last number of the tail."""
         return last_number(completion)
 
+    def same_answer(self, problem: Problem, a: str, b: str) -> bool:
+        """Do two extracted answers say the same? (cons@K votes over these groups.) Here: equal as exact
+        numbers ("1,000" = "1000" = "1000.0"), else equal text up to blanks. Never raises."""
+        x, y = parse_number(a), parse_number(b)
+        if x is not None and y is not None:
+            return x == y
+        return "".join(a.split()) == "".join(b.split())
+
     def score(self, problem: Problem, completion: str, answer_format: str = "answer_tag",
               fallback: bool = False) -> float:
         try:

@@ -143,6 +143,17 @@ class Countdown(TaskFamily):
                 found = run.group(0).strip()
         return found
 
+    def same_answer(self, problem: Problem, a: str, b: str) -> bool:
+        """Every correct expression is one answer ("3 + 4" = "4 + 3" = "2 * 3 + 1" for 7); the others are
+        grouped by value ("5 + 1" = "6"), and by text when they do not parse."""
+        return self._answer_class(problem, a) == self._answer_class(problem, b)
+
+    def _answer_class(self, problem: Problem, answer: str) -> tuple:
+        try:
+            return ("correct",) if self.check(problem, answer) else ("value", evaluate(answer)[0])
+        except Exception:  # not an expression of the grammar (or over its size caps)
+            return ("text", "".join(answer.split()))
+
     def check(self, problem: Problem, answer: str) -> bool:
         value, literals = evaluate(answer)
         return value == problem.meta["target"] and not Counter(literals) - Counter(problem.meta["numbers"])

@@ -162,6 +162,13 @@ class MathVerify(TaskFamily):
     def check(self, problem: Problem, answer: str) -> bool:
         return answers_match(problem.answer, answer)
 
+    def same_answer(self, problem: Problem, a: str, b: str) -> bool:
+        """math-verify's equivalence (the verifier's own rule), `a` read as the reference."""
+        try:
+            return answers_match(a, b)
+        except Exception:
+            return False
+
 
 def _candidate(text: str | None) -> str | None:
     """`text` stripped of blanks and "$", if non-empty and short enough for math-verify."""
