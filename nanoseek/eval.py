@@ -392,6 +392,8 @@ def load_problems(tasks: list[str] | None, data: str | None, n: int, seed: int, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from nanoseek.tasks.base import ANSWER_FORMATS
+
     parser.add_argument("--checkpoint", required=True, help="model directory (HF format) with a tokenizer")
     parser.add_argument("--tasks", default=None, help="comma-separated task families, e.g. arithmetic,countdown")
     parser.add_argument("--data", default=None, help="JSONL file with question/prompt and answer (GSM8K, MATH)")
@@ -399,6 +401,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-problems", type=int, default=100, help="problems to evaluate (0 = all of --data)")
     parser.add_argument("--json", default=None, help="write the full result (per-problem records too) here")
     parser.add_argument("--template", default="r1_zero", choices=["r1_zero", "chat", "plain"])
+    parser.add_argument("--answer-format", default="answer_tag", choices=list(ANSWER_FORMATS),
+                        help="where the final answer must be: <answer> tags, \\boxed{}, or GSM8K's '####' line")
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--max-new-tokens", type=int, default=96)
@@ -425,10 +429,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                      max_new_tokens=args.max_new_tokens, greedy=not args.no_greedy, template=args.template,
                      batch_size=args.batch_size, seed=args.seed)
+    from nanoseek.rl.rewards import RewardConfig
+
     console = Console()
-    result = evaluate(model, tokenizer, problems, cfg, progress=True)
+    rewards = RewardConfig(answer_format=args.answer_format)
+    result = evaluate(model, tokenizer, problems, cfg, progress=True, rewards=rewards)
     result["checkpoint"] = str(args.checkpoint)
-    result["config"] = dataclasses.asdict(cfg)
+    result["config"] = {**dataclasses.asdict(cfg), "answer_format": rewards.answer_format}
     console.print(f"{args.checkpoint}: {len(problems)} problems, {args.samples} samples each")
     console.print(Markdown(markdown_table(result)))
     if args.json:

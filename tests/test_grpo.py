@@ -255,6 +255,8 @@ def test_grpo_loop_runs_logs_and_resumes_exactly(tmp_path):
                 "clip_frac", "zero_var_share", "gen_tokens_per_s", "train_tokens_per_s", "eval/pass@1"):
         assert key in full[2], key
     assert full[2]["kl"] > 0                          # two updates at lr 0.01 moved the policy off the reference
+    logged = full[2]["eval/completions"]             # judged samples of the evaluation, as TRL's log_completions
+    assert len(logged) == 2 and {"prompt", "gold", "completion", "answer", "correct"} <= set(logged[0])
     for f in ("plots/reward.png", "plots/accuracy.png", "plots/response_length.png", "eval/step-2.json",
               "checkpoints/step-2/trainer_state.pt", "final/config.json", "final/tokenizer.json", "config.toml"):
         assert (tmp_path / "full" / f).is_file(), f
