@@ -32,7 +32,6 @@ import dataclasses
 import math
 import statistics
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 

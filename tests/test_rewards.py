@@ -116,6 +116,9 @@ def test_accuracy_needs_the_answer_in_the_required_format():
     assert accuracy_reward(gsm, hashes, "gsm8k") == 1.0 and accuracy_reward(gsm, hashes, "boxed") == 0.0
     assert accuracy_reward(gsm, "<think>\\boxed{1200}</think> ok", "boxed") == 0.0     # boxed inside the reasoning
     assert compute_rewards(RewardConfig(answer_format="gsm8k"), gsm, hashes, 5)["accuracy"] == 1.0
+    inside = RewardConfig(starts_in_think=True)      # the prompt opened <think>: an answer before </think> is in it
+    assert compute_rewards(inside, arith, "3 + 4 <answer>7</answer>", 5)["accuracy"] == 0.0
+    assert compute_rewards(inside, arith, "3 + 4 </think> <answer>7</answer>", 5)["accuracy"] == 1.0
     with pytest.raises(UserError, match="answer_format"):
         RewardConfig(answer_format="xml")
 

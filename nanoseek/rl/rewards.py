@@ -109,7 +109,9 @@ def compute_rewards(cfg: RewardConfig, problem: Problem, completion: str, n_toke
     """Each unweighted component and the weighted "total" for one completion of `n_tokens` tokens."""
     register = problem.meta.get("register", cfg.register)
     out = {
-        "accuracy": accuracy_reward(problem, completion, cfg.answer_format, cfg.answer_fallback),
+        # a completion that starts inside <think> has its answer only after a </think> it writes itself
+        "accuracy": accuracy_reward(problem, "<think>" + completion if cfg.starts_in_think else completion,
+                                    cfg.answer_format, cfg.answer_fallback),
         "format": format_reward(completion, cfg.starts_in_think),
         "language": language_consistency(completion, register),
         "overlong": overlong_penalty(n_tokens, cfg.max_tokens, cfg.cache_tokens) if cfg.max_tokens else 0.0,
