@@ -249,6 +249,10 @@ def test_score_never_raises_or_hangs():
         for text in fuzz_strings(300):
             assert family.score(p, text) in (0.0, 1.0)
             assert family.score(p, f"<answer>{text}</answer>") in (0.0, 1.0)
+            for answer_format, fallback in (("boxed", False), ("gsm8k", False), ("answer_tag", True)):
+                assert family.score(p, text, answer_format, fallback) in (0.0, 1.0)
+            answers = [family.extract_answer(text, fallback=True), family.extract_answer(p.completion())]
+            assert all(family.same_answer(p, a, b) in (True, False) for a in answers if a for b in answers if b)
     assert time.perf_counter() - start < 15
 
 
