@@ -10,8 +10,8 @@ evaluate on, so every figure comes with a 95% confidence interval over problems:
   with the design effect deff = (variance of the per-problem rates / n) / (binomial variance p(1-p)/(nK)),
   clipped to [1, K]. deff is estimated with a fifth of a pseudo-problem at rate 1 and a fifth at rate 0
   added (PSEUDO_PROBLEMS): with few successes the observed spread says little about how concentrated they
-  are, and without it a single success would claim deff ≈ 1 and cover 1% rates only ~85% of the time.
-  Coverage is tested by simulation (tests/test_eval.py): 93-97% at 1%, 5%, 20% and 50% for 30-100
+  are, and without it a single success would claim deff ≈ 1 and cover 1% rates only 86-92% of the time.
+  Coverage is tested by simulation (tests/test_eval.py): 94-97.5% at 1%, 5%, 20% and 50% for 30-100
   problems × 4-8 samples with Beta-distributed per-problem rates; for problems that are all alike it is
   conservative (up to ~99% at 1-5%). All-zero data give [0, z²/(n + z²)], never [0, 0]. It replaced a
   Student-t interval over per-problem means, which covered 0.47-0.83 at 1% and 0.85-0.92 at 5% in those
