@@ -4,10 +4,21 @@ A single greedy answer per problem is a noisy estimate of a sampling policy's sk
 as the mean correctness of k samples per problem (temperature 0.6, top-p 0.95) and cons@k as the accuracy
 of the majority-voted answer. A number without its uncertainty misleads on the few hundred problems we
 evaluate on, so every figure comes with a 95% confidence interval over problems:
-- quantities averaged per problem (pass@1, format rate, mean length): Student-t interval of the
-  per-problem means, mean ± t_{0.975, n-1} · s / √n (rates clipped to [0, 1]);
-- per-problem 0/1 outcomes (greedy accuracy, cons@k): Wilson score interval, which stays inside [0, 1]
-  and behaves at 0% and 100%.
+- rates from K samples per problem (pass@1, format rate, language consistency): `rate_ci`, a Wilson score
+  interval on the design's effective sample size. The K samples of one problem are correlated (a problem
+  is easy or hard), so n problems × K samples carry less than nK independent draws: n_eff = nK / deff
+  with the design effect deff = (variance of the per-problem rates / n) / (binomial variance p(1-p)/(nK)),
+  clipped to [1, K]. deff is estimated with a fifth of a pseudo-problem at rate 1 and a fifth at rate 0
+  added (PSEUDO_PROBLEMS): with few successes the observed spread says little about how concentrated they
+  are, and without it a single success would claim deff ≈ 1 and cover 1% rates only 86-92% of the time.
+  Coverage is tested by simulation (tests/test_eval.py): 94-97.5% at 1%, 5%, 20% and 50% for 30-100
+  problems × 4-8 samples with Beta-distributed per-problem rates; for problems that are all alike it is
+  conservative (up to ~99% at 1-5%). All-zero data give [0, z²/(n + z²)], never [0, 0]. It replaced a
+  Student-t interval over per-problem means, which covered 0.47-0.83 at 1% and 0.85-0.92 at 5% in those
+  designs, and gave [0, 0] for all-zero data.
+- per-problem 0/1 outcomes (greedy accuracy, cons@k, pass@K): the Wilson score interval over problems
+  (the same interval with K = 1).
+- mean length: Student-t interval of the per-problem means (`mean_ci`).
 The unbiased pass@k estimator of Chen et al. 2021 (eq. 1) is reported for k ∈ {1, K}.
 
 `evaluate(model, tokenizer, problems, cfg)` is the function API (the GRPO trainer and the pipeline call
@@ -20,7 +31,6 @@ import dataclasses
 import math
 import statistics
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +38,7 @@ import torch
 
 from nanoseek.errors import UserError
 from nanoseek.sampling import rollout
-from nanoseek.sampling.rewards import accuracy_reward, format_reward, language_consistency
+from nanoseek.sampling.rewards import RewardConfig, accuracy_reward, format_reward, language_consistency
 from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, response_text, stop_token_ids
 from nanoseek.tasks import get_family
 
@@ -90,26 +100,82 @@ def wilson_ci(successes: int, n: int, level: float = 0.95) -> dict:
     """Proportion with the Wilson score interval: {"mean", "lo", "hi", "n"}."""
     if n == 0:
         return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-    z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
     p = successes / n
+    lo, hi = _wilson(np.float64(p), n, level)
+    return {"mean": p, "lo": float(lo), "hi": float(hi), "n": n}
+
+
+PSEUDO_PROBLEMS = 0.2  # weight of each of the two pseudo-problems (rate 0, rate 1) in the design effect
+
+
+def rate_interval(rates: np.ndarray, samples: int, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) of the mean of per-problem rates, vectorised: rates [..., n] -> lo, hi [...].
+
+    Wilson on n_eff = nK / deff (module doc). deff = s²_w / (p_w (1 - p_w) / K) is computed on the rates
+    with the two weighted pseudo-problems added (p_w, s²_w: their weighted mean and variance); the interval
+    itself is centred on the plain mean of the n real problems.
+    """
+    x = np.asarray(rates, dtype=np.float64)
+    n, w, K = x.shape[-1], PSEUDO_PROBLEMS, max(int(samples), 1)
+    p = x.mean(-1)
+    p_w = (x.sum(-1) + w) / (n + 2 * w)
+    ss_w = ((x - p_w[..., None]) ** 2).sum(-1) + w * (p_w ** 2 + (1 - p_w) ** 2)
+    deff = np.clip(ss_w / (n + 2 * w - 1) / (p_w * (1 - p_w) / K), 1.0, K)
+    return _wilson(p, n * K / deff, level)
+
+
+def _wilson(p, n, level: float):
+    """Wilson score interval of a proportion p from n (possibly fractional) trials, elementwise."""
+    z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    lo = 0.0 if successes == 0 else center - half       # exact at the edges (rounding leaves ~1e-17)
-    hi = 1.0 if successes == n else center + half
-    return {"mean": p, "lo": lo, "hi": hi, "n": n}
+    half = z / denom * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return np.where(p <= 0, 0.0, center - half), np.where(p >= 1, 1.0, center + half)   # exact at the edges
 
 
-def majority_vote(answers: list[str | None]) -> int | None:
-    """Index of a sample carrying the most frequent extracted answer (ties: the answer seen first);
-    None when no sample has an answer. Answers are compared after whitespace stripping."""
-    keys = [a.strip() if a is not None else None for a in answers]
-    counts = Counter(k for k in keys if k)
-    if not counts:
+def rate_ci(values, samples: int, level: float = 0.95) -> dict:
+    """Mean of per-problem rates, each from `samples` samples, with `rate_interval`: {"mean", "lo", "hi", "n"}."""
+    x = np.asarray(list(values), dtype=np.float64)
+    if len(x) == 0:
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+    lo, hi = rate_interval(x, samples, level)
+    return {"mean": float(x.mean()), "lo": float(lo), "hi": float(hi), "n": len(x)}
+
+
+def majority_vote(answers: list[str | None], same=None) -> int | None:
+    """Index of the sample that represents the largest group of equivalent answers; None when no sample has
+    an answer. same(a, b) -> bool is the equivalence (the task family's verifier, `TaskFamily.same_answer`:
+    "1,000" = "1000", "3 + 4" = "4 + 3" on Countdown); default: equal after whitespace stripping.
+
+    Groups form in sampling order: each answer joins the first group whose first member it equals, else
+    starts a new one. Tie rule: among the largest groups, the one whose first member was sampled earliest;
+    the returned index is that first member.
+    """
+    same = same or (lambda a, b: a.strip() == b.strip())
+    groups: list[list[int]] = []
+    for i, a in enumerate(answers):
+        if a is None or not a.strip():
+            continue
+        for g in groups:
+            if same(answers[g[0]], a):
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    if not groups:
         return None
-    best = max(counts.values())
-    winner = next(k for k in keys if k and counts[k] == best)
-    return keys.index(winner)
+    return max(groups, key=len)[0]      # max keeps the first of equal-sized groups: the earliest-sampled
+
+
+def completion_records(result: dict, n: int = 3) -> list[dict]:
+    """A few judged completions of an evaluate() result, for a run's log (as TRL's log_completions): the
+    first recorded completion of each of the first n problems, with its extracted answer and verdict."""
+    out = []
+    for q in result["per_problem"][:n]:
+        if q.get("completions"):
+            c = q["completions"][0]
+            out.append({"prompt": q["prompt"], "gold": q["answer"], **c})
+    return out
 
 
 # ---------------------------------------------------------------- evaluating a model
@@ -124,10 +190,18 @@ class PassAtKConfig:
     template: str = "r1_zero"       # prompt format: "r1_zero" | "chat" | "plain" (nanoseek.sampling.rollout)
     batch_size: int = 64            # rows per generation batch
     seed: int = 0
+    record_completions: int = 2     # sampled completions kept per problem in the result (what was judged)
 
 
-def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False, by_family: bool = False) -> dict:
+def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False, by_family: bool = False,
+             rewards=None) -> dict:
     """Sample `cfg.samples` completions per problem (and one greedy), score them, return the statistics.
+
+    Accuracy is judged as the reward is (nanoseek.sampling.rewards): on the final answer in `rewards.answer_format`
+    (a RewardConfig; default: <answer> tags), no last-number fallback unless `rewards.answer_fallback`.
+    "pass@1_lenient" beside it scores every sample with the fallback. Each per-problem record holds the
+    extracted "answers" of all K samples and the first `cfg.record_completions` completions with their
+    verdicts, so a reader can check a judgement.
 
     cfg: a PassAtKConfig, or any object with its fields (missing ones take PassAtKConfig's defaults).
     Returns {"n_problems", "samples", "pass@1", "cons@K", "greedy", "format", "language", "length",
@@ -142,6 +216,8 @@ def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False,
     base = PassAtKConfig()
     get = lambda name: getattr(cfg, name, getattr(base, name))                  # noqa: E731
     K, template = get("samples"), get("template")
+    rewards = rewards or RewardConfig()
+    fmt, fallback = rewards.answer_format, rewards.answer_fallback
     if not problems:
         raise UserError("no problems to evaluate; pass --tasks NAMES or --data FILE.jsonl with at least one problem")
     if K < 1:
@@ -174,9 +250,13 @@ def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False,
         for r, c in zip(rows, completions):
             text = response_text(tokenizer, c, template)
             p = problems[r]
-            out.append({"correct": accuracy_reward(p, text) >= 1.0, "format": format_reward(text) >= 1.0,
+            answer = get_family(p.family).extract_answer(text, fmt, fallback)
+            correct = accuracy_reward(p, text, fmt, fallback) >= 1.0
+            # lenient (fallback) differs only where the required format holds no answer: score those again
+            lenient = correct if answer is not None else accuracy_reward(p, text, fmt, True) >= 1.0
+            out.append({"correct": correct, "lenient": lenient, "format": format_reward(text) >= 1.0,
                         "language": language_consistency(text, p.meta.get("register", "en")),
-                        "length": len(c), "answer": get_family(p.family).extract_answer(text)})
+                        "length": len(c), "answer": answer, "text": text})
         return out
 
     with bar:
@@ -193,14 +273,18 @@ def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False,
     for i, p in enumerate(problems):
         s = samples[i * K:(i + 1) * K]
         c = sum(x["correct"] for x in s)
-        vote = majority_vote([x["answer"] for x in s])
+        family = get_family(p.family)
+        vote = majority_vote([x["answer"] for x in s], lambda a, b, p=p, f=family: f.same_answer(p, a, b))
         per_problem.append({
-            "prompt": p.prompt, "answer": p.answer, "correct": c,
+            "prompt": p.prompt, "answer": p.answer, "correct": c, "correct_lenient": sum(x["lenient"] for x in s),
+            "answers": [x["answer"] for x in s],
+            "completions": [{"completion": x["text"], "answer": x["answer"], "correct": x["correct"]}
+                            for x in s[:get("record_completions")]],
             "format": sum(x["format"] for x in s) / K, "language": sum(x["language"] for x in s) / K,
             "length": sum(x["length"] for x in s) / K,
             "voted": s[vote]["answer"] if vote is not None else None,
             "cons": vote is not None and s[vote]["correct"],
-            **({"greedy": greedy[i]["correct"]} if greedy else {}),
+            **({"greedy": greedy[i]["correct"], "greedy_answer": greedy[i]["answer"]} if greedy else {}),
         })
     rate = n_tokens / max(time.perf_counter() - t0, 1e-9)
     if by_family:
@@ -214,12 +298,14 @@ def _summary(per_problem: list[dict], K: int, greedy: bool, tokens_per_s: float)
     n = len(per_problem)
     result = {
         "n_problems": n, "samples": K,
-        "pass@1": mean_ci((q["correct"] / K for q in per_problem), bounds=(0, 1)),
+        "pass@1": rate_ci((q["correct"] / K for q in per_problem), K),
+        "pass@1_lenient": rate_ci((q["correct_lenient"] / K for q in per_problem), K),
         f"cons@{K}": wilson_ci(sum(q["cons"] for q in per_problem), n),
-        "format": mean_ci((q["format"] for q in per_problem), bounds=(0, 1)),
-        "language": mean_ci((q["language"] for q in per_problem), bounds=(0, 1)),
+        "format": rate_ci((q["format"] for q in per_problem), K),
+        "language": rate_ci((q["language"] for q in per_problem), K),
         "length": mean_ci(q["length"] for q in per_problem),
-        "pass@k": {str(k): mean_ci((pass_at_k(K, q["correct"], k) for q in per_problem), bounds=(0, 1))
+        # pass@1 is a rate of K samples per problem; pass@K is one 0/1 outcome per problem (Wilson over problems)
+        "pass@k": {str(k): rate_ci((pass_at_k(K, q["correct"], k) for q in per_problem), K if k == 1 else 1)
                    for k in sorted({1, K})},
     }
     if greedy:
@@ -240,14 +326,16 @@ def _cell(stat: dict, percent: bool) -> str:
 def summary_rows(result: dict) -> list[tuple[str, str, str]]:
     """(metric, mean [95% CI], interval kind) for the table and the markdown report."""
     K = result["samples"]
-    rows = [(f"pass@1 (mean of {K} samples), %", _cell(result["pass@1"], True), "t"),
+    rows = [(f"pass@1 (mean of {K} samples), %", _cell(result["pass@1"], True), "Wilson, n_eff"),
+            *([("pass@1 lenient (last number if no answer format), %", _cell(result["pass@1_lenient"], True),
+                "Wilson, n_eff")] if "pass@1_lenient" in result else []),
             (f"cons@{K} (majority vote), %", _cell(result[f"cons@{K}"], True), "Wilson")]
     if "greedy" in result:
         rows.append(("greedy accuracy, %", _cell(result["greedy"], True), "Wilson"))
     if K > 1:
-        rows.append((f"pass@{K} (unbiased), %", _cell(result["pass@k"][str(K)], True), "t"))
-    rows += [("format rate, %", _cell(result["format"], True), "t"),
-             ("language consistency, %", _cell(result["language"], True), "t"),
+        rows.append((f"pass@{K} (unbiased), %", _cell(result["pass@k"][str(K)], True), "Wilson"))
+    rows += [("format rate, %", _cell(result["format"], True), "Wilson, n_eff"),
+             ("language consistency, %", _cell(result["language"], True), "Wilson, n_eff"),
              ("mean length, tokens", _cell(result["length"], False), "t")]
     return rows
 
@@ -256,4 +344,3 @@ def markdown_table(result: dict) -> str:
     lines = [f"| metric ({result['n_problems']} problems) | mean [95% CI] | interval |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(result)]
     return "\n".join(lines) + "\n"
-

@@ -1,8 +1,10 @@
 """The pipeline's report: one table of every model on the same held-out problems, plots, exported models.
 
 Rows are models (base, R1-Zero, each R1 stage, the distilled and the RL-only student); columns are pass@1
-and cons@K per task family with 95% intervals (nanoseek.eval: Student-t over problems for pass@1, Wilson
-for cons@K), then format rate, language consistency and mean response length pooled over all families,
+and cons@K per task family with 95% intervals (nanoseek.eval: Wilson on the design's effective sample size
+for pass@1, format and language rates, Wilson over problems for cons@K; accuracy counts only the answer in
+<answer> tags), then pass@1 pooled over families (and its lenient last-number figure), format rate, language
+consistency and mean response length pooled over all families,
 and the wall time of the stage that produced the model. The same table goes to the screen (rich) and to
 run_dir/report.md, followed by plain-language verdicts on the two questions the R1 report asks of this
 pipeline: is R1 at least as accurate as R1-Zero and more readable, and does distillation beat RL on the
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.data import PackedDataset
-from nanoseek.eval import mean_ci
+from nanoseek.eval import mean_ci, rate_ci
 from nanoseek.files import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
 from nanoseek.hf import load_pretrained
 from nanoseek.model import expert_loads, moe_layers
@@ -66,13 +68,18 @@ def moe_layer_names(cfg, n: int) -> list[str]:
 # ---------------------------------------------------------------- table
 
 def _pool(results: dict, key: str):
-    """mean_ci of a per-problem quantity over all families (None when the eval did not record it)."""
+    """The 95% interval of a per-problem quantity over all families (None when the eval did not record it):
+    `rate_ci` for rates of the K samples (format, language), Student-t `mean_ci` for lengths."""
     values = [q[key] for r in results.values() for q in r["per_problem"] if key in q]
-    return mean_ci(values) if values else None
+    if not values:
+        return None
+    return mean_ci(values) if key == "length" else rate_ci(values, next(iter(results.values()))["samples"])
 
 
-def _pass1_pooled(results: dict):
-    return mean_ci(q["correct"] / r["samples"] for r in results.values() for q in r["per_problem"])
+def _pass1_pooled(results: dict, key: str = "correct"):
+    """pass@1 over all families with `rate_ci`; key "correct_lenient": the lenient (last-number) figure."""
+    values = [q[key] / r["samples"] for r in results.values() for q in r["per_problem"] if key in q]
+    return rate_ci(values, next(iter(results.values()))["samples"]) if values else None
 
 
 def _cell(stat, percent: bool = True) -> tuple[str, str]:
@@ -89,13 +96,14 @@ def table_rows(evals: list[dict], walls: dict[str, float]) -> tuple[list[str], l
     families = list(evals[0]["families"])
     K = next(iter(evals[0]["families"].values()))["samples"]
     header = (["model"] + [f"pass@1 {f}" for f in families] + [f"cons@{K} {f}" for f in families]
-              + ["pass@1 all", "format %", "language %", "length", "wall s"])
+              + ["pass@1 all", "lenient all", "format %", "language %", "length", "wall s"])
     rows = []
     for e in evals:
         res = e["families"]
         rows.append([(e["name"], "")] + [_cell(res[f]["pass@1"]) for f in families]
                     + [_cell(res[f][f"cons@{K}"]) for f in families]
-                    + [_cell(_pass1_pooled(res)), _cell(_pool(res, "format")), _cell(_pool(res, "language")),
+                    + [_cell(_pass1_pooled(res)), _cell(_pass1_pooled(res, "correct_lenient")),
+                       _cell(_pool(res, "format")), _cell(_pool(res, "language")),
                        (_cell(_pool(res, "length"), percent=False)[0], ""), (f"{walls.get(e['stage'], 0):.0f}", "")])
     return header, rows
 
@@ -312,7 +320,10 @@ def write_report(pipeline, console=None) -> dict:
     lines = [f"# nanoseek pipeline report ({pipeline.cfg.preset})", "",
              f"Every model on the same {fam['n_problems']} held-out TEST problems per family, "
              f"{fam['samples']} samples each (temperature {pipeline.cfg.eval.sampling.temperature}, top-p {pipeline.cfg.eval.sampling.top_p}); "
-             "pass@1 = mean correctness over the samples, cons@K = majority vote; cells are mean [95% interval] in %.", "",
+             "pass@1 = mean correctness over the samples, cons@K = majority vote over verifier-equivalent answers; "
+             "a sample is correct only with its final answer in <answer> tags (lenient: else its last number). "
+             "Cells are mean [95% interval] in %: Wilson on the effective sample size n_eff = nK / design effect "
+             "for rates of the K samples, Wilson over problems for cons@K (nanoseek.eval).", "",
              markdown(header, rows), "## Verdicts", "", *verdicts, "",
              "## RL rollouts (mean of the first vs the last 5 steps; %, length in tokens)", "",
              rollout_summary(run_dir),

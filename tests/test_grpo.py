@@ -133,6 +133,27 @@ def test_kl_k3_nonnegative_and_unbiased():
 
 
 @pytest.mark.parametrize("agg", ["grpo", "dapo", "drgrpo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_padded_slots_never_make_nan(agg, beta):
+    """Padded slots may hold any log-prob: a > 88-nat gap there (exp = inf in fp32, inf * 0 = NaN) must change
+    neither the loss nor the gradient, which equal those of the same batch with benign padding."""
+    logp, old, ref, mask = (t.float() for t in random_batch(5))
+    assert (mask == 0).any()
+    adv = torch.randn(logp.shape[0])
+    pad = mask == 0
+    wild = (logp.masked_fill(pad, -200.0), old.masked_fill(pad, -1.0), ref.masked_fill(pad, -1.0))
+    results = []
+    for lp, o, r in ((logp, old, ref), wild):
+        lp = lp.clone().requires_grad_(True)
+        loss, stats = policy_loss(lp, o, adv, mask, beta=beta, ref_logp=r, aggregation=agg, max_len=12)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(lp.grad).all() and torch.isfinite(stats["kl"])
+        results.append((loss.detach(), lp.grad, stats["kl"], stats["ratio"]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("agg", ["grpo", "dapo", "drgrpo"])
 def test_micro_batches_add_up_to_full_batch(agg):
     logp, old, ref, mask = random_batch(11, B=8)
     adv = torch.randn(8, dtype=torch.float64)
@@ -217,6 +238,8 @@ def test_grpo_loop_runs_logs_and_resumes_exactly(tmp_path, base_checkpoint):
                 "clip_frac", "zero_var_share", "gen_tokens_per_s", "train_tokens_per_s", "eval/pass@1"):
         assert key in full[2], key
     assert full[2]["kl"] > 0                          # two updates at lr 0.01 moved the policy off the reference
+    logged = full[2]["eval/completions"]             # judged samples of the evaluation, as TRL's log_completions
+    assert len(logged) == 2 and {"prompt", "gold", "completion", "answer", "correct"} <= set(logged[0])
     for f in ("plots/reward.png", "plots/accuracy.png", "plots/response_length.png", "eval/step-2.json",
               "checkpoints/step-2/trainer_state.pt", "final/config.json", "final/tokenizer.json", "config.toml"):
         assert (tmp_path / "full" / f).is_file(), f

@@ -91,6 +91,59 @@ def test_accuracy_reward_uses_the_task_verifier():
     assert accuracy_reward(math, "<answer>0.5</answer>") == 1.0 and accuracy_reward(math, "<answer>2</answer>") == 0.0
 
 
+def test_accuracy_needs_the_answer_in_the_required_format():
+    """R1 §2.2.2: the final answer must be given in the specified format; a right last number elsewhere (in
+    truncated reasoning, inside <think>, untagged) earns nothing unless the lenient fallback is opted in."""
+    arith = Problem("arithmetic", "What is 3 + 4?", "7", "", 1)
+    gsm = Problem("gsm8k", "Cost?", "1,200", "", 0)
+    countdown = Problem("countdown", "Make 128 from 100, 28.", "100 + 28", "", 2, {"numbers": [100, 28], "target": 128})
+    for problem, unformatted in [(arith, "<think>3 + 4 = 7"),                              # truncated reasoning
+                                 (arith, "<think>so <answer>7</answer></think>"),         # answer inside <think>
+                                 (arith, "<think>3 + 4 = 7</think> the answer is 7"),     # untagged
+                                 (gsm, "<think>600 * 2</think> so it costs 1200"),
+                                 (countdown, "<think>try</think> 100 + 28")]:
+        assert accuracy_reward(problem, unformatted) == 0.0, unformatted
+        assert accuracy_reward(problem, unformatted, fallback=True) == 1.0, unformatted
+        cfg = RewardConfig(answer_fallback=True)
+        assert compute_rewards(cfg, problem, unformatted, 5)["accuracy"] == 1.0
+        assert compute_rewards(RewardConfig(), problem, unformatted, 5)["accuracy"] == 0.0
+    assert accuracy_reward(arith, "<think>3 + 4</think> <answer>7</answer>") == 1.0
+    assert accuracy_reward(arith, "<answer>7</answer>") == 1.0                          # no reasoning at all: fine
+    # the chat template on user data: the configured final-answer format, and only it
+    boxed, hashes = "<think>600 * 2 = 1200</think> The cost is $\\boxed{1,200}$.", "600 * 2 = 1200\n#### 1200\n"
+    assert accuracy_reward(gsm, boxed, "boxed") == 1.0 and accuracy_reward(gsm, boxed) == 0.0
+    assert accuracy_reward(gsm, hashes, "gsm8k") == 1.0 and accuracy_reward(gsm, hashes, "boxed") == 0.0
+    assert accuracy_reward(gsm, "<think>\\boxed{1200}</think> ok", "boxed") == 0.0     # boxed inside the reasoning
+    assert compute_rewards(RewardConfig(answer_format="gsm8k"), gsm, hashes, 5)["accuracy"] == 1.0
+    inside = RewardConfig(starts_in_think=True)      # the prompt opened <think>: an answer before </think> is in it
+    assert compute_rewards(inside, arith, "3 + 4 <answer>7</answer>", 5)["accuracy"] == 0.0
+    assert compute_rewards(inside, arith, "3 + 4 </think> <answer>7</answer>", 5)["accuracy"] == 1.0
+    with pytest.raises(UserError, match="answer_format"):
+        RewardConfig(answer_format="xml")
+
+
+def test_countdown_rejects_anything_after_the_result():
+    p = Problem("countdown", "Make 128 from 100, 28, 5.", "100 + 28", "", 3, {"numbers": [100, 28, 5], "target": 128})
+    assert accuracy_reward(p, "<answer>100 + 28</answer>") == 1.0
+    assert accuracy_reward(p, "<answer>100 + 28 = 128</answer>") == 1.0
+    assert accuracy_reward(p, "<answer>100 + 28 = 128 = 5</answer>") == 0.0
+    assert accuracy_reward(p, "<answer>100 + 28 = 5</answer>") == 0.0                   # a wrong stated result
+    assert accuracy_reward(p, "<answer>100 + 28 = 128 + 5</answer>") == 0.0
+
+
+def test_language_consistency_counts_every_script():
+    """Words of any script count (R1 §2.3.3: the share of target-language words); CJK ideographs one word
+    each, numerals (三 四 七 like 3 4 7) none; Latin-script words are en, the alt vocabulary alt."""
+    assert language_consistency("<think>计算 三 加 四 等于 七 ok</think>", "en") == pytest.approx(1 / 6)
+    assert language_consistency("<think>Сложим три и четыре, ok</think>", "en") == pytest.approx(1 / 4)
+    assert language_consistency("<think>Сложим три и четыре, ok</think>", "alt") == 0.0
+    assert language_consistency("<think>ok, すうじ を たす</think>", "en") == pytest.approx(1 / 7)
+    assert language_consistency("<think>add the café numbers x 12</think>", "en") == 1.0
+    alt = TO_ALT["carry"]
+    assert language_consistency(f"<think>{alt} 计算 add</think>", "alt") == pytest.approx(1 / 4)
+    assert language_consistency("<think>三 四 七 12 x</think>", "en") == 0.0               # numbers only: no words
+
+
 def test_compute_rewards_weighted_sum():
     p = sample_problems("arithmetic", 1, seed=2)[0]
     cfg = RewardConfig(accuracy=1.0, format=0.5, language=0.25, overlong=2.0, max_tokens=100, cache_tokens=20)
@@ -100,8 +153,9 @@ def test_compute_rewards_weighted_sum():
     assert (alt["language"], alt["total"]) == (0.0, 1.5)
     p.meta["register"] = "alt"  # a problem can name its own target register
     assert compute_rewards(cfg, p, p.completion("alt"), n_tokens=10)["language"] == 1.0
-    bare = compute_rewards(RewardConfig(), p, p.answer, n_tokens=10**6)  # defaults: no overlong penalty
+    bare = compute_rewards(RewardConfig(answer_fallback=True), p, p.answer, n_tokens=10**6)  # no overlong penalty
     assert bare == {"accuracy": 1.0, "format": 0.0, "language": 0.0, "overlong": 0.0, "total": 1.0}
+    assert compute_rewards(RewardConfig(), p, p.answer, 10)["accuracy"] == 0.0  # strict default: no answer tag
     inside = RewardConfig(starts_in_think=True)
     assert compute_rewards(inside, p, p.completion().removeprefix("<think>"), 5)["total"] == pytest.approx(1.2)
 

@@ -116,7 +116,8 @@ def test_reference_answers_are_right_and_score_one():
         family = get_family(p.family)
         assert family.score(p, p.completion()) == 1.0
         assert family.score(p, p.completion("alt")) == 1.0
-        assert family.score(p, p.answer) == 1.0  # bare answer: the last-candidate fallback
+        assert family.score(p, p.answer, fallback=True) == 1.0  # bare answer: the (opt-in) last-candidate fallback
+        assert family.score(p, p.answer) == 0.0                 # strict: no <answer>, no credit
 
 
 def test_wrong_answers_score_zero():
@@ -206,12 +207,12 @@ def test_train_and_test_never_coincide():
 def test_extract_answer_conventions():
     arith, countdown = FAMILIES["arithmetic"], FAMILIES["countdown"]
     assert arith.extract_answer("<answer>1</answer> then <answer>x = 12</answer> 99") == "12"
-    assert arith.extract_answer("so 7-3 is 4") == "4"
-    assert arith.extract_answer("The total is 1,234.") == "1,234"
-    assert arith.extract_answer("x = -6") == "-6"
-    assert arith.extract_answer("no digits") is None
+    assert arith.extract_answer("so 7-3 is 4", fallback=True) == "4"
+    assert arith.extract_answer("The total is 1,234.", fallback=True) == "1,234"
+    assert arith.extract_answer("x = -6", fallback=True) == "-6"
+    assert arith.extract_answer("no digits", fallback=True) is None
     assert countdown.extract_answer("<answer>(50 + 25) + 6 = 81</answer>") == "(50 + 25) + 6"
-    assert countdown.extract_answer("try 3 + 4 = 7\nSo (50 - 25) * 3 + 6 = 81.") == "(50 - 25) * 3 + 6"
+    assert countdown.extract_answer("try 3 + 4 = 7\nSo (50 - 25) * 3 + 6 = 81.", fallback=True) == "(50 - 25) * 3 + 6"
 
 
 ADVERSARIAL = [
@@ -248,6 +249,10 @@ def test_score_never_raises_or_hangs():
         for text in fuzz_strings(300):
             assert family.score(p, text) in (0.0, 1.0)
             assert family.score(p, f"<answer>{text}</answer>") in (0.0, 1.0)
+            for answer_format, fallback in (("boxed", False), ("gsm8k", False), ("answer_tag", True)):
+                assert family.score(p, text, answer_format, fallback) in (0.0, 1.0)
+            answers = [family.extract_answer(text, fallback=True), family.extract_answer(p.completion())]
+            assert all(family.same_answer(p, a, b) in (True, False) for a in answers if a for b in answers if b)
     assert time.perf_counter() - start < 15
 
 
@@ -302,12 +307,12 @@ def test_jsonl_conventions():
     assert problems[0].solution == "First 2 * 3 = 6." and problems[1].difficulty == 3
     gsm, half, pair, plain = problems
     score = get_family("math").score
-    assert score(gsm, "<answer>1200</answer>") == 1.0 and score(gsm, "so \\boxed{1,200} dollars") == 1.0
+    assert score(gsm, "<answer>1200</answer>") == 1.0 and score(gsm, "so \\boxed{1,200} dollars", "boxed") == 1.0
     assert score(gsm, "<answer>1201</answer>") == 0.0
-    assert score(half, "<answer>0.5</answer>") == 1.0 and score(half, "$\\boxed{\\dfrac12}$") == 1.0
+    assert score(half, "<answer>0.5</answer>") == 1.0 and score(half, "$\\boxed{\\dfrac12}$", "boxed") == 1.0
     assert score(half, "<answer>1/3</answer>") == 0.0
     assert score(pair, "<answer>\\{2, 1\\}</answer>") == 1.0 and score(pair, "<answer>\\{1, 3\\}</answer>") == 0.0
-    assert score(plain, "The answer is 42.") == 1.0
+    assert score(plain, "The answer is 42.", fallback=True) == 1.0
     assert last_boxed("a \\boxed{x^{2}} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
     assert answers_match("18", "\\frac{36}{2}") and not answers_match("18", "9^{9^{9}}")
 
@@ -340,6 +345,6 @@ def test_real_gsm8k():
     for p in random.Random(0).sample(problems, 50):
         gold = parse_number(p.answer)
         assert family.score(p, f"<think>{p.solution}</think>\n<answer>{p.answer}</answer>") == 1.0
-        assert family.score(p, f"{p.solution}\nThe answer is $\\boxed{{{p.answer}}}$.") == 1.0
+        assert family.score(p, f"{p.solution}\nThe answer is $\\boxed{{{p.answer}}}$.", "boxed") == 1.0
         assert family.score(p, f"<answer>{gold + 1}</answer>") == 0.0
         assert family.score(p, f"<answer>{p.answer}</answer> wait, <answer>{gold * 2 + 1}</answer>") == 0.0

@@ -15,6 +15,8 @@ from nanoseek.files import atomic_write_json
 from nanoseek.hf import load_checkpoint
 from nanoseek.recipe import load_recipe
 from nanoseek.run import resolve_device
+from nanoseek.sampling.rewards import RewardConfig
+from nanoseek.tasks.base import ANSWER_FORMATS
 from nanoseek.tasks.problems import load_problems
 
 
@@ -27,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-problems", type=int, default=100, help="problems to evaluate (0 = all of --data)")
     parser.add_argument("--json", default=None, help="write the full result (per-problem records too) here")
     parser.add_argument("--template", default=None, choices=["r1_zero", "chat", "plain"], help="default r1_zero")
+    parser.add_argument("--answer-format", default="answer_tag", choices=list(ANSWER_FORMATS),
+                        help="where the final answer must be: <answer> tags, \\boxed{}, or GSM8K's '####' line")
     parser.add_argument("--temperature", type=float, default=None, help="default 0.6")
     parser.add_argument("--top-p", type=float, default=None, help="default 0.95")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 96")
@@ -53,9 +57,10 @@ def run(args: argparse.Namespace) -> int:
     problems = load_problems(tasks, args.data, args.n_problems, "test", cfg.seed, args.difficulty)
     model, tokenizer = load_checkpoint(args.checkpoint, resolve_device(args.device), inference=True)
     console = Console()
-    result = evaluate(model, tokenizer, problems, cfg, progress=True)
+    rewards = RewardConfig(answer_format=args.answer_format)
+    result = evaluate(model, tokenizer, problems, cfg, progress=True, rewards=rewards)
     result["checkpoint"] = str(args.checkpoint)
-    result["config"] = dataclasses.asdict(cfg)
+    result["config"] = {**dataclasses.asdict(cfg), "answer_format": rewards.answer_format}
     console.print(f"{args.checkpoint}: {len(problems)} problems, {cfg.samples} samples each")
     console.print(Markdown(markdown_table(result)))
     if args.json:

@@ -29,7 +29,7 @@ import random
 from typing import Callable
 
 from nanoseek.data.corpus import general_examples
-from nanoseek.tasks.base import Problem, TaskFamily, answer_span
+from nanoseek.tasks.base import Problem, TaskFamily
 
 FAMILY = "general"
 
@@ -142,9 +142,14 @@ class GeneralFamily(TaskFamily):
         return Problem(FAMILY, e["prompt"], e["response"], r1_format("I answer directly.", e["response"]),
                        difficulty, {"kind": "benign"})
 
-    def extract_answer(self, completion: str) -> str | None:
-        span = answer_span(completion)
-        return span.strip() if span is not None else None
+    def answer_in(self, span: str) -> str | None:
+        return span.strip()
 
-    def score(self, problem: Problem, completion: str) -> float:
+    def fallback_answer(self, completion: str) -> str | None:
+        return None
+
+    def score(self, problem: Problem, completion: str, answer_format: str = "answer_tag",
+              fallback: bool = False) -> float:
+        """The scorer's value of the whole completion (σ of the reward model's score): the answer format does not
+        apply, and a failing reward model raises rather than scoring 0."""
         return float(self.scorer(problem.prompt, completion))

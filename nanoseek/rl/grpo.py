@@ -88,6 +88,7 @@ def aggregate(per_token: Tensor, mask: Tensor, mode: str, max_len: int | None = 
     generation budget (max_new_tokens) so the normaliser is the same for every batch.
     """
     m = mask.to(per_token.dtype)
+    per_token = torch.where(m != 0, per_token, 0.0)     # an inf/NaN in a padded slot times 0 would be NaN
     B, T = per_token.shape
     n_seqs = B if n_seqs is None else n_seqs
     if mode == "grpo":
@@ -116,7 +117,10 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     "ratio" (mean ρ).
     """
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages      # [B, 1] or [B, T]
-    ratio = torch.exp(logp - old_logp)
+    live = mask != 0                                                            # [B, T]
+    # Padded slots hold arbitrary log-probs; exp of a > 88-nat gap is inf in fp32 and inf·0 = NaN (also in
+    # the gradient), so they are set to 0 BEFORE any exp, not multiplied by the mask after it.
+    ratio = torch.exp(torch.where(live, logp - old_logp, 0.0))
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
@@ -127,7 +131,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         "ratio": ((ratio * m).sum() / denom).detach(),
     }
     if ref_logp is not None:
-        kl = kl_k3(logp, ref_logp)
+        kl = kl_k3(logp, torch.where(live, ref_logp, logp))                    # 0 at padded slots
         stats["kl"] = ((kl * m).sum() / denom).detach()
         if beta:
             per_token = per_token + beta * kl

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from nanoseek.errors import UserError
-from nanoseek.eval import PassAtKConfig, evaluate
+from nanoseek.eval import PassAtKConfig, completion_records, evaluate
 from nanoseek.files import atomic_write_bytes, atomic_write_json, read_jsonl
 from nanoseek.hf import load_pretrained
 from nanoseek.parallel import Parallel, ParallelConfig, parallelize
@@ -245,13 +245,15 @@ def write_plots(run_dir: Path, records: list[dict]) -> None:
 
 def _eval_record(model, tokenizer, problems, cfg: RLConfig, run_dir: Path, step: int) -> dict:
     with autocast(next(model.parameters()).device, cfg.train.precision):
-        res = evaluate(model, tokenizer, problems, cfg.eval)    # seeded by cfg.eval.seed, global RNG untouched
+        # seeded by cfg.eval.seed, global RNG untouched; judged by the training reward's answer format
+        res = evaluate(model, tokenizer, problems, cfg.eval, rewards=cfg.rewards)
     atomic_write_json(run_dir / "eval" / f"step-{step}.json", res)
     K = res["samples"]
     rec = {"eval/pass@1": res["pass@1"]["mean"], f"eval/cons@{K}": res[f"cons@{K}"]["mean"],
            "eval/format": res["format"]["mean"], "eval/length": res["length"]["mean"]}
     if "greedy" in res:
         rec["eval/greedy"] = res["greedy"]["mean"]
+    rec["eval/completions"] = completion_records(res)          # a few judged samples, as TRL's log_completions
     return rec
 
 

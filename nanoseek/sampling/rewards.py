@@ -4,7 +4,10 @@ R1 trains with rules, not a learned reward model, because rules cannot be reward
 finds a model's blind spots. Each component here is a pure function that never raises and is fast on any
 string (the verifiers cap what they read; the format check only counts and finds substrings):
 
-- accuracy: the task's verifier (nanoseek.tasks), math-verify for GSM8K / MATH data. 0 or 1.
+- accuracy: the task's verifier (nanoseek.tasks), math-verify for GSM8K / MATH data, on the final answer
+  written after the reasoning in the required format (R1 §2.2.2; `answer_format`: <answer> tags by default,
+  or \\boxed{} / GSM8K's "####" for user data under the chat template). 0 or 1. No answer in that format
+  scores 0; `answer_fallback=True` opts in to reading the last number instead (lenient).
 - format: "<think>…</think>" then "<answer>…</answer>", each tag exactly once, both non-empty, nothing
   outside but whitespace. When the prompt already ends with "<think>" (the R1 template primes it), the
   completion starts inside the reasoning: `starts_in_think=True` checks it as if "<think>" preceded it.
@@ -26,16 +29,19 @@ from dataclasses import dataclass
 
 from nanoseek.errors import UserError
 from nanoseek.tasks import FAMILIES, Problem, TaskFamily, get_family
+from nanoseek.tasks.base import ANSWER_FORMATS
 from nanoseek.tasks.language import REGISTERS, language_share
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
-def accuracy_reward(problem: Problem, completion: str, families: Mapping[str, TaskFamily] = FAMILIES) -> float:
-    """1.0 if the completion's answer is right by the problem family's verifier, else 0.0 (a family of
-    `families`, else a built-in one: `get_family`)."""
+def accuracy_reward(problem: Problem, completion: str, answer_format: str = "answer_tag", fallback: bool = False,
+                    families: Mapping[str, TaskFamily] = FAMILIES) -> float:
+    """1.0 if the final answer, written in `answer_format` after the reasoning, is right by the problem
+    family's verifier (a family of `families`, else a built-in one: `get_family`), else 0.0. fallback=True
+    (lenient): without such an answer, the family's guess (the last number) is scored instead."""
     family = families[problem.family] if problem.family in families else get_family(problem.family)
-    return family.score(problem, completion)
+    return family.score(problem, completion, answer_format, fallback)
 
 
 def format_reward(completion: str, starts_in_think: bool = False) -> float:
@@ -88,8 +94,12 @@ class RewardConfig:
     cache_tokens: int = 0         # L_cache, the soft band below L_max (DAPO: 4096 of 20480)
     register: str = "en"          # target register when the problem does not name one (meta["register"])
     starts_in_think: bool = False  # the prompt ends with "<think>", so completions start inside it
+    answer_format: str = "answer_tag"  # where the final answer must be: "answer_tag" | "boxed" | "gsm8k" ("####")
+    answer_fallback: bool = False  # lenient: without an answer in that format, score the last number
 
     def __post_init__(self) -> None:
+        if self.answer_format not in ANSWER_FORMATS:
+            raise UserError(f"rewards.answer_format={self.answer_format!r}; choose one of {', '.join(ANSWER_FORMATS)}")
         if self.register not in REGISTERS:
             raise UserError(f"rewards.register={self.register!r}; choose one of {', '.join(REGISTERS)}")
         if self.max_tokens < 0 or not 0 <= self.cache_tokens <= self.max_tokens:
@@ -103,7 +113,9 @@ def compute_rewards(cfg: RewardConfig, problem: Problem, completion: str, n_toke
     accuracy by the problem's family in `families` (a run passes its own mapping when it adds families)."""
     register = problem.meta.get("register", cfg.register)
     out = {
-        "accuracy": accuracy_reward(problem, completion, families),
+        # a completion that starts inside <think> has its answer only after a </think> it writes itself
+        "accuracy": accuracy_reward(problem, "<think>" + completion if cfg.starts_in_think else completion,
+                                    cfg.answer_format, cfg.answer_fallback, families),
         "format": format_reward(completion, cfg.starts_in_think),
         "language": language_consistency(completion, register),
         "overlong": overlong_penalty(n_tokens, cfg.max_tokens, cfg.cache_tokens) if cfg.max_tokens else 0.0,

@@ -5,6 +5,16 @@ so `score` must give 0.0 rather than raise on any string, and must be fast on an
 ever looks at the last <answer>…</answer> or at a bounded tail of the text, and the parsers behind it cap
 their input (expr.py), so the cost of one call is bounded by input-length caps, not by a timer.
 
+Accuracy needs the answer in the required format (R1 report §2.2.2: the model "is required to provide the
+final answer in a specified format"). The final answer is read only after the reasoning (after the last
+</think>; a <think> never closed holds no answer) and only from the `answer_format`:
+  "answer_tag"  the last <answer>…</answer> (the R1-Zero template, and our chat format)
+  "boxed"       the last \\boxed{…}                     (MATH-style user data under the chat template)
+  "gsm8k"       the rest of the line after the last "####" (GSM8K's own style)
+A completion without it scores 0, however right its last number. `fallback=True` (opt-in, "lenient") then
+reads the family's fallback instead: the last number of the text's tail (a Countdown: the last arithmetic
+run), which also credits truncated reasoning and answers that only appear inside <think>.
+
 The train/test split is a property of the problem itself, a hash of its family and prompt, so no seed can
 put the same problem on both sides: `sample_problems` simply rejects problems of the other split.
 """
@@ -55,6 +65,47 @@ def answer_span(text: str) -> str | None:
     return text[start + len("<answer>"):end] if start >= 0 else None
 
 
+def last_boxed(text: str) -> str | None:
+    """Contents of the last \\boxed{...} (or \\fbox{...}) with balanced braces, or None."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    open_ = text.find("{", start, start + 8)
+    if open_ < 0:
+        return None
+    depth = 0
+    for i in range(open_, min(len(text), open_ + MAX_TAIL_CHARS)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[open_ + 1:i]
+    return None
+
+
+def _after_hashes(text: str) -> str | None:
+    """GSM8K's final answer: the rest of the line after the last "####", or None."""
+    start = text.rfind("####")
+    return text[start + 4:].split("\n", 1)[0] if start >= 0 else None
+
+
+# The one definition of the final-answer formats (RewardConfig.answer_format names one of them).
+ANSWER_FORMATS = {"answer_tag": answer_span, "boxed": last_boxed, "gsm8k": _after_hashes}
+
+
+def after_reasoning(text: str) -> str | None:
+    """The text after the chain of thought: after the last </think>; all of it when there is no <think>;
+    None when a <think> is never closed (the answer would be inside the reasoning, or truncated)."""
+    end = text.rfind("</think>")
+    if end >= 0:
+        return text[end + len("</think>"):]
+    return None if "<think>" in text else text
+
+
+def final_answer_text(completion: str, answer_format: str = "answer_tag") -> str | None:
+    """The final answer as written in `answer_format` after the reasoning, or None (see the module doc)."""
+    tail = after_reasoning(completion)
+    return None if tail is None else ANSWER_FORMATS[answer_format](tail)
+
+
 # A number not glued to a word, a decimal point or a closing bracket before it ("7-3" ends in "3", "x=-6"
 # in "-6"); thousands separators only in groups of three. Linear time: no nested quantifiers.
 _LAST_NUMBER = re.compile(r"(?<![\w.)])-?\d+(?:,\d{3})*(?:\.\d+)?")
@@ -82,14 +133,34 @@ class TaskFamily:
         value = parse_number(answer)
         return value is not None and value == parse_number(problem.answer)
 
-    def extract_answer(self, completion: str) -> str | None:
-        """The last number of the last <answer>…</answer>, else of the completion's tail."""
-        span = answer_span(completion)
-        return last_number(completion if span is None else span)
+    def extract_answer(self, completion: str, answer_format: str = "answer_tag", fallback: bool = False) -> str | None:
+        """The answer read from the final answer in `answer_format`; without one, None, or with `fallback`
+        (lenient, opt-in) the family's guess from the whole completion."""
+        span = final_answer_text(completion, answer_format)
+        if span is not None:
+            return self.answer_in(span)
+        return self.fallback_answer(completion) if fallback else None
 
-    def score(self, problem: Problem, completion: str) -> float:
+    def answer_in(self, span: str) -> str | None:
+        """The answer inside a final-answer span: here its last number ("x = 12" -> "12")."""
+        return last_number(span)
+
+    def fallback_answer(self, completion: str) -> str | None:
+        """The lenient guess when no final answer is written: here the last number of the tail."""
+        return last_number(completion)
+
+    def same_answer(self, problem: Problem, a: str, b: str) -> bool:
+        """Do two extracted answers say the same? (cons@K votes over these groups.) Here: equal as exact
+        numbers ("1,000" = "1000" = "1000.0"), else equal text up to blanks. Never raises."""
+        x, y = parse_number(a), parse_number(b)
+        if x is not None and y is not None:
+            return x == y
+        return "".join(a.split()) == "".join(b.split())
+
+    def score(self, problem: Problem, completion: str, answer_format: str = "answer_tag",
+              fallback: bool = False) -> float:
         try:
-            answer = self.extract_answer(completion)
+            answer = self.extract_answer(completion, answer_format, fallback)
             return 1.0 if answer is not None and self.check(problem, answer) else 0.0
         except Exception:  # the verifier's contract: any string scores, nothing raises
             return 0.0

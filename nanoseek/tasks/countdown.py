@@ -15,8 +15,8 @@ import random
 import re
 from collections import Counter
 
-from nanoseek.tasks.base import MAX_TAIL_CHARS, Problem, TaskFamily, answer_span
-from nanoseek.tasks.expr import evaluate
+from nanoseek.tasks.base import MAX_TAIL_CHARS, Problem, TaskFamily
+from nanoseek.tasks.expr import ExprError, evaluate, parse_number
 
 MAX_TARGET = 999        # targets lie in 1..MAX_TARGET and are not one of the numbers
 MAX_VALUE = 10_000      # bound on intermediate values (generation and search)
@@ -121,16 +121,38 @@ class Countdown(TaskFamily):
                   "Use + - * / and parentheses, and each number at most once.")
         return Problem(self.name, prompt, expression, solution, difficulty, {"numbers": numbers, "target": target})
 
-    def extract_answer(self, completion: str) -> str | None:
-        """The last <answer>…</answer> (up to any "="), else the last run of arithmetic holding an operator."""
-        span = answer_span(completion)
-        if span is not None:
-            return span.split("=", 1)[0].strip()
+    def answer_in(self, span: str) -> str | None:
+        """The expression of the final answer. It may state its result ("E = 81"), which must then be E's
+        value; anything after the result ("E = 128 = 5") or a wrong result makes it no answer."""
+        expression, *results = span.split("=")
+        if len(results) > 1:
+            return None
+        if results:
+            try:
+                if parse_number(results[0]) != evaluate(expression)[0]:
+                    return None
+            except ExprError:
+                return None
+        return expression.strip() or None
+
+    def fallback_answer(self, completion: str) -> str | None:
+        """Lenient: the last run of arithmetic holding an operator and a digit (up to its "=")."""
         found = None
         for run in _EXPRESSION_RUN.finditer(completion[-MAX_TAIL_CHARS:]):
             if _HAS_OPERATOR.search(run.group(0)) and _HAS_DIGIT.search(run.group(0)):
                 found = run.group(0).strip()
         return found
+
+    def same_answer(self, problem: Problem, a: str, b: str) -> bool:
+        """Every correct expression is one answer ("3 + 4" = "4 + 3" = "2 * 3 + 1" for 7); the others are
+        grouped by value ("5 + 1" = "6"), and by text when they do not parse."""
+        return self._answer_class(problem, a) == self._answer_class(problem, b)
+
+    def _answer_class(self, problem: Problem, answer: str) -> tuple:
+        try:
+            return ("correct",) if self.check(problem, answer) else ("value", evaluate(answer)[0])
+        except Exception:  # not an expression of the grammar (or over its size caps)
+            return ("text", "".join(answer.split()))
 
     def check(self, problem: Problem, answer: str) -> bool:
         value, literals = evaluate(answer)

@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 
 from nanoseek.errors import UserError
-from nanoseek.tasks.base import MAX_TAIL_CHARS, Problem, TaskFamily, answer_span, last_number
+from nanoseek.tasks.base import MAX_TAIL_CHARS, Problem, TaskFamily, last_boxed, last_number
 from nanoseek.tasks.expr import parse_number
 
 MAX_CANDIDATE_CHARS = 300  # longest prediction handed to math-verify (and shorter if the gold is short)
@@ -32,22 +32,6 @@ TIMEOUT_S = 2              # math-verify's own SIGALRM timeout, main thread only
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns (with the whole input) on each timeout
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
-
-
-def last_boxed(text: str) -> str | None:
-    """Contents of the last \\boxed{...} (or \\fbox{...}) with balanced braces, or None."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    open_ = text.find("{", start, start + 8)
-    if open_ < 0:
-        return None
-    depth = 0
-    for i in range(open_, min(len(text), open_ + MAX_TAIL_CHARS)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[open_ + 1:i]
-    return None
 
 
 def _problem(line: str, where: str) -> Problem:
@@ -165,16 +149,31 @@ class MathVerify(TaskFamily):
     def generate(self, rng, difficulty):
         raise UserError("gsm8k/math problems come from data files: use nanoseek.tasks.jsonl.load_jsonl_problems")
 
-    def extract_answer(self, completion: str) -> str | None:
-        """The last <answer>…</answer>, unboxed if it holds \\boxed{}; else the last \\boxed{}; else the last number."""
-        span = answer_span(completion)
-        boxed = last_boxed((completion if span is None else span)[-MAX_TAIL_CHARS:])
-        candidate = boxed if boxed is not None else span if span is not None else last_number(completion)
-        candidate = candidate.strip().strip("$").strip() if candidate else ""
-        return candidate if 0 < len(candidate) <= MAX_CANDIDATE_CHARS else None
+    def answer_in(self, span: str) -> str | None:
+        """The final answer, unboxed if it holds \\boxed{} (<answer>$\\boxed{7}$</answer>), "$" stripped."""
+        boxed = last_boxed(span[-MAX_TAIL_CHARS:])
+        return _candidate(boxed if boxed is not None else span)
+
+    def fallback_answer(self, completion: str) -> str | None:
+        """Lenient: the last \\boxed{} anywhere, else the last number."""
+        boxed = last_boxed(completion[-MAX_TAIL_CHARS:])
+        return _candidate(boxed if boxed is not None else last_number(completion))
 
     def check(self, problem: Problem, answer: str) -> bool:
         return answers_match(problem.answer, answer)
+
+    def same_answer(self, problem: Problem, a: str, b: str) -> bool:
+        """math-verify's equivalence (the verifier's own rule), `a` read as the reference."""
+        try:
+            return answers_match(a, b)
+        except Exception:
+            return False
+
+
+def _candidate(text: str | None) -> str | None:
+    """`text` stripped of blanks and "$", if non-empty and short enough for math-verify."""
+    candidate = text.strip().strip("$").strip() if text else ""
+    return candidate if 0 < len(candidate) <= MAX_CANDIDATE_CHARS else None
 
 
 MATH_FAMILY = MathVerify()

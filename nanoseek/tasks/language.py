@@ -7,9 +7,14 @@ task templates ("add", "carry", "both", "sides", ...) has a fixed pseudo-word ("
 solution can be rendered in "en", in "alt", or mixed line by line (the corpus does that), answers and
 verifiers are unaffected, and `language_share` measures which register a text reasons in.
 
-Counting rule: a word is a run of two or more ASCII letters (the unknown "x" and tags are not words). A
-word is "alt" if it is in the closed alt vocabulary, and "en" otherwise — so ordinary English (GSM8K text,
-a model's "hmm") counts as en, and the two shares sum to 1.
+Counting rule (R1 §2.3.3: the proportion of target-language words in the chain of thought), over every
+script: a word is a run of two or more Unicode letters (regex `\\w` without digits and "_"; the unknown "x"
+and the reasoning tags are not words), except in Chinese and Japanese, which write no spaces between
+words: there each ideograph or kana is one word (a run of them would count a whole sentence as one word).
+Numerals are numbers, not words, in every script (三, 四 and 七 like 3, 4 and 7). A word is "alt" if it is
+in the closed alt vocabulary, "en" if it is otherwise in Latin script (so GSM8K text and a model's "hmm" are
+en), and of neither register in any other script (Cyrillic, Greek, Han, ...). So
+`language_share("计算 三 加 四 等于 七 ok", "en")` is 1/6: 计 算 加 等 于 are five words, ok the sixth.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import unicodedata
 
 from nanoseek.errors import UserError
 
@@ -52,7 +58,9 @@ def _alt_vocabulary() -> dict[str, str]:
 TO_ALT = _alt_vocabulary()
 TO_EN = {alt: en for en, alt in TO_ALT.items()}
 _WORD = re.compile(r"[A-Za-z]+")
-_COUNTED_WORD = re.compile(r"[A-Za-z]{2,}")
+# Hiragana, katakana, CJK unified ideographs (extension A, the main block, compatibility, extensions B+).
+_CJK = "\u3041-\u3096\u30a1-\u30fa\u30fc\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+_COUNTED_WORD = re.compile(f"[{_CJK}]|[^\\W\\d_{_CJK}]{{2,}}")
 _TAGS = re.compile(r"</?(?:think|answer)>|<\|[a-z_]+\|>")
 
 
@@ -77,10 +85,18 @@ def mix(text: str, rng: random.Random, p_alt: float) -> str:
     return "\n".join(render(line, "alt" if rng.random() < p_alt else "en") for line in text.split("\n"))
 
 
+def word_register(word: str) -> str | None:
+    """"alt" for a word of the alt vocabulary, "en" for another Latin-script word, None for other scripts."""
+    if word.lower() in TO_EN:
+        return "alt"
+    latin = word.isascii() or all(unicodedata.name(c, "").startswith("LATIN") for c in word)
+    return "en" if latin else None
+
+
 def language_share(text: str, register: str = "en") -> float:
-    """Fraction of the words of `text` in `register`; 0.0 for a text without words. Never raises."""
-    words = _COUNTED_WORD.findall(_TAGS.sub(" ", text[:MAX_SCAN_CHARS]))
+    """Fraction of the words of `text` in `register` (counting rule: module doc); 0.0 for a text without
+    words. Never raises."""
+    words = [w for w in _COUNTED_WORD.findall(_TAGS.sub(" ", text[:MAX_SCAN_CHARS])) if not w.isnumeric()]
     if not words:
         return 0.0
-    alt = sum(w.lower() in TO_EN for w in words)
-    return (alt if register == "alt" else len(words) - alt) / len(words)
+    return sum(word_register(w) == register for w in words) / len(words)
