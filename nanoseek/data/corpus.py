@@ -36,7 +36,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanoseek.data.shards import INDEX, load_index, tokenizer_fingerprint, write_shards
+import numpy as np
+
+from nanoseek.data.shards import INDEX, encode_documents, load_index, tokenizer_fingerprint, write_shards
 from nanoseek.errors import UserError
 from nanoseek.recipe import to_dict
 from nanoseek.tasks import Problem, get_family, sample_problems
@@ -115,15 +117,16 @@ def corpus_texts(cfg: CorpusConfig, part: str = "train") -> Iterator[tuple[list[
     return _map_chunks(_chunk_texts, cfg, part)
 
 
-def _map_chunks(fn: Callable, cfg: CorpusConfig, part: str) -> Iterator:
-    """fn(cfg, part, chunk, size) for each chunk of the part, in chunk order, over `cfg.workers` processes.
+def _map_chunks(fn: Callable, cfg: CorpusConfig, part: str, *args) -> Iterator:
+    """fn(cfg, part, chunk, size, *args) for each chunk of the part, in chunk order, over `cfg.workers` processes.
 
     A corpus of n documents is ceil(n / CHUNK_DOCUMENTS) chunks, every chunk full but the last, each seeded by
     (seed, part, chunk): so the documents are the same whatever the number of workers, and a corpus of at most
     CHUNK_DOCUMENTS documents is one chunk, drawn exactly as before chunking existed (every recipe up to 32K
     documents keeps its corpus bit for bit)."""
     n = cfg.n_documents if part == "train" else cfg.val_documents
-    jobs = [(cfg, part, k, min(CHUNK_DOCUMENTS, n - start)) for k, start in enumerate(range(0, n, CHUNK_DOCUMENTS))]
+    jobs = [(cfg, part, k, min(CHUNK_DOCUMENTS, n - start), *args)
+            for k, start in enumerate(range(0, n, CHUNK_DOCUMENTS))]
     workers = min(resolve_workers(cfg.workers), len(jobs))
     if workers <= 1:
         return (fn(*job) for job in jobs)
@@ -141,13 +144,31 @@ def _pool_map(fn: Callable, jobs: list[tuple], workers: int) -> Iterator:
     process that imported this module once, not from a fork of a parent that may hold CUDA or thread pools."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_one_thread_per_worker) as pool:
         pending = deque(pool.submit(fn, *job) for job in jobs[:2 * workers])
         for job in jobs[2 * workers:]:
             yield pending.popleft().result()
             pending.append(pool.submit(fn, *job))
         while pending:
             yield pending.popleft().result()
+
+
+def _one_thread_per_worker() -> None:
+    """The workers are the parallelism: the Rust tokenizer in each encodes on one thread (TOKENIZERS_PARALLELISM
+    is read at every call), instead of every worker spawning a thread per core."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def corpus_tokens(cfg: CorpusConfig, part: str, tok) -> Iterator[tuple[list[tuple[np.ndarray, np.ndarray]], dict]]:
+    """The part's documents as `encode_documents` batches (tokens, lengths), chunk by chunk, with the chunk's
+    counts; each chunk is generated and encoded in one worker process, so this process only receives token
+    arrays (with workers <= 1: here, the tokenizer's own threads spreading each batch over the cores)."""
+    return _map_chunks(_chunk_tokens, cfg, part, tok)
+
+
+def _chunk_tokens(cfg: CorpusConfig, part: str, chunk: int, n: int, tok) -> tuple[list, dict]:
+    texts, counts = _chunk_texts(cfg, part, chunk, n)
+    return list(encode_documents(texts, tok)), counts
 
 
 def _chunk_texts(cfg: CorpusConfig, part: str, chunk: int, n: int) -> tuple[list[str], dict]:
@@ -290,7 +311,7 @@ def general_examples(n: int, seed: int = 0) -> list[dict]:
 def prepare_corpus(out_dir: str | Path, cfg: CorpusConfig, tok, progress: bool = True) -> tuple[Path, Path]:
     """Token shards of the train and val corpora under out_dir/{train,val}, each written atomically and
     reused as is when built from the same config and tokenizer (so `--resume` does not rebuild them).
-    Streamed: chunks are generated in `cfg.workers` processes while this one tokenises and writes the earlier
+    Streamed: chunks are generated and tokenised in `cfg.workers` processes while this one writes the earlier
     ones, so memory holds a few chunks whatever the corpus size."""
     out_dir = Path(out_dir)
     config = corpus_identity(cfg)
@@ -303,17 +324,17 @@ def prepare_corpus(out_dir: str | Path, cfg: CorpusConfig, tok, progress: bool =
         if (cfg.n_documents if part == "train" else cfg.val_documents) < 1:
             raise UserError(f"the {part} corpus is empty; set corpus.{'n' if part == 'train' else 'val'}_documents > 0")
         counts = {"kinds": Counter(), "wrong": 0, "languages": Counter()}     # filled as the texts stream past
-        write_shards(_counted_texts(cfg, part, counts), tok, path, progress=progress,
+        write_shards(_counted_batches(cfg, part, tok, counts), tok, path, encoded=True, progress=progress,
                      meta=lambda: {"corpus": config, "part": part, **counts})
     return out_dir / "train", out_dir / "val"
 
 
-def _counted_texts(cfg: CorpusConfig, part: str, counts: dict) -> Iterator[str]:
-    for texts, c in corpus_texts(cfg, part):
+def _counted_batches(cfg: CorpusConfig, part: str, tok, counts: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for batches, c in corpus_tokens(cfg, part, tok):
         counts["kinds"].update(c["kinds"])
         counts["wrong"] += c["wrong"]
         counts["languages"].update(c["languages"])
-        yield from texts
+        yield from batches
 
 
 def corpus_identity(config) -> dict | None:

@@ -54,16 +54,17 @@ def tokenizer_fingerprint(tok) -> str:
 
 # ---- writing ----
 def write_shards(texts: Iterable[str | list[int]], tok, out_dir: str | Path, *, shard_tokens: int = 1 << 24,
-                 meta: dict | Callable[[], dict] | None = None, progress: bool = True) -> dict:
+                 meta: dict | Callable[[], dict] | None = None, progress: bool = True, encoded: bool = False) -> dict:
     """Tokenise `texts` into `out_dir` (built in a temp dir, renamed into place when complete). Returns the index.
 
     Streaming: `texts` is consumed once, in batches, and each shard file is appended to as documents arrive, so
     memory holds one batch, never the corpus (`texts` may be a generator). `meta` may be a callable, read after
-    the last text, for a streamed corpus that counts its documents as they pass. Linear in the corpus: the
-    shard being filled keeps a running token count (summing the group on every document made it quadratic).
+    the last text, for a streamed corpus that counts its documents as they pass. `encoded`: `texts` is already
+    `encode_documents` batches (tokenised elsewhere, e.g. in worker processes). Linear in the corpus: the shard
+    being filled keeps a running token count (summing the group on every document made it quadratic).
     """
-    total = len(texts) if hasattr(texts, "__len__") else None
-    batches = encode_documents(texts, tok)
+    total = len(texts) if hasattr(texts, "__len__") and not encoded else None
+    batches = texts if encoded else encode_documents(texts, tok)
     if progress:
         batches = track(batches, f"tokenising {Path(out_dir).name}", transient=True,
                         total=None if total is None else -(-total // ENCODE_BATCH))
