@@ -47,7 +47,8 @@ from nanoseek.rl.rollout import SamplingConfig, encode_prompt, generate, left_pa
 from nanoseek.train.checkpoint import load_trainer_state, save_checkpoint
 from nanoseek.train.logger import MetricsLogger
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
-from nanoseek.train.trainer import CheckpointConfig, NullLogger, autocast, resolve_device
+from nanoseek.train.trainer import (CheckpointConfig, NullLogger, autocast, compile_enabled, compile_for_training,
+                                    resolve_device)
 
 
 @dataclass
@@ -58,8 +59,12 @@ class RLTrainConfig:
     init: str = ""                  # model directory to start from; also the frozen KL reference
     device: str = "auto"
     precision: str = "fp32"         # "fp32" | "bf16" (autocast)
+    compile: bool | str = "auto"    # the update's forward compiled (trainer.compile_for_training); rollouts stay eager
     seed: int = 0
     threads: int = 0                # torch CPU threads; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        compile_enabled(self.compile, torch.device("cpu"))  # a bad value fails as the recipe is read
 
 
 @dataclass
@@ -269,7 +274,7 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     if ckpt is not None:
         model = load_pretrained(ckpt, device=str(device))
-    model = model.float().eval().requires_grad_(True)
+    model = compile_for_training(model.float().eval().requires_grad_(True), tc.compile, device, dynamic=None)
     value_model = ValueModel(model) if algo == "ppo" else None   # (its state is restored below on resume)
     with rank0_first(ctx):
         if main:
