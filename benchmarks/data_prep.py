@@ -2,6 +2,7 @@
 
     python benchmarks/data_prep.py                                  # 10K, 100K and 1M documents, every core
     python benchmarks/data_prep.py --sizes 10000,100000 --workers 2
+    python benchmarks/data_prep.py --sizes 1000000 --phases total  # the end-to-end figure alone
 
 For each size, one JSON line per phase, each with seconds, documents/s and tokens/s:
     total      `prepare_corpus` end to end (what `nanoseek pretrain` runs; a 1-document val part): generation
@@ -35,7 +36,7 @@ from nanoseek.data.shards import ShardWriter, encode_documents, token_dtype  # n
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
 
 
-def measure(n: int, workers: int | None, tok: Tokenizer, scratch: Path, base: dict) -> None:
+def measure(n: int, workers: int | None, tok: Tokenizer, scratch: Path, base: dict, phases: set[str]) -> None:
     cfg = CorpusConfig(n_documents=n, val_documents=1, workers=workers)
 
     def record(phase: str, seconds: float, n_tokens: int, **extra) -> None:
@@ -49,6 +50,8 @@ def measure(n: int, workers: int | None, tok: Tokenizer, scratch: Path, base: di
     record("total", total, n_tokens, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
            children_peak_rss_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)
     shutil.rmtree(scratch / f"total{n}")
+    if phases == {"total"}:
+        return
 
     t0 = time.perf_counter()
     texts = [text for chunk, _ in corpus_texts(cfg) for text in chunk]
@@ -73,6 +76,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated document counts")
     parser.add_argument("--workers", type=int, default=None,
                         help="corpus.workers: generation processes (default: every available core; 0/1: in process)")
+    parser.add_argument("--phases", default="total,generate,tokenize,write",
+                        help="\"total\" alone skips the separate phases (half the time)")
     parser.add_argument("--scratch", default=None, help="where shards are written (default: a temp dir)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -84,7 +89,7 @@ def main() -> None:
                            for t in chunk), 1024)
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         for n in sizes:
-            measure(n, args.workers, tok, Path(scratch), base)
+            measure(n, args.workers, tok, Path(scratch), base, set(args.phases.split(",")))
 
 
 if __name__ == "__main__":
