@@ -17,6 +17,7 @@ uninterrupted one bit for bit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class TrainConfig:
     seq_len: int = 256                # tokens per training row
     precision: str = "fp32"           # "fp32" | "bf16" (autocast) | "fp8" (nanoseek.train.fp8, V3 §3.3)
     compile: bool | str = "auto"      # regional torch.compile of the decoder blocks: "auto" = on CUDA only, true, false
+    loss_chunk: int = 0               # rows per chunk of the cross-entropy (model/chunked_ce.py: no fp32 [N, V]); 0 = off
     device: str = "auto"              # "auto" = cuda if available, else cpu
     seed: int = 0
     threads: int = 0                  # torch CPU threads; 0 = torch's default
@@ -49,6 +51,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         compile_enabled(self.compile, torch.device("cpu"))    # a bad value fails as the recipe is read
+        if self.loss_chunk < 0:
+            raise UserError(f"train.loss_chunk={self.loss_chunk}: use 0 (off) or rows per chunk, e.g. 1024")
 
 
 @dataclass
@@ -124,6 +128,12 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device
                             "use train.precision=\"bf16\"") from None
         model = convert_to_fp8(model) or model
     compile_for_training(model, cfg.compile, device)
+    if cfg.loss_chunk:                             # replaces the (compiled or eager) whole-logits loss
+        from nanoseek.model.chunked_ce import chunked_cross_entropy
+        if not hasattr(model, "loss_fn"):
+            raise UserError(f"train.loss_chunk supports DeepSeek-V3 models, not {type(model).__name__}; "
+                            "set train.loss_chunk=0")
+        model.loss_fn = functools.partial(chunked_cross_entropy, chunk=cfg.loss_chunk)
     model.train()
     return model
 
