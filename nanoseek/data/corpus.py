@@ -21,6 +21,10 @@ language-consistency reward (§2.3.2) later removes.
     docs = build_corpus(cfg)                  # list[Document(text, kind, family, correct, language)]
     general_examples(n, seed) -> list[{"prompt", "response"}]
     prepare_corpus(out_dir, cfg, tok) -> (out_dir/"train", out_dir/"val")   # token shards, reused when unchanged
+
+Scale: a corpus is drawn in chunks of CHUNK_DOCUMENTS documents, generated (and, for shards, tokenised) in
+`cfg.workers` processes; the documents do not depend on the worker count. A script that builds a corpus of more
+than one chunk with workers > 1 guards its entry point with `if __name__ == "__main__":`, as multiprocessing asks.
 """
 
 from __future__ import annotations
@@ -135,7 +139,9 @@ def _map_chunks(fn: Callable, cfg: CorpusConfig, part: str, *args) -> Iterator:
 
 def resolve_workers(workers: int | None) -> int:
     """CorpusConfig.workers as a process count: None = the cores this process may run on (its affinity)."""
-    return len(os.sched_getaffinity(0)) if workers is None else max(workers, 1)
+    if workers is not None:
+        return max(workers, 1)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _pool_map(fn: Callable, jobs: list[tuple], workers: int) -> Iterator:
