@@ -244,7 +244,7 @@ def test_static_engine_logprobs_match_full_forward(kind, max_batch):
 def test_decoder_is_reused_across_calls_and_reset():
     """The second call with the same shapes runs on the first call's decoder (on CUDA: its captured graph),
     and gives what a fresh decoder gives."""
-    from nanoseek.rl import rollout
+    from nanoseek.sampling import rollout
 
     model = make_model("dense")
     cfg = SamplingConfig(max_new_tokens=6, temperature=1.0, stop=[], decode="static")
@@ -302,7 +302,7 @@ def test_cuda_engine_logprobs_match_a_bf16_full_forward(kind, decode):
 def test_cuda_graph_decoding_reads_the_host_once_per_check():
     """No host synchronisation per token: syncs (CUDA's sync debug mode warns on each) stay at one per
     `check_every` steps plus the prefill/admission's few, not one per token."""
-    from nanoseek.rl.rollout import StaticDecoder
+    from nanoseek.sampling.rollout import StaticDecoder
 
     model = make_model("deepseek").cuda().to(torch.bfloat16)
     cfg = SamplingConfig(max_new_tokens=64, temperature=1.0, stop=[], decode="graph")
@@ -327,7 +327,7 @@ def test_decode_step_reads_nothing_from_the_host(kind):
     copy (a Python scalar written by index assignment is lifted to a host tensor first)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from nanoseek.rl import rollout
+    from nanoseek.sampling import rollout
 
     class Record(TorchDispatchMode):
         ops: list = []
@@ -351,7 +351,7 @@ def test_decoders_do_not_keep_their_model_alive():
     import gc
     import weakref
 
-    from nanoseek.rl import rollout
+    from nanoseek.sampling import rollout
 
     model = make_model("dense")
     generate(model, PROMPTS, SamplingConfig(max_new_tokens=3, greedy=True, stop=[], decode="static"), [95])
@@ -367,7 +367,7 @@ def test_cuda_graph_reused_across_calls_sees_updated_fp32_masters_under_autocast
     """The GRPO trainer's setting: fp32 master weights, bf16 autocast, an optimizer step between rollouts.
     The second call replays the first call's graph; it must decode with the updated weights (a graph captured
     from autocast's weight-cast cache would read the first call's freed bf16 copies instead)."""
-    from nanoseek.rl import rollout
+    from nanoseek.sampling import rollout
 
     model = make_model("deepseek").cuda()
     cfg = SamplingConfig(max_new_tokens=10, greedy=True, stop=[], decode="graph")

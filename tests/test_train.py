@@ -243,3 +243,108 @@ def test_set_overrides_take_inline_tables_and_per_family_levels():
     assert load_recipe(RLConfig, None, ["tasks.difficulty=none"]).tasks.difficulty is None
     with pytest.raises(UserError, match="tasks.difficulty"):
         load_recipe(RLConfig, None, ["tasks.difficulty=\"hard\""])
+
+
+# ---------------------------------------------------------------- compile by default (train.compile)
+
+def test_compile_auto_means_cuda_only_and_bad_values_fail_early():
+    from nanoseek.errors import UserError
+    from nanoseek.rl.reward_model import RMTrainConfig
+    from nanoseek.rl.trainer import RLTrainConfig
+    from nanoseek.train.trainer import compile_enabled
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (compile_enabled("auto", cuda), compile_enabled(True, cuda), compile_enabled(False, cuda)) == (True, True, False)
+    assert not any(compile_enabled(setting, cpu) for setting in ("auto", True, False))    # the CPU keeps its speed
+    for cls in (TrainConfig, RLTrainConfig, RMTrainConfig):
+        assert cls().compile == "auto"
+        with pytest.raises(UserError, match="compile"):
+            cls(compile="fast")
+
+
+class _Reached(Exception):
+    """Raised by the stand-in compile step: the trainer got as far as compiling, with args[0] = its setting."""
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory):
+    """A saved micro model with a tokenizer that fits it, and a chat JSONL of traces."""
+    import dataclasses
+
+    from nanoseek.hf import save_pretrained
+    from nanoseek.tokenizer import Tokenizer
+
+    path = tmp_path_factory.mktemp("init")
+    tok = Tokenizer.train([f"{a} + {b} = {a + b}" for a in range(40) for b in range(40)], vocab_size=300)
+    torch.manual_seed(0)
+    save_pretrained(build_model(dataclasses.replace(MICRO, vocab_size=320, max_position_embeddings=256)),
+                    path / "model")
+    tok.save(path / "model" / "tokenizer")
+    traces = path / "traces.jsonl"
+    traces.write_text("".join(json.dumps({"prompt": f"{a} + 1?", "response": f"{a + 1}"}) + "\n" for a in range(40)))
+    return path
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["pretrain", "--set", "data.corpus.n_documents=200", "--set", "data.corpus.val_documents=20",
+      "--set", "model.vocab_size=320", "--set", "eval.problems=0"], "train.compile"),
+    (["sft", "--init", "{model}", "--set", "data.path=\"{traces}\"", "--set", "eval.problems=0"], "train.compile"),
+    (["extend", "--init", "{model}", "--set", "data.corpus.n_documents=200", "--set", "retrieval.train_documents=4",
+      "--set", "retrieval.val_documents=2", "--set", "retrieval.lengths=[256]", "--set", "retrieval.per_cell=1",
+      "--set", "retrieval.loss_documents=1", "--set", "retrieval.needles=1", "--set", "train.seq_len=256",
+      "--set", "train.batch_size=1"],
+     "train.compile"),
+    (["grpo", "--init", "{model}"], "train.compile"),
+    (["ppo", "--init", "{model}"], "train.compile"),
+    (["reward-model", "--init", "{model}", "--set", "data.pairs=100"], "train.compile"),
+    (["distill", "--init", "{model}", "--data", "{traces}", "--set", "sft.eval.problems=0"], "sft.train.compile"),
+], ids=lambda v: v[0] if isinstance(v, list) else None)
+def test_compile_key_reaches_every_trainer(tmp_path, tiny_init, monkeypatch, argv, key):
+    """Every command that trains a model goes through compile_for_training with its section's compile key:
+    "auto" by default, and `--set <section>.compile=false` arrives as False."""
+    import nanoseek.rl.reward_model as reward_model
+    import nanoseek.rl.trainer as rl_trainer
+    import nanoseek.train.trainer as trainer
+
+    def stand_in(model, setting, device, dynamic=False):
+        raise _Reached(setting)
+    monkeypatch.setattr(trainer, "compile_for_training", stand_in)
+    monkeypatch.setattr(rl_trainer, "compile_for_training", stand_in)
+    monkeypatch.setattr(reward_model, "compile_for_training", stand_in)
+    argv = [a.format(model=tiny_init / "model", traces=tiny_init / "traces.jsonl") for a in argv]
+    for i, (sets, expected) in enumerate([([], "auto"), (["--set", f"{key}=false"], False)]):
+        with pytest.raises(_Reached) as reached:
+            main(argv + ["--out", str(tmp_path / f"run{i}"), "--no-progress"] + sets)
+        assert reached.value.args[0] is expected or reached.value.args[0] == expected, (argv[0], sets)
+        assert reached.value.args[0] is not True
+
+
+def test_compiled_training_keeps_checkpoint_keys_and_losses(tmp_path, monkeypatch):
+    """compile_blocks (what train.compile switches on) compiles functions, not modules: after compiled training
+    steps the state dict and the saved model's keys are the eager model's (no `_orig_mod.` prefixes), the
+    losses agree, and the saved weights load back into an eager model."""
+    from safetensors import safe_open
+
+    from nanoseek.hf import load_pretrained, save_pretrained
+    from nanoseek.model import moe as moe_mod
+    from nanoseek.model.deepseek import compile_blocks
+    from test_model_speed import _masked_grouped_mm
+
+    monkeypatch.setattr(moe_mod, "grouped_mm", _masked_grouped_mm)     # CPU-traceable expert GEMM
+    x, y = rows(n=2, t=8)
+    tc = TrainConfig(device="cpu")
+    graphs = []
+
+    def backend(gm, example_inputs):                  # dynamo's graphs, run as traced (no Inductor: seconds on a CPU)
+        graphs.append(gm)
+        return gm.forward
+    eager, compiled = micro_model(torch.float32), compile_blocks(micro_model(torch.float32), backend=backend)
+    losses = [forward_backward(m, [(x, y)], tc, torch.device("cpu")) for m in (eager, compiled)]
+    assert graphs and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    for name, model in (("c", compiled), ("e", eager)):
+        save_pretrained(model, tmp_path / name)
+    keys = [sorted(safe_open(str(f), "pt").keys()) for name in "ce" for f in sorted((tmp_path / name).glob("*.safetensors"))]
+    assert keys[0] == keys[1] and not any("_orig_mod" in k for k in keys[0])
+    reloaded = load_pretrained(tmp_path / "c")
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), compiled.state_dict().values()))

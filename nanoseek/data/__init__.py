@@ -2,8 +2,10 @@
 
     corpus.py   CorpusConfig, build_corpus(cfg, part="train"|"val") -> list[Document(text, kind, family, correct,
                 language)], general_examples(n, seed) -> list[{"prompt", "response"}], number_words(n),
-                prepare_corpus(out_dir, cfg, tok, progress=True) -> (train_dir, val_dir)
-    shards.py   write_shards(texts, tok, out_dir) -> index; load_index(dir);
+                prepare_corpus(out_dir, cfg, tok, progress=True) -> (train_dir, val_dir);
+                corpus_texts / corpus_tokens(cfg, part[, tok]): the corpus chunk by chunk, over cfg.workers processes
+    shards.py   write_shards(texts, tok, out_dir) -> index (streamed, linear); encode_documents(texts, tok) ->
+                (tokens, lengths) batches; ShardWriter(folder, dtype, shard_tokens).add(tokens, lengths); load_index(dir);
                 check_model_fit(model_config, vocab_size, seq_len);
                 PackedDataset(dir, seq_len, batch_size, seed=0, shuffle=True, rank=0, world_size=1, model_config=None)
     sft.py      load_chat_records(path) -> list[messages]; tokenize_chat(tok, messages) -> (ids, trained_mask);

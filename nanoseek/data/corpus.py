@@ -21,18 +21,28 @@ language-consistency reward (§2.3.2) later removes.
     docs = build_corpus(cfg)                  # list[Document(text, kind, family, correct, language)]
     general_examples(n, seed) -> list[{"prompt", "response"}]
     prepare_corpus(out_dir, cfg, tok) -> (out_dir/"train", out_dir/"val")   # token shards, reused when unchanged
+
+Scale: a corpus is drawn in chunks of CHUNK_DOCUMENTS documents, generated (and, for shards, tokenised) in
+`cfg.workers` processes; the documents do not depend on the worker count. A script that builds a corpus of more
+than one chunk with workers > 1 guards its entry point with `if __name__ == "__main__":`, as multiprocessing asks.
 """
 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
 import random
 import re
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanoseek.data.shards import INDEX, load_index, tokenizer_fingerprint, write_shards
+import numpy as np
+
+from nanoseek.data.shards import INDEX, encode_documents, load_index, tokenizer_fingerprint, write_shards
 from nanoseek.errors import UserError
 from nanoseek.recipe import to_dict
 from nanoseek.tasks import Problem, get_family, sample_problems
@@ -65,6 +75,9 @@ class CorpusConfig:
     bare_r1zero: float = 0.9          # share of bare documents in the R1-Zero template (an empty think), the rest
                                       # "Question/Answer": how often the R1-Zero prompt is answered without reasoning
     seed: int = 0
+    workers: int | None = None        # processes generating the corpus: None = every core this process may use,
+                                      # 0 or 1 = in this process. Not part of the corpus: any value gives the
+                                      # same documents (they are drawn per fixed-size chunk, CHUNK_DOCUMENTS)
 
     def __post_init__(self) -> None:
         weights = [getattr(self, k) for k in KINDS]
@@ -77,6 +90,9 @@ class CorpusConfig:
             raise UserError("corpus.register + corpus.mixed must be <= 1")
         if self.n_documents < 1 or self.val_documents < 0:
             raise UserError("corpus.n_documents must be >= 1 and corpus.val_documents >= 0")
+        if self.workers is not None and self.workers < 0:
+            raise UserError(f"corpus.workers={self.workers}: use 0 or 1 (in this process), more, or omit it "
+                            "for every available core")
 
 
 @dataclass
@@ -89,16 +105,98 @@ class Document:
     problem: Problem | None = None    # the task problem it was written from (None for general text)
 
 
+CHUNK_DOCUMENTS = 1 << 15    # documents per generation chunk; chunks are drawn independently (in parallel)
+
+
 def build_corpus(cfg: CorpusConfig, part: str = "train") -> list[Document]:
     """`cfg.n_documents` documents for part "train", `cfg.val_documents` fresh ones for "val"; a pure
-    function of (cfg, part). Both parts draw only TRAIN-split problems."""
+    function of (cfg, part) — `cfg.workers` changes only how fast. Both parts draw only TRAIN-split problems."""
+    return [doc for chunk in _map_chunks(_chunk_documents, cfg, part) for doc in chunk]
+
+
+def corpus_texts(cfg: CorpusConfig, part: str = "train") -> Iterator[tuple[list[str], dict]]:
+    """build_corpus's texts, chunk by chunk, each with its counts {"kinds", "wrong", "languages"}: what shard
+    writing needs, without sending the documents' problems between processes (unpickling them would cost the
+    parent as much as generating them)."""
+    return _map_chunks(_chunk_texts, cfg, part)
+
+
+def _map_chunks(fn: Callable, cfg: CorpusConfig, part: str, *args) -> Iterator:
+    """fn(cfg, part, chunk, size, *args) for each chunk of the part, in chunk order, over `cfg.workers` processes.
+
+    A corpus of n documents is ceil(n / CHUNK_DOCUMENTS) chunks, every chunk full but the last, each seeded by
+    (seed, part, chunk): so the documents are the same whatever the number of workers, and a corpus of at most
+    CHUNK_DOCUMENTS documents is one chunk, drawn exactly as before chunking existed (every recipe up to 32K
+    documents keeps its corpus bit for bit)."""
     n = cfg.n_documents if part == "train" else cfg.val_documents
-    rng = random.Random(_subseed(cfg.seed, part, "documents"))
+    jobs = [(cfg, part, k, min(CHUNK_DOCUMENTS, n - start), *args)
+            for k, start in enumerate(range(0, n, CHUNK_DOCUMENTS))]
+    workers = min(resolve_workers(cfg.workers), len(jobs))
+    if workers <= 1:
+        return (fn(*job) for job in jobs)
+    return _pool_map(fn, jobs, workers)
+
+
+def resolve_workers(workers: int | None) -> int:
+    """CorpusConfig.workers as a process count: None = the cores this process may run on (its affinity)."""
+    if workers is not None:
+        return max(workers, 1)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _pool_map(fn: Callable, jobs: list[tuple], workers: int) -> Iterator:
+    """fn(*job) in `workers` processes, yielded in job order with at most 2·workers results in flight (memory
+    holds a few chunks, not the corpus, when the consumer is slower). Forkserver: the workers start from a clean
+    process that imported this module once, not from a fork of a parent that may hold CUDA or thread pools."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_one_thread_per_worker) as pool:
+        pending = deque(pool.submit(fn, *job) for job in jobs[:2 * workers])
+        for job in jobs[2 * workers:]:
+            yield pending.popleft().result()
+            pending.append(pool.submit(fn, *job))
+        while pending:
+            yield pending.popleft().result()
+
+
+def _one_thread_per_worker() -> None:
+    """The workers are the parallelism: the Rust tokenizer in each encodes on one thread (TOKENIZERS_PARALLELISM
+    is read at every call), instead of every worker spawning a thread per core."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def corpus_tokens(cfg: CorpusConfig, part: str, tok) -> Iterator[tuple[list[tuple[np.ndarray, np.ndarray]], dict]]:
+    """The part's documents as `encode_documents` batches (tokens, lengths), chunk by chunk, with the chunk's
+    counts; each chunk is generated and encoded in one worker process, so this process only receives token
+    arrays (with workers <= 1: here, the tokenizer's own threads spreading each batch over the cores)."""
+    return _map_chunks(_chunk_tokens, cfg, part, tok)
+
+
+def _chunk_tokens(cfg: CorpusConfig, part: str, chunk: int, n: int, tok) -> tuple[list, dict]:
+    texts, counts = _chunk_texts(cfg, part, chunk, n)
+    return list(encode_documents(texts, tok)), counts
+
+
+def _chunk_texts(cfg: CorpusConfig, part: str, chunk: int, n: int) -> tuple[list[str], dict]:
+    docs = _chunk_documents(cfg, part, chunk, n)
+    return [d.text for d in docs], _counts(docs)
+
+
+def _counts(docs: list[Document]) -> dict:
+    """What a shard index records about its corpus: documents per kind and language, and how many are wrong."""
+    return {"kinds": dict(Counter(d.kind for d in docs)), "wrong": sum(not d.correct for d in docs),
+            "languages": dict(Counter(d.language for d in docs))}
+
+
+def _chunk_documents(cfg: CorpusConfig, part: str, chunk: int, n: int) -> list[Document]:
+    """The n documents of one chunk; chunk 0 keeps the seeds the unchunked corpus had."""
+    where = (part,) if chunk == 0 else (part, f"chunk{chunk}")
+    rng = random.Random(_subseed(cfg.seed, *where, "documents"))
     kinds = rng.choices(KINDS, weights=[getattr(cfg, k) for k in KINDS], k=n)
     n_task = sum(k != "general" for k in kinds)
-    problems = iter(sample_problems(cfg.families, n_task, split="train", seed=_subseed(cfg.seed, part, "problems"),
+    problems = iter(sample_problems(cfg.families, n_task, split="train", seed=_subseed(cfg.seed, *where, "problems"),
                                     difficulty=cfg.difficulty or None))
-    general = iter(general_examples(n - n_task, _subseed(cfg.seed, part, "general")))
+    general = iter(general_examples(n - n_task, _subseed(cfg.seed, *where, "general")))
     docs = []
     for kind in kinds:
         if kind == "general":
@@ -218,19 +316,34 @@ def general_examples(n: int, seed: int = 0) -> list[dict]:
 # ---- shards for a run
 def prepare_corpus(out_dir: str | Path, cfg: CorpusConfig, tok, progress: bool = True) -> tuple[Path, Path]:
     """Token shards of the train and val corpora under out_dir/{train,val}, each written atomically and
-    reused as is when built from the same config and tokenizer (so `--resume` does not rebuild them)."""
+    reused as is when built from the same config and tokenizer (so `--resume` does not rebuild them).
+    Streamed: chunks are generated and tokenised in `cfg.workers` processes while this one writes the earlier
+    ones, so memory holds a few chunks whatever the corpus size."""
     out_dir = Path(out_dir)
-    config = to_dict(cfg)
+    config = corpus_identity(cfg)
     for part in ("train", "val"):
         path = out_dir / part
         if (path / INDEX).is_file():
             index = load_index(path)
-            if index["meta"].get("corpus") == config and index["tokenizer"] == tokenizer_fingerprint(tok):
+            if corpus_identity(index["meta"].get("corpus")) == config and index["tokenizer"] == tokenizer_fingerprint(tok):
                 continue
-        docs = build_corpus(cfg, part)
-        if not docs:
+        if (cfg.n_documents if part == "train" else cfg.val_documents) < 1:
             raise UserError(f"the {part} corpus is empty; set corpus.{'n' if part == 'train' else 'val'}_documents > 0")
-        meta = {"corpus": config, "part": part, "kinds": dict(Counter(d.kind for d in docs)),
-                "wrong": sum(not d.correct for d in docs), "languages": dict(Counter(d.language for d in docs))}
-        write_shards([d.text for d in docs], tok, path, meta=meta, progress=progress)
+        counts = {"kinds": Counter(), "wrong": 0, "languages": Counter()}     # filled as the texts stream past
+        write_shards(_counted_batches(cfg, part, tok, counts), tok, path, encoded=True, progress=progress,
+                     meta=lambda: {"corpus": config, "part": part, **counts})
     return out_dir / "train", out_dir / "val"
+
+
+def _counted_batches(cfg: CorpusConfig, part: str, tok, counts: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for batches, c in corpus_tokens(cfg, part, tok):
+        counts["kinds"].update(c["kinds"])
+        counts["wrong"] += c["wrong"]
+        counts["languages"].update(c["languages"])
+        yield from batches
+
+
+def corpus_identity(config) -> dict | None:
+    """The corpus settings that decide its documents (a CorpusConfig or its stored dict): all but `workers`."""
+    config = to_dict(config) if isinstance(config, CorpusConfig) else config
+    return None if config is None else {k: v for k, v in config.items() if k != "workers"}

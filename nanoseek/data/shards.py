@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
@@ -53,48 +54,112 @@ def tokenizer_fingerprint(tok) -> str:
 
 # ---- writing ----
 def write_shards(texts: Iterable[str | list[int]], tok, out_dir: str | Path, *, shard_tokens: int = 1 << 24,
-                 meta: dict | None = None, progress: bool = True) -> dict:
-    """Tokenise `texts` into `out_dir` (built in a temp dir, renamed into place when complete). Returns the index."""
-    texts = list(texts)
-    if not texts:
-        raise UserError(f"no documents to write into {out_dir}; the corpus is empty (raise n_documents)")
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-    shards, group = [], []
+                 meta: dict | Callable[[], dict] | None = None, progress: bool = True, encoded: bool = False) -> dict:
+    """Tokenise `texts` into `out_dir` (built in a temp dir, renamed into place when complete). Returns the index.
+
+    Streaming: `texts` is consumed once, in batches, and each shard file is appended to as documents arrive, so
+    memory holds one batch, never the corpus (`texts` may be a generator). `meta` may be a callable, read after
+    the last text, for a streamed corpus that counts its documents as they pass. `encoded`: `texts` is already
+    `encode_documents` batches (tokenised elsewhere, e.g. in worker processes). Linear in the corpus: the shard
+    being filled keeps a running token count (summing the group on every document made it quadratic).
+    """
+    total = len(texts) if hasattr(texts, "__len__") and not encoded else None
+    batches = texts if encoded else encode_documents(texts, tok)
+    if progress:
+        batches = track(batches, f"tokenising {Path(out_dir).name}", transient=True,
+                        total=None if total is None else -(-total // ENCODE_BATCH))
     with atomic_dir(out_dir) as tmp:
-        for ids in _document_ids(texts, tok, f"tokenising {Path(out_dir).name}", progress):
-            group.append(ids)
-            if sum(g.size for g in group) >= shard_tokens:   # shards end on document boundaries
-                shards.append(_write_shard(tmp / f"shard_{len(shards):05d}.bin", group, dtype))
-                group = []
-        if group:
-            shards.append(_write_shard(tmp / f"shard_{len(shards):05d}.bin", group, dtype))
-        index = {"format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
+        writer = ShardWriter(tmp, token_dtype(tok), shard_tokens)
+        for tokens, lengths in batches:
+            writer.add(tokens, lengths)
+        shards = writer.close()
+        if not shards:
+            raise UserError(f"no documents to write into {out_dir}; the corpus is empty (raise n_documents)")
+        index = {"format": FORMAT, "dtype": np.dtype(writer.dtype).name, "vocab_size": tok.vocab_size,
                  "bos_id": tok.bos_id, "eos_id": tok.eos_id, "tokenizer": tokenizer_fingerprint(tok),
-                 "n_documents": len(texts), "n_tokens": sum(s["n_tokens"] for s in shards),
-                 "shards": shards, "meta": meta or {}}
+                 "n_documents": sum(s["n_documents"] for s in shards), "n_tokens": sum(s["n_tokens"] for s in shards),
+                 "shards": shards, "meta": (meta() if callable(meta) else meta) or {}}
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return index
 
 
-def _document_ids(texts: list, tok, description: str, progress: bool, chunk: int = 1024):
-    """Each text as `bos ids eos` (int64 arrays), encoded in batches (the Rust tokenizer runs them in parallel);
-    a document given as token ids (a list, not a str) is taken as it is."""
+ENCODE_BATCH = 1024     # documents per encode_batch call: the Rust tokenizer spreads each over the cores
+
+
+def token_dtype(tok) -> type:
+    """uint16 when every id fits, else uint32: half the disk and page cache for vocabularies up to 65536."""
+    return np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+
+
+def encode_documents(texts: Iterable[str | list[int]], tok, batch: int = ENCODE_BATCH
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`texts` as batches (tokens [sum of lengths] in `token_dtype(tok)`, lengths [documents] int64), each
+    document `bos ids eos` (bos only when the tokenizer has one; neither added twice). Texts are encoded by
+    `tok.encode_batch` (the Rust tokenizer spreads a batch over all cores); a document given as token ids (a
+    list, not a str) is taken as it is."""
+    it = iter(texts)
+    while docs := list(islice(it, batch)):
+        yield _encode_batch(docs, tok)
+
+
+def _encode_batch(docs: list[str | list[int]], tok) -> tuple[np.ndarray, np.ndarray]:
     bos, eos = tok.bos_id, tok.eos_id
-    for start in track(range(0, len(texts), chunk), description, transient=True, disable=not progress):
-        docs = texts[start:start + chunk]
-        encoded = iter(tok.encode_batch([d for d in docs if isinstance(d, str)]))
-        for ids in (next(encoded) if isinstance(d, str) else list(d) for d in docs):
-            if bos is not None and (not ids or ids[0] != bos):
-                ids = [bos] + ids
-            if not ids or ids[-1] != eos:
-                ids = ids + [eos]
-            yield np.asarray(ids, dtype=np.int64)
+    encoded = iter(tok.encode_batch([d for d in docs if isinstance(d, str)]))
+    pieces, lengths = [], np.empty(len(docs), dtype=np.int64)
+    for i, d in enumerate(docs):
+        ids = next(encoded) if isinstance(d, str) else list(d)
+        head = [bos] if bos is not None and (not ids or ids[0] != bos) else []
+        tail = [] if ids and ids[-1] == eos else [eos]
+        pieces += (head, ids, tail)
+        lengths[i] = len(head) + len(ids) + len(tail)
+    tokens = np.fromiter(chain.from_iterable(pieces), dtype=token_dtype(tok), count=int(lengths.sum()))
+    return tokens, lengths
 
 
-def _write_shard(file: Path, docs: list[np.ndarray], dtype) -> dict:
-    arr = np.concatenate(docs).astype(dtype)
-    arr.tofile(file)
-    return {"file": file.name, "n_tokens": int(arr.size), "n_documents": len(docs)}
+class ShardWriter:
+    """Appends documents to `shard_NNNNN.bin` files in `folder`; a shard closes at the first document end at or
+    past `shard_tokens` (shards end on document boundaries). Work per batch is O(batch) plus O(log batch) per
+    shard closed: the fill level is a running total, never a re-sum of the documents written."""
+
+    def __init__(self, folder: Path, dtype, shard_tokens: int):
+        if shard_tokens < 1:
+            raise UserError(f"shard_tokens={shard_tokens} must be >= 1")
+        self.folder, self.dtype, self.shard_tokens = Path(folder), dtype, shard_tokens
+        self.shards: list[dict] = []
+        self._file, self._tokens, self._documents = None, 0, 0     # the open shard and its fill
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents: tokens [sum(lengths)] back to back, lengths [documents] (each >= 1)."""
+        ends = np.cumsum(lengths)                    # [documents] end offset of each document in `tokens`
+        first, offset = 0, 0                         # first document not yet written, and where it starts
+        while first < len(ends):
+            # the first document whose end brings the open shard to shard_tokens or more
+            last = int(np.searchsorted(ends, offset + self.shard_tokens - self._tokens, side="left"))
+            if last >= len(ends):                    # the rest fit without filling the shard
+                self._append(tokens[offset:], len(ends) - first)
+                return
+            self._append(tokens[offset:ends[last]], last + 1 - first)
+            self._finish()
+            first, offset = last + 1, int(ends[last])
+
+    def close(self) -> list[dict]:
+        """Finish the last shard; the shards' index entries, in order."""
+        if self._file is not None:
+            self._finish()
+        return self.shards
+
+    def _append(self, tokens: np.ndarray, documents: int) -> None:
+        if self._file is None:
+            self._file = open(self.folder / f"shard_{len(self.shards):05d}.bin", "wb")
+        tokens.astype(self.dtype, copy=False).tofile(self._file)
+        self._tokens += tokens.size
+        self._documents += documents
+
+    def _finish(self) -> None:
+        self._file.close()
+        self.shards.append({"file": Path(self._file.name).name, "n_tokens": self._tokens,
+                            "n_documents": self._documents})
+        self._file, self._tokens, self._documents = None, 0, 0
 
 
 def load_index(path: str | Path) -> dict:

@@ -43,6 +43,7 @@ from nanoseek.run import load_init, resolve_device, seed_everything
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.logger import MetricsLogger
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
+from nanoseek.train.trainer import compile_enabled, compile_for_training
 
 HEAD_FILE = "reward_head.pt"             # not *.safetensors: the backbone directory stays a plain HF model
 INFO_FILE = "reward_model.json"
@@ -61,8 +62,12 @@ class RMTrainConfig:
     steps: int = 120
     batch_size: int = 16              # pairs per step (2 × batch_size rows per forward)
     device: str = "auto"
+    compile: bool | str = "auto"      # the backbone's blocks compiled (nanoseek.train.trainer.compile_for_training)
     seed: int = 0
     threads: int = 0
+
+    def __post_init__(self) -> None:
+        compile_enabled(self.compile, torch.device("cpu"))    # a bad value fails as the recipe is read
 
 
 @dataclass
@@ -217,7 +222,7 @@ def train_reward_model(cfg: RewardModelConfig, out: str | Path, progress: bool =
         raise UserError(f"reward model: {len(encoded)} of {len(pairs)} pairs fit data.max_len={cfg.data.max_len}; "
                         "raise data.max_len or add pairs")
     seed_everything(tc.seed)
-    rm = RewardModel(backbone).to(device).float()
+    rm = RewardModel(compile_for_training(backbone, tc.compile, device, dynamic=None)).to(device).float()
     rm.backbone.eval()                      # see the module docstring
     optimizer = build_optimizer(rm, cfg.optim)
     order = random.Random(tc.seed + 1)

@@ -61,7 +61,7 @@ from nanoseek.tasks.jsonl import load_jsonl_problems
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.logger import MetricsLogger
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
-from nanoseek.train.trainer import CheckpointConfig, NullLogger
+from nanoseek.train.trainer import CheckpointConfig, NullLogger, compile_enabled, compile_for_training
 
 
 @dataclass
@@ -72,8 +72,12 @@ class RLTrainConfig:
     init: str = ""                  # model directory to start from; also the frozen KL reference
     device: str = "auto"
     precision: str = "fp32"         # "fp32" | "bf16" (autocast)
+    compile: bool | str = "auto"    # the update's forward compiled (trainer.compile_for_training); rollouts stay eager
     seed: int = 0
     threads: int = 0                # torch CPU threads; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        compile_enabled(self.compile, torch.device("cpu"))  # a bad value fails as the recipe is read
 
 
 @dataclass
@@ -295,7 +299,7 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     if ckpt is not None:
         model = load_pretrained(ckpt, device=str(device))
-    model = model.float().eval().requires_grad_(True)
+    model = compile_for_training(model.float().eval().requires_grad_(True), tc.compile, device, dynamic=None)
     critic = PPO(cfg.ppo, model, cfg.optim, rc.mu, tc.precision) if algo == "ppo" else None   # (state: below)
     with rank0_first(ctx):
         if main:

@@ -1,7 +1,7 @@
 """Training: one loop for pretraining, SFT and context extension, and the pieces RL reuses.
 
     trainer.py      the optimizer step (CE + λ·MTP + α·balance, accumulation, clipping, aux-loss-free bias
-                    update), periodic evaluation, checkpoints; TrainConfig / EvalConfig / CheckpointConfig
+                    update), periodic evaluation, checkpoints; TrainConfig / TrainEvalConfig / CheckpointConfig
                     (checkpoint files and the run directory: nanoseek.run)
     optim.py        AdamW (fused on CUDA) and the warmup-stable-decay schedule
     logger.py       metrics.jsonl + TensorBoard + progress bar (also used by GRPO/PPO)

@@ -18,6 +18,7 @@ bit.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import torch
 
 from nanoseek.errors import UserError
 from nanoseek.info import account
+from nanoseek.model.chunked_ce import chunked_cross_entropy
 from nanoseek.model.deepseek import DeepseekV3ForCausalLM, compile_blocks
 from nanoseek.model.moe import expert_loads, max_violation, moe_layers, update_router_biases
 from nanoseek.parallel import Parallel
@@ -46,7 +48,8 @@ class TrainConfig:
     grad_accum: int = 1               # micro-batches per optimizer step
     seq_len: int = 256                # tokens per training row
     precision: str = "fp32"           # "fp32" | "bf16" (autocast) | "fp8" (nanoseek.train.fp8, V3 §3.3)
-    compile: bool = False             # regional torch.compile of the decoder blocks (compile_blocks); CUDA only
+    compile: bool | str = "auto"      # regional torch.compile of the decoder blocks: "auto" = on CUDA only, true, false
+    loss_chunk: int = 0               # rows per chunk of the cross-entropy (model/chunked_ce.py: no fp32 [N, V]); 0 = off
     device: str = "auto"              # "auto" = cuda if available, else cpu
     seed: int = 0
     threads: int = 0                  # torch CPU threads; 0 = torch's default
@@ -54,6 +57,11 @@ class TrainConfig:
     balance_alpha: float = 1e-4       # α of the sequence-wise balance loss (V3 §2.1.2)
     bias_gamma: float = 1e-3          # γ of the aux-loss-free bias update; 0 switches it off
     peak_flops: float = 717e12        # accelerator peak for MFU (docs/DESIGN.md §8: H100 bf16 matmul, measured)
+
+    def __post_init__(self) -> None:
+        compile_enabled(self.compile, torch.device("cpu"))    # a bad value fails as the recipe is read
+        if self.loss_chunk < 0:
+            raise UserError(f"train.loss_chunk={self.loss_chunk}: use 0 (off) or rows per chunk, e.g. 1024")
 
 
 @dataclass
@@ -98,19 +106,46 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device
     """Move to the device, keep fp32 master weights, swap in FP8 linears when asked (V3 §3.3), then compile.
 
     FP8 comes first so the compiled graphs trace the FP8 GEMMs (opaque custom ops) rather than the plain
-    Linears they replace. Compilation is CUDA-only: on CPU `train.compile` is ignored (Inductor's CPU code
-    would need a C++ toolchain and gains little at the tiny shapes).
+    Linears they replace.
     """
     model = model.to(device=device, dtype=torch.float32)
     if cfg.precision == "fp8":
         model = convert_to_fp8(model) or model
-    if cfg.compile and device.type == "cuda":
-        if not isinstance(model, DeepseekV3ForCausalLM):
-            raise UserError(f"train.compile=true supports DeepSeek-V3 models, not {type(model).__name__}; "
-                            "set train.compile=false")
-        compile_blocks(model)
+    compile_for_training(model, cfg.compile, device)
+    if cfg.loss_chunk:                             # replaces the (compiled or eager) whole-logits loss
+        if not hasattr(model, "loss_fn"):
+            raise UserError(f"train.loss_chunk supports DeepSeek-V3 models, not {type(model).__name__}; "
+                            "set train.loss_chunk=0")
+        model.loss_fn = functools.partial(chunked_cross_entropy, chunk=cfg.loss_chunk)
     model.train()
     return model
+
+
+def compile_enabled(setting: bool | str, device: torch.device) -> bool:
+    """What `train.compile` (every trainer's one compile key) means on `device`: "auto" and true compile on
+    CUDA, where the fused blocks run the `small` step ~1.7x faster than eager (benchmarks/RESULTS.md); nothing
+    compiles on the CPU, where Inductor's code gains little at the tiny shapes and the MoE's grouped GEMM has no
+    fp32 compiled kernel. true differs from "auto" only in refusing a model compile_blocks cannot compile."""
+    if setting != "auto" and not isinstance(setting, bool):
+        raise UserError(f"train.compile={setting!r}; use \"auto\" (on CUDA, off on the CPU), true or false")
+    return setting is not False and device.type == "cuda"
+
+
+def compile_for_training(model: torch.nn.Module, setting: bool | str, device: torch.device,
+                         dynamic: bool | None = False) -> torch.nn.Module:
+    """Regional compile (`compile_blocks`, in place) when `train.compile` says so: only the cache-free forward
+    of each block and the loss are compiled, so generation with a KV cache (rollouts, evaluation) stays eager
+    and parameter names, state dicts and checkpoints are those of the eager model. `dynamic`: False for fixed
+    training shapes (pretraining rows), None where lengths vary per batch (RL, reward model): compiled once
+    per shape, then with symbolic shapes after the first change, instead of once per length."""
+    if not compile_enabled(setting, device):
+        return model
+    if not isinstance(model, DeepseekV3ForCausalLM):
+        if setting is True:
+            raise UserError(f"train.compile=true supports DeepSeek-V3 models, not {type(model).__name__}; "
+                            "set train.compile=false")
+        return model                               # "auto": other models train eager
+    return compile_blocks(model, dynamic=dynamic)
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:

@@ -1,0 +1,69 @@
+"""Chunked cross-entropy (train.loss_chunk): the loss and gradient of F.cross_entropy, in float64, without a
+float32 [tokens, V] tensor kept for the backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.model.chunked_ce import chunked_cross_entropy
+from nanoseek.model.deepseek import cross_entropy
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+def test_matches_cross_entropy_in_float64(chunk):
+    g = torch.Generator().manual_seed(chunk)
+    logits = (3 * torch.randn(3, 50, 97, generator=g, dtype=torch.float64)).requires_grad_(True)   # [B, T, V]
+    labels = torch.randint(0, 97, (3, 50), generator=g)
+    labels[torch.rand(3, 50, generator=g) < 0.3] = -100
+    reference = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    (grad_ref,) = torch.autograd.grad(reference, logits)
+    loss = chunked_cross_entropy(logits, labels, chunk)
+    (grad,) = torch.autograd.grad(2.5 * loss, logits)             # an upstream gradient other than 1
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-13)
+    assert torch.allclose(grad, 2.5 * grad_ref, rtol=1e-12, atol=1e-15)
+    none = torch.full_like(labels, -100)                             # no targets: 0 and no gradient, as cross_entropy
+    zero = chunked_cross_entropy(logits, none, chunk)
+    assert zero.item() == 0 == cross_entropy(logits, none).item()
+    assert not torch.autograd.grad(zero, logits)[0].any()
+
+
+def _saved_float32_elements(fn) -> int:
+    """Elements of the float32 tensors autograd keeps for the backward of fn()."""
+    sizes = []
+
+    def pack(t):
+        if t.dtype == torch.float32:
+            sizes.append(t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(sizes)
+
+
+def test_keeps_no_float32_logits_for_the_backward():
+    N, V = 512, 1000
+    logits = torch.randn(N, V, dtype=torch.bfloat16, requires_grad=True)     # what the lm_head gives under autocast
+    labels = torch.randint(0, V, (N,))
+    assert _saved_float32_elements(lambda: cross_entropy(logits, labels)) >= N * V      # the old loss: all of them
+    assert _saved_float32_elements(lambda: chunked_cross_entropy(logits, labels, 64)) <= 2 * N
+    a, b = cross_entropy(logits, labels), chunked_cross_entropy(logits, labels, 64)
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+
+
+def test_train_loss_chunk_switches_the_model_loss():
+    from nanoseek.errors import UserError
+    from nanoseek.train.trainer import TrainConfig, forward_backward, prepare_model
+    from test_train import micro_model, rows
+
+    x, y = rows(n=4, t=12, mask=True)
+    cpu = torch.device("cpu")
+    runs = []
+    for loss_chunk in (0, 5):
+        model = prepare_model(micro_model(torch.float32), TrainConfig(loss_chunk=loss_chunk), cpu)
+        assert (getattr(model.loss_fn, "func", None) is chunked_cross_entropy) == bool(loss_chunk)
+        losses = forward_backward(model, [(x, y)], TrainConfig(), cpu)
+        runs.append((losses, [p.grad for p in model.parameters()]))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)              # CE, MTP and balance losses
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(runs[0][1], runs[1][1]))
+    with pytest.raises(UserError, match="loss_chunk"):
+        TrainConfig(loss_chunk=-1)
