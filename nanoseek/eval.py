@@ -24,11 +24,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from nanoseek.errors import UserError
+from nanoseek.recipe import Range, validate
 
 
 # ---------------------------------------------------------------- statistics (pure functions)
@@ -122,6 +124,8 @@ class EvalConfig:
     template: str = "r1_zero"       # prompt format: "r1_zero" | "chat" | "plain" (nanoseek.rl.rollout)
     batch_size: int = 64            # rows per generation batch
     seed: int = 0
+    CHECKS: ClassVar[dict] = {"samples": Range(1), "temperature": Range(0), "top_p": Range(0, 1),
+                              "max_new_tokens": Range(1), "batch_size": Range(1)}
 
 
 def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False, by_family: bool = False) -> dict:
@@ -324,10 +328,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markdown import Markdown
 
-    from nanoseek.files import atomic_write_json
+    from nanoseek.files import atomic_write_json, check_output_file
 
     if args.samples < 1 or args.n_problems < 0:
         raise UserError("--samples must be >= 1 and --n-problems >= 0")
+    if args.json:
+        check_output_file(args.json, "--json")      # before the evaluation, so its result cannot be lost
     tasks = [t for t in (args.tasks or "").replace(" ", ",").split(",") if t]
     problems = load_problems(tasks, args.data, args.n_problems, args.seed, args.difficulty)
     from nanoseek.train.trainer import resolve_device
@@ -336,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                      max_new_tokens=args.max_new_tokens, greedy=not args.no_greedy, template=args.template,
                      batch_size=args.batch_size, seed=args.seed)
+    validate(cfg, "eval")
     console = Console()
     result = evaluate(model, tokenizer, problems, cfg, progress=True)
     result["checkpoint"] = str(args.checkpoint)

@@ -46,7 +46,7 @@ from pathlib import Path
 from nanoseek.config import DenseConfig
 from nanoseek.distill import DistillConfig
 from nanoseek.errors import UserError
-from nanoseek.files import atomic_write_json, atomic_write_text
+from nanoseek.files import atomic_write_json, atomic_write_text, check_output_location
 from nanoseek.r1.coldstart import ColdStartConfig, ColdStartDataConfig
 from nanoseek.r1.rejection import RejectionConfig, TraceConfig
 from nanoseek.recipe import from_dict, load_recipe, to_toml
@@ -675,6 +675,7 @@ def run(args: argparse.Namespace) -> int:
     flags = {"coldstart": (("init", "init"), ("r1_zero", "data.r1_zero"), ("data", "data.path")),
              "rejection": (("init", "init"), ("base", "base"), ("data", "traces.data"))}[args.command]
     sets = args.sets + [f"{key}={json.dumps(getattr(args, arg))}" for arg, key in flags if getattr(args, arg)]
+    check_output_location(args.out)
     if args.command == "coldstart":
         from nanoseek.r1.coldstart import coldstart, describe
 

@@ -235,7 +235,7 @@ def test_grpo_loop_runs_logs_and_resumes_exactly(tmp_path):
         assert key in full[2], key
     assert full[2]["kl"] > 0                          # two updates at lr 0.01 moved the policy off the reference
     for f in ("plots/reward.png", "plots/accuracy.png", "plots/response_length.png", "eval/step-2.json",
-              "checkpoints/step-2/trainer_state.pt", "final/config.json", "final/tokenizer.json", "config.toml"):
+              "checkpoints/step-2/trainer_state/state.json", "final/config.json", "final/tokenizer.json", "config.toml"):
         assert (tmp_path / "full" / f).is_file(), f
 
     train_rl(tiny_rl_config(base, 1), tmp_path / "part", progress=False)     # stop after step 1 ...

@@ -16,7 +16,7 @@ Reported: the held-out pairwise accuracy (share of unseen pairs with r_c > r_r),
 Rows are right-padded and attention is causal, so the last real token never sees the padding. The backbone
 stays in eval mode (no dropout exists; it keeps MoE layers from counting expert loads) while it trains.
 
-Saved as an HF model directory (the backbone, loadable by itself) plus `reward_head.pt` and
+Saved as an HF model directory (the backbone, loadable by itself) plus `reward_head/head.safetensors` and
 `reward_model.json` (config + held-out accuracy); `load_reward_model(dir)` reads it back.
 """
 
@@ -34,13 +34,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nanoseek.errors import UserError
-from nanoseek.files import atomic_dir, atomic_write_json
+from nanoseek.files import atomic_dir, atomic_write_json, check_output_location, iter_jsonl
 from nanoseek.train.optim import OptimConfig
 
-HEAD_FILE = "reward_head.pt"             # not *.safetensors: the backbone directory stays a plain HF model
+HEAD_DIR = "reward_head"                  # head.safetensors in a subdirectory: the top level stays a plain HF
+                                          # model (a loader globbing *.safetensors sees the backbone only)
+LEGACY_HEAD_FILE = "reward_head.pt"       # reward models of earlier versions (torch's weights_only loader)
 INFO_FILE = "reward_model.json"
 
 
@@ -133,13 +136,7 @@ def load_pairs(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"preference data {path} not found; pass a JSONL file of prompt/chosen/rejected records")
     pairs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); fix or delete that line") from None
+    for n, rec in iter_jsonl(path):
         if not (isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected"))):
             raise UserError(f'{path}:{n}: expected {{"prompt": str, "chosen": str, "rejected": str}}')
         pairs.append({"kind": str(rec.get("kind", "user")), **{k: rec[k] for k in ("prompt", "chosen", "rejected")}})
@@ -236,7 +233,9 @@ def save_reward_model(rm: RewardModel, tok_dir: str | Path, path: str | Path, me
         for f in (tmp / "backbone").iterdir():
             f.rename(tmp / f.name)
         (tmp / "backbone").rmdir()
-        torch.save({k: v.detach().cpu() for k, v in rm.head.state_dict().items()}, tmp / HEAD_FILE)
+        (tmp / HEAD_DIR).mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in rm.head.state_dict().items()},
+                  str(tmp / HEAD_DIR / "head.safetensors"))
         for f in Path(tok_dir).iterdir():
             if f.name.startswith("tokenizer"):
                 shutil.copy2(f, tmp / f.name)
@@ -248,11 +247,17 @@ def load_reward_model(path: str | Path, device="cpu") -> tuple[RewardModel, obje
     from nanoseek.eval import load_checkpoint
 
     path = Path(path)
-    if not (path / HEAD_FILE).is_file():
-        raise UserError(f"{path} is not a reward model (no {HEAD_FILE}); train one with `nanoseek reward-model`")
+    head = path / HEAD_DIR / "head.safetensors"
+    if not head.is_file() and not (path / LEGACY_HEAD_FILE).is_file():
+        raise UserError(f"{path} is not a reward model (no {HEAD_DIR}/); train one with `nanoseek reward-model`")
     backbone, tok = load_checkpoint(path, device)
     rm = RewardModel(backbone)
-    rm.head.load_state_dict(torch.load(path / HEAD_FILE, map_location="cpu", weights_only=True))
+    try:
+        state = load_file(str(head)) if head.is_file() else \
+            torch.load(path / LEGACY_HEAD_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated / corrupt file
+        raise UserError(f"{path}: reward head unreadable ({type(e).__name__}); retrain or restore it") from None
+    rm.head.load_state_dict(state)
     return rm.to(device).eval(), tok
 
 
@@ -273,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
     sets = list(args.sets) + ([f"init={json.dumps(args.init)}"] if args.init else []) + \
         ([f"data.path={json.dumps(args.data)}"] if args.data else [])
     cfg = load_recipe(RewardModelConfig, args.recipe, sets)
+    check_output_location(args.out)
     m = train_reward_model(cfg, args.out, progress=not args.no_progress)
     kinds = ", ".join(f"{k} {100 * v:.1f}%" for k, v in m["heldout"]["by_kind"].items())
     print(f"held-out pairwise accuracy {100 * m['heldout']['accuracy']:.1f}% on {m['heldout']['n']} pairs ({kinds}); "

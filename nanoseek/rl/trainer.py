@@ -264,6 +264,7 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
     model, tok_dir = load_init(tc.init, device)
     tokenizer = Tokenizer.load(tok_dir)
     ckpt = check_run_dir(run_dir, cfg, resume)
+    problems_fn = _problem_source(cfg)                        # a bad tasks.data fails before the run dir exists
     reference = None
     if gc.beta > 0:                                           # the k3 KL to the initial model; none at β = 0
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -289,7 +290,6 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
             value_model.load_state_dict(state["value_model"])
             value_opt.load_state_dict(state["value_optimizer"])
         start = int(state["step"])
-    problems_fn = _problem_source(cfg)
     eval_problems = []
     if cfg.eval.problems:
         from nanoseek.tasks import sample_problems

@@ -21,11 +21,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, ClassVar, Iterator, Protocol
 
 import torch
 
 from nanoseek.errors import UserError
+from nanoseek.recipe import Range
 from nanoseek.train.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from nanoseek.train.logger import MetricsLogger
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
@@ -60,6 +61,7 @@ class EvalConfig:
     temperature: float = 0.6          # R1 report's evaluation sampling
     top_p: float = 0.95
     template: str = "r1_zero"         # prompt format (nanoseek.rl.rollout.encode_prompt): r1_zero | chat | plain
+    CHECKS: ClassVar[dict] = {"samples": Range(1), "temperature": Range(0), "top_p": Range(0, 1)}
 
 
 @dataclass
@@ -69,6 +71,8 @@ class CheckpointConfig:
     final: bool = True                # also save after the last step; false: only the exported final/ model (a
                                       # pipeline stage, whose done.json marks it finished, skips writing its
                                       # optimizer state: ~11 GB for the small teacher)
+
+    CHECKS: ClassVar[dict] = {"keep_last": Range(1)}
 
     def due(self, done: int, steps: int) -> bool:
         """Whether a checkpoint is written after step `done` of `steps`."""
