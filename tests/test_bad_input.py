@@ -95,7 +95,10 @@ def a_run(ws: Path, metrics: bytes | None = None, config: str = "[train]\nsteps 
 
 
 def sharded(base: Path, ws: Path, shard: str) -> Path:
+    """A sharded checkpoint whose index names `shard`; a real weights file waits at ws/outside.safetensors."""
+    import shutil
     d = copy_model(base, ws / "sharded")
+    shutil.copy(d / "model.safetensors", ws / "outside.safetensors")
     (d / "model.safetensors").rename(d / "real.safetensors")
     write(d, "model.safetensors.index.json", json.dumps({"weight_map": {"model.embed_tokens.weight": shard}}))
     return d
@@ -246,8 +249,8 @@ CASES = [
      "4300"),
     ("hf-config-list", lambda ws, b: eval_args(write(copy_model(b, ws / "m"), "config.json", "[1]").parent),
      "JSON object"),
-    ("hf-index-escapes-dir", lambda ws, b: eval_args(sharded(b, ws, "../../outside.safetensors")), "outside"),
-    ("hf-index-absolute", lambda ws, b: eval_args(sharded(b, ws, "/etc/passwd")), "outside"),
+    ("hf-index-escapes-dir", lambda ws, b: eval_args(sharded(b, ws, "../outside.safetensors")), "shards must be files"),
+    ("hf-index-absolute", lambda ws, b: eval_args(sharded(b, ws, str(ws / "outside.safetensors"))), "shards must be files"),
     ("hf-weights-truncated", lambda ws, b: eval_args(
         write(copy_model(b, ws / "m"), "model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}").parent),
      "model.safetensors"),
@@ -284,7 +287,7 @@ def test_battery_size():
 @pytest.mark.parametrize("argv,words", [
     (["pretrain", "--set", "train.steps=inf"], "train.steps"),
     (["pretrain", "--set", f"train.steps={BIG}"], "4300"),
-    (["eval", "--checkpoint", "nowhere"], "nowhere"),
+    (["eval", "--checkpoint", "nowhere", "--tasks", "arithmetic"], "nowhere"),
 ])
 def test_real_cli_prints_one_line_and_no_traceback(argv, words, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -3,7 +3,7 @@
     trainer.py      the optimizer step (CE + λ·MTP + α·balance, accumulation, clipping, aux-loss-free bias
                     update), periodic evaluation, checkpoints; TrainConfig / EvalConfig / CheckpointConfig
     optim.py        AdamW (fused on CUDA) and the warmup-stable-decay schedule
-    checkpoint.py   checkpoints/step-N = HF model + trainer_state.pt (optimizer, step, data position, RNGs)
+    checkpoint.py   checkpoints/step-N = HF model + trainer_state/ (safetensors + JSON: optimizer, step, data position, RNGs)
     logger.py       metrics.jsonl + TensorBoard + progress bar (also used by GRPO/PPO)
     commands.py     `nanoseek pretrain` and `nanoseek sft`: configs, run directories, data
     extend.py       `nanoseek extend`: YaRN context extension and the pass-key retrieval check

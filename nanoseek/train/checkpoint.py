@@ -5,7 +5,8 @@ included: they are the `e_score_correction_bias` buffers); the trainer half is e
 resume needs: optimizer moments, the step (the LR schedule is a pure function of it), the data iterator's
 position and the python / numpy / torch RNG states. Each checkpoint directory is built under a temporary
 name and renamed into place when complete, so a kill at any moment leaves either the old set of
-checkpoints or the new one; the oldest beyond `keep_last` are then deleted.
+checkpoints or the new one; the oldest beyond `keep_last` are then deleted. The trainer state is stored as
+safetensors + JSON (`save_state`), so resuming unpickles nothing.
 """
 
 from __future__ import annotations
