@@ -126,8 +126,8 @@ def _check_writable_location(path: Path, what: str) -> None:
 
 def check_run_target(out: str | os.PathLike, resume: bool) -> None:
     """A run directory `out` may be written when it is absent or empty; with `resume` also when it holds our
-    `config.toml` (the run's own config), or only directories we wrote (a stage that copied its data in
-    first). Anything else (a file, the user's own folder) is refused, so no run trains into and exports over
+    `config.toml` (the run's own config), carries MARKER (a pipeline stage directory, `mark_ours`), or holds
+    only directories we wrote (a stage that copied its data in first). Anything else (a file, the user's own folder) is refused, so no run trains into and exports over
     a user's files."""
     out = Path(out)
     check_output_location(out, "--out")
@@ -135,9 +135,19 @@ def check_run_target(out: str | os.PathLike, resume: bool) -> None:
         return
     if not resume:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if not (out / "config.toml").is_file() and not all((p / MARKER).is_file() for p in out.iterdir()):
+    if not ((out / "config.toml").is_file() or (out / MARKER).is_file()
+            or all((p / MARKER).is_file() for p in out.iterdir())):
         raise UserError(f"--resume: {out} holds files but no config.toml, so it is not a nanoseek run directory; "
                         "pass the run's own directory, or choose a new --out")
+
+
+def mark_ours(path: str | os.PathLike) -> Path:
+    """Create directory `path` (if needed) carrying MARKER: a directory nanoseek owns, e.g. a pipeline stage's."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / MARKER).is_file():
+        (path / MARKER).write_text("written by nanoseek; nanoseek may replace this directory\n", encoding="utf-8")
+    return path
 
 
 def clean_stale_tmp(root: str | os.PathLike) -> None:

@@ -46,7 +46,7 @@ from pathlib import Path
 from nanoseek.config import DenseConfig
 from nanoseek.distill import DistillConfig
 from nanoseek.errors import UserError
-from nanoseek.files import atomic_write_json, atomic_write_text, check_output_location
+from nanoseek.files import atomic_write_json, atomic_write_text, check_output_location, mark_ours
 from nanoseek.r1.coldstart import ColdStartConfig, ColdStartDataConfig
 from nanoseek.r1.rejection import RejectionConfig, TraceConfig
 from nanoseek.recipe import from_dict, load_recipe, to_toml
@@ -362,8 +362,7 @@ class Pipeline:
             self.console.print(f"[dim]{stage.name}: done earlier ({self.walls[stage.name]:.0f} s), skipped[/]")
             return self.outputs[stage.name]
         self.console.rule(f"[bold]{stage.name}[/] {stage.title}")
-        d = self.run_dir / stage.name
-        d.mkdir(parents=True, exist_ok=True)
+        d = mark_ours(self.run_dir / stage.name)     # ours: the stage's trainer may resume into it
         spent_file = d / "spent.json"          # time spent by earlier, interrupted attempts
         spent = json.loads(spent_file.read_text()) if spent_file.is_file() else {"wall_s": 0.0, "cpu_s": 0.0}
         t0, c0, started = time.perf_counter(), time.process_time(), time.time()
@@ -435,7 +434,7 @@ class Pipeline:
                         # the short evaluations that may join it later overlap for seconds
                         single = job in by_name and not any(j in by_name for j in [*running, *ready] if j != job)
                         threads = self.cfg.threads * (self.cfg.workers if alone or single else 1)
-                        self._log(job).parent.mkdir(parents=True, exist_ok=True)
+                        mark_ours(self._log(job).parent)
                         proc = spawn.Process(target=_job_process, args=(self.raw_cfg, str(self.run_dir), job,
                                                                          str(self._log(job)), threads), name=job)
                         proc.start()

@@ -432,3 +432,18 @@ def test_unicode_digits_count_as_their_number():
     from nanoseek.tasks.jsonl import answers_match
 
     assert answers_match("42", "٤٢") and not answers_match("42", "٤٣")
+
+
+def test_checkpoints_of_earlier_versions_still_resume(tmp_path):
+    """A `trainer_state.pt` of an earlier version is found and read (torch's weights-only loader)."""
+    from nanoseek.train.checkpoint import checkpoint_steps, load_trainer_state
+
+    ckpt = tmp_path / "checkpoints" / "step-3"
+    ckpt.mkdir(parents=True)
+    torch.save({"step": 3, "optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}}}, ckpt / "trainer_state.pt")
+    assert checkpoint_steps(tmp_path) == [3]
+    state = load_trainer_state(ckpt)
+    assert state["step"] == 3 and torch.equal(state["optimizer"]["state"][0]["exp_avg"], torch.ones(2))
+    (ckpt / "trainer_state.pt").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(UserError, match="unreadable"):
+        load_trainer_state(ckpt)
