@@ -34,8 +34,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`nanoseek grpo: error: ... --out`), like every other bad input;
+    `--help` still prints the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 training, end to end.")
+    parser = _Parser(prog="nanoseek", description="DeepSeek-V3 / R1 training, end to end.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser(command if command in COMMANDS else None)
         try:
             args = parser.parse_args(argv)
-        except SystemExit as e:  # argparse already printed a one-line usage error
+        except SystemExit as e:  # argparse already printed its one-line error
             return int(e.code or 0)
         if args.command is None:
             parser.print_help()

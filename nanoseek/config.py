@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,7 @@ class ModelConfig:
         mt = d.get("model_type", "deepseek_v3")
         if mt not in ("deepseek_v3", "deepseek_v2"):
             raise UserError(f"config model_type {mt!r} is not a DeepSeek model; use DenseConfig for llama/qwen2")
+        _check_rope_tables(d)
         rp = d.pop("rope_parameters", None)          # transformers >= 5 folds theta + scaling together
         if rp:
             d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
@@ -159,7 +162,7 @@ class ModelConfig:
         unknown = sorted(set(d) - fields - _IGNORED_HF_KEYS)
         if unknown:
             raise UserError(f"config.json: unknown key {unknown[0]!r} for a DeepSeek model; remove it or check the model_type")
-        kw = {k: v for k, v in d.items() if k in fields and k != "model_type"}
+        kw = _check_hf_types(cls, {k: v for k, v in d.items() if k in fields and k != "model_type"})
         try:
             return cls(**kw, model_type=mt)
         except TypeError as e:
@@ -229,6 +232,7 @@ class DenseConfig:
         mt = d.get("model_type")
         if mt not in ("llama", "qwen2"):
             raise UserError(f"config model_type {mt!r} is not supported; supported: deepseek_v3, deepseek_v2, qwen2, llama")
+        _check_rope_tables(d)
         rp = d.pop("rope_parameters", None)
         if rp:
             d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
@@ -241,6 +245,7 @@ class DenseConfig:
         kw["model_type"] = mt
         if mt == "qwen2":
             kw.pop("attention_bias", None)
+        kw = _check_hf_types(cls, kw)
         try:
             return cls(**kw)
         except TypeError as e:
@@ -272,6 +277,50 @@ def config_from_hf_dict(d: dict) -> ModelConfig | DenseConfig:
     raise UserError(f"config model_type {mt!r} is not supported; supported: deepseek_v3, deepseek_v2, qwen2, llama")
 
 
+_EXPECTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}
+_ROPE_NUMBERS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                 "mscale_all_dim", "attention_factor")
+
+
+def _check_rope_tables(d: dict) -> None:
+    """`rope_scaling` / `rope_parameters` are read as tables before the field checks run: an object or null."""
+    for key in ("rope_scaling", "rope_parameters"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise UserError(f"config.json: \"{key}\" must be an object or null, got {json.dumps(d[key])[:40]}; "
+                            "fix config.json")
+
+
+def _check_hf_types(cls, kw: dict) -> dict:
+    """config.json values checked against `cls`'s field types before any arithmetic sees them: one line naming
+    the key and the expected type (`"num_hidden_layers": 4.5`, `"hidden_size": "128"` or null, `"rope_scaling":
+    "yarn"`, a string factor). Integral floats (4.0) become ints, as transformers reads them."""
+    hints = typing.get_type_hints(cls)
+    out = dict(kw)
+    for key, value in kw.items():
+        args = typing.get_args(hints[key])
+        optional = type(None) in args
+        tp = next(a for a in args if a is not type(None)) if args else hints[key]
+        if value is None and optional:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {int: number and float(value).is_integer(),
+              float: number and math.isfinite(value),
+              bool: isinstance(value, bool), str: isinstance(value, str), dict: isinstance(value, dict)}.get(tp, True)
+        if not ok:
+            shown = json.dumps(value)[:40] if not isinstance(value, int) or abs(value) < 10 ** 40 else "a huge integer"
+            raise UserError(f"config.json: \"{key}\" must be {_EXPECTED[tp]}{' or null' if optional else ''}, "
+                            f"got {shown}; fix config.json")
+        if tp is int:
+            out[key] = int(value)
+        if key == "rope_scaling" and value is not None:
+            for k in _ROPE_NUMBERS:
+                v = value.get(k)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                    raise UserError(f"config.json: \"rope_scaling.{k}\" must be a number, got {json.dumps(v)[:40]}; "
+                                    "fix config.json")
+    return out
+
+
 def _read_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -280,6 +329,8 @@ def _read_json(path: str | Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); restore or re-export the file") from None
+    except (ValueError, RecursionError):        # an integer over 4,300 digits, or nesting past the stack
+        raise UserError(f"{path} holds a number of more than 4300 digits or nesting too deep; fix the file") from None
 
 
 _YARN_V3 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,

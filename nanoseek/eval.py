@@ -32,11 +32,13 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from nanoseek.errors import UserError
+from nanoseek.recipe import Range
 from nanoseek.sampling import rollout
 from nanoseek.sampling.rewards import RewardConfig, accuracy_reward, format_reward, language_consistency
 from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, response_text, stop_token_ids
@@ -191,6 +193,7 @@ class PassAtKConfig:
     batch_size: int = 64            # rows per generation batch
     seed: int = 0
     record_completions: int = 2     # sampled completions kept per problem in the result (what was judged)
+    CHECKS: ClassVar[dict] = {"samples": Range(1), "batch_size": Range(1)}
 
 
 def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False, by_family: bool = False,

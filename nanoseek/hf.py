@@ -53,7 +53,7 @@ def _shard_files(path: Path) -> list[Path]:
         weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise UserError(f"{index} has no 'weight_map'; re-export the checkpoint or delete the index")
-        files = [path / f for f in sorted(set(weight_map.values()))]
+        files = [_inside(path, f, index) for f in sorted(set(map(str, weight_map.values())))]
     else:
         files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -62,6 +62,17 @@ def _shard_files(path: Path) -> list[Path]:
         if not f.is_file():
             raise UserError(f"{f.name} is named by {INDEX} but missing from {path}; download or copy it")
     return files
+
+
+def _inside(path: Path, name: str, index: Path) -> Path:
+    """Shard `name` of the index as a file directly inside checkpoint `path`: an index naming
+    `../../outside.safetensors`, an absolute path or a link out of the directory is refused, so loading a
+    checkpoint reads nothing but its own files."""
+    f = path / name
+    if Path(name).is_absolute() or Path(name).name != name or f.resolve().parent != path.resolve():
+        raise UserError(f"{index} names shard {name[:80]!r} outside {path}; shards must be files in the "
+                        "checkpoint directory itself")
+    return f
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

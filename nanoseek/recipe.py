@@ -9,6 +9,7 @@ are `UserError`s that name the key, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -27,6 +28,52 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except ValueError:                          # an integer past Python's 4,300-digit conversion limit
+        raise UserError(f"--set value {_show(text)} is not a usable number; use at most {_MAX_DIGITS} digits") from None
+
+
+_MAX_DIGITS = 4300
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters: error messages stay one readable line (and repr of an
+    integer past 4,300 digits would itself raise)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "<an integer of more than 4300 digits>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A number's allowed interval, declared next to a config's fields in its `CHECKS` class attribute
+    (`CHECKS: ClassVar[dict] = {"lr": Range(0)}`) and checked by `from_dict` / `validate`. `open_hi`
+    excludes the upper bound (Adam's betas live in [0, 1))."""
+    lo: float | None = None
+    hi: float | None = None
+    open_hi: bool = False
+
+    def error(self, value: Any) -> str | None:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None
+        if (self.lo is not None and value < self.lo) or (self.hi is not None and (
+                value >= self.hi if self.open_hi else value > self.hi)):
+            if self.hi is None:
+                return f"must be >= {self.lo}"
+            return f"must be in [{self.lo}, {self.hi}{')' if self.open_hi else ']'}"
+        return None
+
+
+def validate(obj: Any, where: str = "config") -> None:
+    """Run the `CHECKS` ranges of dataclass `obj` (not recursive: `from_dict` calls it at every level).
+    Every float of a recipe is also finite and every integer >= 0 (checked by the coercion)."""
+    for name, rule in getattr(type(obj), "CHECKS", {}).items():
+        value = getattr(obj, name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if (msg := rule.error(v)) is not None:
+                key = f"{where}.{name}" if where != "config" else name
+                raise UserError(f"{key} = {_show(value)} {msg}")
 
 
 def apply_overrides(tree: dict, sets: list[str] | None) -> dict:
@@ -49,11 +96,20 @@ def apply_overrides(tree: dict, sets: list[str] | None) -> dict:
 
 
 def _split_assignments(text: str) -> list[str]:
-    """"a=1,b.c=[1, 2],d={x = 1, y = 2}" -> its assignments: a comma splits only outside brackets and braces
-    and only where `key=` follows."""
-    parts, depth, start = [], 0, 0
+    """"a=1,b.c=[1, 2],d={x = 1, y = 2}" -> its assignments: a comma splits only outside quotes, brackets and
+    braces and only where `key=` follows."""
+    parts, depth, start, quote, escaped = [], 0, 0, None, False
     for i, ch in enumerate(text):
-        if ch in "[{":
+        if quote:                               # inside "..." or '...': nothing splits (--init "a,v=2")
+            if escaped:
+                escaped = False
+            elif ch == "\\" and quote == '"':
+                escaped = True
+            elif ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
             depth += 1
         elif ch in "]}":
             depth -= 1
@@ -77,7 +133,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce(value, args[-1], where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a section (table), got {value!r}")
+            raise UserError(f"{where}: expected a section (table), got {_show(value)}")
         return from_dict(tp, value, where)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -86,25 +142,36 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [_coerce(v, inner, f"{where}[]") for v in value]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a table, got {value!r}")
+            raise UserError(f"{where}: expected a table, got {_show(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise UserError(f"{where}: expected true or false, got {value!r}")
+        raise UserError(f"{where}: expected true or false, got {_show(value)}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise UserError(f"{where}: expected an integer, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (isinstance(value, float) and not math.isfinite(value)) or int(value) != value):
+            raise UserError(f"{where}: expected an integer, got {_show(value)}")
+        if value < 0:                           # counts, sizes, seeds, threads, intervals: none is negative
+            raise UserError(f"{where}: expected an integer >= 0, got {_show(value)}")
+        if abs(value) >= 1 << 63:
+            raise UserError(f"{where}: {_show(value)} is too large; use a value below 2**63")
         return int(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+            raise UserError(f"{where}: expected a number, got {_show(value)}")
+        try:
+            value = float(value)
+        except OverflowError:                   # an int past float's range
+            value = math.inf
+        if not math.isfinite(value):
+            raise UserError(f"{where}: expected a finite number, got {_show(value)}")
+        return value
     if tp is str:
         if not isinstance(value, (str, int, float)):
-            raise UserError(f"{where}: expected a string, got {value!r}")
+            raise UserError(f"{where}: expected a string, got {_show(value)}")
         return str(value)
     return value
 
@@ -118,9 +185,11 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
         raise UserError(f"{where}: unknown key {unknown[0]!r}; valid keys are {', '.join(sorted(fields))}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where != "config" else k) for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"{where}: {e}") from None
+    validate(obj, where)
+    return obj
 
 
 def merge(base: Any, data: dict, where: str = "config") -> Any:
@@ -150,6 +219,8 @@ def load_recipe(cls: type[T], path: str | Path | None = None, sets: list[str] | 
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"recipe {path} is not valid TOML: {e}") from None
+        except ValueError:                      # an integer past Python's 4,300-digit conversion limit
+            raise UserError(f"recipe {path} holds a number of more than {_MAX_DIGITS} digits; fix it") from None
     apply_overrides(data, sets)
     return merge(base if base is not None else cls(), data)
 

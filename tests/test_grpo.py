@@ -241,7 +241,7 @@ def test_grpo_loop_runs_logs_and_resumes_exactly(tmp_path, base_checkpoint):
     logged = full[2]["eval/completions"]             # judged samples of the evaluation, as TRL's log_completions
     assert len(logged) == 2 and {"prompt", "gold", "completion", "answer", "correct"} <= set(logged[0])
     for f in ("plots/reward.png", "plots/accuracy.png", "plots/response_length.png", "eval/step-2.json",
-              "checkpoints/step-2/trainer_state.pt", "final/config.json", "final/tokenizer.json", "config.toml"):
+              "checkpoints/step-2/trainer_state/state.json", "final/config.json", "final/tokenizer.json", "config.toml"):
         assert (tmp_path / "full" / f).is_file(), f
 
     train_rl(tiny_rl_config(base, 1), tmp_path / "part", progress=False)     # stop after step 1 ...

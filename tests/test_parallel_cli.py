@@ -157,7 +157,7 @@ def test_pretrain_on_two_ranks_matches_one(runs, layout):
     _close(two[3], one[3], ["val_loss"])
     assert one[1]["loss"] != pytest.approx(one[3]["loss"], rel=1e-3)          # it trained: the check is not vacuous
     for step in (1, 2, 3):                                                    # every rank's checkpoint is a full one
-        assert (runs / layout / "checkpoints" / f"step-{step}" / "trainer_state.pt").is_file()
+        assert (runs / layout / "checkpoints" / f"step-{step}" / "trainer_state" / "state.json").is_file()
     cfg = json.loads((runs / layout / "final" / "config.json").read_text())
     assert cfg["n_routed_experts"] == 8                                       # all experts gathered, not a slice
 

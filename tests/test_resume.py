@@ -77,6 +77,10 @@ def test_killed_run_resumes_bit_for_bit(tmp_path):
     logged = read_jsonl(killed / "metrics.jsonl")
     assert logged and logged[-1]["step"] < 40 and not (killed / "final").exists()
 
+    for stale in (killed / "data" / ".train.abcd1234.tmp", killed / ".final.abcd1234.tmp"):   # as a kill leaves them
+        stale.mkdir(parents=True, exist_ok=True)
+        (stale / "half-written").write_bytes(b"\0" * 10)
+
     reference = _pretrain(full, recipe)
     assert reference.wait() == 0, reference.stderr.read().decode()
     resumed = _pretrain(killed, recipe, "--resume")
@@ -89,6 +93,10 @@ def test_killed_run_resumes_bit_for_bit(tmp_path):
             assert a.get(key) == b.get(key), (a["step"], key, a.get(key), b.get(key))
     assert (killed / "final" / "tokenizer.json").is_file() and (killed / "final" / "model.safetensors").is_file()
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-35", "step-40"]   # keep_last
+    steps = [r["step"] for r in got]
+    assert len(steps) == len(set(steps))                                   # no metric row logged twice
+    assert not [p for p in killed.rglob("*") if p.name.endswith((".tmp", ".old"))]   # no temporaries left
+    assert not list(killed.rglob("*.pt"))                                  # no pickles: safetensors + JSON state
 
     # a resumed run must keep its configuration
     assert main(["pretrain", "--recipe", str(recipe), "--out", str(killed), "--resume", "--set", "optim.lr=0.1"]) == 2

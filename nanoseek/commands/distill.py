@@ -6,6 +6,7 @@ import argparse
 import json
 
 from nanoseek.distill import DistillConfig, distill
+from nanoseek.files import check_output_location
 from nanoseek.recipe import load_recipe
 
 
@@ -24,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     sets = list(args.sets) + [f"{k}={json.dumps(v)}" for k, v in
                               (("teacher", args.teacher), ("init", args.init), ("data", args.data)) if v]
     cfg = load_recipe(DistillConfig, args.recipe, sets)
+    check_output_location(args.out)
     result = distill(cfg, args.out, progress=not args.no_progress)
     s = result["stats"]
     fallback = f", {s['worked_fallback']} of them worked solutions" if s.get("worked_fallback") else ""

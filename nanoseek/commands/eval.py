@@ -11,7 +11,7 @@ from rich.markdown import Markdown
 from nanoseek.commands import add_recipe_arguments, flag_sets
 from nanoseek.errors import UserError
 from nanoseek.eval import PassAtKConfig, evaluate, markdown_table
-from nanoseek.files import atomic_write_json
+from nanoseek.files import atomic_write_json, check_output_file
 from nanoseek.hf import load_checkpoint
 from nanoseek.recipe import load_recipe
 from nanoseek.run import resolve_device
@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_recipe(PassAtKConfig, args.recipe, args.sets + flag_sets(args, FLAGS))
     if cfg.samples < 1 or args.n_problems < 0:
         raise UserError("--samples must be >= 1 and --n-problems >= 0")
+    if args.json:
+        check_output_file(args.json, "--json")      # before the evaluation, so its result cannot be lost
     tasks = [t for t in (args.tasks or "").replace(" ", ",").split(",") if t]
     if bool(tasks) == bool(args.data):
         raise UserError("pass exactly one of --tasks NAMES or --data FILE.jsonl")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from nanoseek.files import check_output_location
 from nanoseek.pipeline.config import PRESETS, load_pipeline_config
 from nanoseek.pipeline.stages import STAGES, Pipeline
 from nanoseek.r1 import coldstart as coldstart_stage, rejection as rejection_stage
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     flags = {"coldstart": (("init", "init"), ("r1_zero", "data.r1_zero"), ("data", "data.path")),
              "rejection": (("init", "init"), ("base", "base"), ("data", "traces.data"))}[args.command]
     sets = args.sets + [f"{key}={json.dumps(getattr(args, arg))}" for arg, key in flags if getattr(args, arg)]
+    check_output_location(args.out)
     if args.command == "coldstart":
         result = coldstart_stage.coldstart(load_recipe(ColdStartConfig, args.recipe, sets), args.out, progress)
         print(f"cold start: {coldstart_stage.describe(result['stats'])}\ndata: {result['data']}\nmodel: {result['final']}")

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from nanoseek.files import check_output_location
 from nanoseek.r1.general import preference_pairs
 from nanoseek.recipe import load_recipe
 from nanoseek.rl.reward_model import RewardModelConfig, train_reward_model
@@ -24,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     sets = list(args.sets) + ([f"init={json.dumps(args.init)}"] if args.init else []) + \
         ([f"data.path={json.dumps(args.data)}"] if args.data else [])
     cfg = load_recipe(RewardModelConfig, args.recipe, sets)
+    check_output_location(args.out)
     generated = None if cfg.data.path else preference_pairs(cfg.data.pairs, seed=cfg.train.seed)
     m = train_reward_model(cfg, args.out, progress=not args.no_progress, generated=generated)
     kinds = ", ".join(f"{k} {100 * v:.1f}%" for k, v in m["heldout"]["by_kind"].items())

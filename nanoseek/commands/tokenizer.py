@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from nanoseek.data import CorpusConfig, build_corpus
+from nanoseek.files import check_output_dir
 from nanoseek.recipe import load_recipe
 from nanoseek.tokenizer import Tokenizer, _check_vocab_size
 
@@ -20,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train on the generated pretraining corpus, so the merges fit the text the model will see."""
     _check_vocab_size(args.vocab_size)   # before minutes of corpus building
+    check_output_dir(args.out, "--out")  # never replaces a file or a folder of the user's
     texts = [doc.text for doc in build_corpus(load_recipe(CorpusConfig, args.recipe, args.set))]
     tok = Tokenizer.train(texts, args.vocab_size)
     tok.save(args.out)

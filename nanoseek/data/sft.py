@@ -18,7 +18,6 @@ resumption are those of PackedDataset (a seeded permutation per epoch, position 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 
 from nanoseek.data.shards import BatchIterator, EpochCursor, check_model_fit
 from nanoseek.errors import UserError
+from nanoseek.files import iter_jsonl
 
 IGNORE = -100
 
@@ -36,17 +36,7 @@ def load_chat_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"SFT data file {path} not found; pass a JSONL file of prompt/response records")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg}); fix or delete that line") from None
-            records.append(to_messages(record, where))
+    records = [to_messages(record, f"{path}:{line_no}") for line_no, record in iter_jsonl(path)]
     if not records:
         raise UserError(f"SFT data file {path} is empty; it needs one JSON record per line")
     return records

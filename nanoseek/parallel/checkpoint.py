@@ -1,7 +1,7 @@
 """Checkpoints across layouts: gather into the single-device layout, slice back out on load.
 
 We chose gather-to-rank-0 over `torch.distributed.checkpoint` because nanoseek's checkpoint IS the Hugging
-Face directory plus `trainer_state.pt` (nanoseek.run.checkpoint): gathering gives exactly the files a
+Face directory plus `trainer_state/` (nanoseek.run.checkpoint): gathering gives exactly the files a
 single-device run writes, so a 2-rank run's checkpoint resumes on 1 rank (or 4, or any layout) with no
 conversion step, and every checkpoint stays loadable by transformers. The price is that rank 0 holds one
 full copy on the CPU, which is fine up to the `small` preset and beyond (tens of GB); a 671B model needs

@@ -47,7 +47,7 @@ from nanoseek.data.corpus import prepare_corpus
 from nanoseek.distill import distill
 from nanoseek.errors import UserError
 from nanoseek.eval import PassAtKConfig, evaluate
-from nanoseek.files import atomic_dir, atomic_write_json, atomic_write_text
+from nanoseek.files import atomic_dir, atomic_write_json, atomic_write_text, mark_ours
 from nanoseek.hf import load_checkpoint, save_pretrained
 from nanoseek.model import build_model
 from nanoseek.pipeline.config import PipelineConfig, _stage_globals
@@ -220,8 +220,7 @@ class Pipeline:
             self.console.print(f"[dim]{stage.name}: done earlier ({self.walls[stage.name]:.0f} s), skipped[/]")
             return self.outputs[stage.name]
         self.console.rule(f"[bold]{stage.name}[/] {stage.title}")
-        d = self.run_dir / stage.name
-        d.mkdir(parents=True, exist_ok=True)
+        d = mark_ours(self.run_dir / stage.name)     # ours: the stage's trainer may resume into it
         spent_file = d / "spent.json"          # time spent by earlier, interrupted attempts
         spent = json.loads(spent_file.read_text()) if spent_file.is_file() else {"wall_s": 0.0, "cpu_s": 0.0}
         t0, c0, started = time.perf_counter(), time.process_time(), time.time()
@@ -293,7 +292,7 @@ class Pipeline:
                         # the short evaluations that may join it later overlap for seconds
                         single = job in by_name and not any(j in by_name for j in [*running, *ready] if j != job)
                         threads = self.cfg.threads * (self.cfg.workers if alone or single else 1)
-                        self._log(job).parent.mkdir(parents=True, exist_ok=True)
+                        mark_ours(self._log(job).parent)
                         proc = spawn.Process(target=_job_process, args=(self.raw_cfg, str(self.run_dir), job,
                                                                          str(self._log(job)), threads), name=job)
                         proc.start()

@@ -16,7 +16,7 @@ Reported: the held-out pairwise accuracy (share of unseen pairs with r_c > r_r),
 Rows are right-padded and attention is causal, so the last real token never sees the padding. The backbone
 stays in eval mode (no dropout exists; it keeps MoE layers from counting expert loads) while it trains.
 
-Saved as an HF model directory (the backbone, loadable by itself) plus `reward_head.pt` and
+Saved as an HF model directory (the backbone, loadable by itself) plus `reward_head/head.safetensors` and
 `reward_model.json` (config + held-out accuracy); `load_reward_model(dir)` reads it back.
 """
 
@@ -34,10 +34,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nanoseek.errors import UserError
-from nanoseek.files import atomic_dir, atomic_write_json
+from nanoseek.files import atomic_dir, atomic_write_json, iter_jsonl
 from nanoseek.hf import load_checkpoint, save_pretrained
 from nanoseek.run import load_init, resolve_device, seed_everything
 from nanoseek.tokenizer import Tokenizer
@@ -45,7 +46,9 @@ from nanoseek.train.logger import MetricsLogger
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
 from nanoseek.train.trainer import compile_enabled, compile_for_training
 
-HEAD_FILE = "reward_head.pt"             # not *.safetensors: the backbone directory stays a plain HF model
+HEAD_DIR = "reward_head"                  # head.safetensors in a subdirectory: the top level stays a plain HF
+                                          # model (a loader globbing *.safetensors sees the backbone only)
+LEGACY_HEAD_FILE = "reward_head.pt"       # reward models of earlier versions (torch's weights_only loader)
 INFO_FILE = "reward_model.json"
 
 
@@ -153,13 +156,7 @@ def load_pairs(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"preference data {path} not found; pass a JSONL file of prompt/chosen/rejected records")
     pairs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); fix or delete that line") from None
+    for n, rec in iter_jsonl(path):
         if not (isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected"))):
             raise UserError(f'{path}:{n}: expected {{"prompt": str, "chosen": str, "rejected": str}}')
         pairs.append({"kind": str(rec.get("kind", "user")), **{k: rec[k] for k in ("prompt", "chosen", "rejected")}})
@@ -253,7 +250,9 @@ def save_reward_model(rm: RewardModel, tok_dir: str | Path, path: str | Path, me
         for f in (tmp / "backbone").iterdir():
             f.rename(tmp / f.name)
         (tmp / "backbone").rmdir()
-        torch.save({k: v.detach().cpu() for k, v in rm.head.state_dict().items()}, tmp / HEAD_FILE)
+        (tmp / HEAD_DIR).mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in rm.head.state_dict().items()},
+                  str(tmp / HEAD_DIR / "head.safetensors"))
         for f in Path(tok_dir).iterdir():
             if f.name.startswith("tokenizer"):
                 shutil.copy2(f, tmp / f.name)
@@ -263,12 +262,15 @@ def save_reward_model(rm: RewardModel, tok_dir: str | Path, path: str | Path, me
 def load_reward_model(path: str | Path, device="cpu") -> tuple[RewardModel, object]:
     """(RewardModel in eval mode, tokenizer) from a directory written by `save_reward_model`."""
     path = Path(path)
-    if not (path / HEAD_FILE).is_file():
-        raise UserError(f"{path} is not a reward model (no {HEAD_FILE}); train one with `nanoseek reward-model`")
+    head = path / HEAD_DIR / "head.safetensors"
+    if not head.is_file() and not (path / LEGACY_HEAD_FILE).is_file():
+        raise UserError(f"{path} is not a reward model (no {HEAD_DIR}/); train one with `nanoseek reward-model`")
     backbone, tok = load_checkpoint(path, device)
     rm = RewardModel(backbone)
-    rm.head.load_state_dict(torch.load(path / HEAD_FILE, map_location="cpu", weights_only=True))
+    try:
+        state = load_file(str(head)) if head.is_file() else \
+            torch.load(path / LEGACY_HEAD_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated / corrupt file
+        raise UserError(f"{path}: reward head unreadable ({type(e).__name__}); retrain or restore it") from None
+    rm.head.load_state_dict(state)
     return rm.to(device).eval(), tok
-
-
-# ---------------------------------------------------------------- CLI

@@ -294,6 +294,8 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
     model, tok_dir = load_init(tc.init, device)
     tokenizer = Tokenizer.load(tok_dir)
     ckpt = check_run_dir(run_dir, cfg, resume)
+    tasks = task_families(families)                           # a bad tasks.data fails before the run dir exists
+    problems_fn, reward_fn = _problem_source(cfg, tasks), _reward_source(cfg, tasks)
     reference = None
     if rc.beta > 0:                                           # the k3 KL to the initial model; none at β = 0
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -314,8 +316,6 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
         optimizer.load_state_dict(state["optimizer"])
         estimator.load_state_dict(state)
         start = int(state["step"])
-    tasks = task_families(families)
-    problems_fn, reward_fn = _problem_source(cfg, tasks), _reward_source(cfg, tasks)
     eval_problems = []
     if cfg.eval.problems:                                     # rule-verified families only: eval scores by rule
         eval_problems = sample_problems([n for n in cfg.tasks.names if n in FAMILIES], cfg.eval.problems,

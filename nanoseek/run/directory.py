@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.errors import UserError
-from nanoseek.files import atomic_dir, atomic_write_text
+from nanoseek.files import atomic_dir, atomic_write_text, check_run_target, clean_stale_tmp, read_jsonl
 from nanoseek.hf import find_tokenizer, load_pretrained, save_pretrained
 from nanoseek.recipe import to_toml
 from nanoseek.run.checkpoint import latest_checkpoint
@@ -27,14 +27,19 @@ RESUMABLE_CHANGES = ("train.steps", "train.compile", "train.threads", "eval.", "
 
 
 def check_run_dir(out: Path, cfg, resume: bool) -> Path | None:
-    """Refuse to overwrite a run; on resume, check the config matches. Returns the checkpoint to resume from."""
+    """Refuse to overwrite a run or write into a user's folder (nanoseek.files.check_run_target); on resume,
+    check the config matches. Returns the checkpoint to resume from."""
+    check_run_target(out, resume)
     if not resume:
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         return None
+    if (out / "metrics.jsonl").is_file():
+        read_jsonl(out / "metrics.jsonl")          # garbage in it is a UserError now, not after data preparation
     saved = out / "config.toml"
     if saved.is_file():
-        old = _flatten(tomllib.loads(saved.read_text(encoding="utf-8")))
+        try:
+            old = _flatten(tomllib.loads(saved.read_text(encoding="utf-8")))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as e:
+            raise UserError(f"{saved} is corrupt ({str(e)[:80]}); restore it, or start a new run with another --out") from None
         new = _flatten(tomllib.loads(to_toml(cfg)))
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES):
@@ -62,6 +67,7 @@ def finished(out: Path, resume_from: Path | None, steps: int) -> bool:
 def start_run(out: Path, cfg, tok) -> None:
     """Create the run directory with its resolved config and tokenizer (idempotent on resume)."""
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(out)                           # what a killed attempt left half-written
     atomic_write_text(out / "config.toml", to_toml(cfg))
     if not (out / "tokenizer" / "tokenizer.json").is_file():
         tok.save(out / "tokenizer")

@@ -37,8 +37,9 @@ _CALCULATOR = re.compile(r"<<[^<>]*>>")
 def _problem(line: str, where: str) -> Problem:
     try:
         obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    except (ValueError, RecursionError) as e:   # ValueError: bad JSON, or an integer over 4,300 digits
+        msg = getattr(e, "msg", "a number of more than 4300 digits or nesting too deep")
+        raise UserError(f"{where}: not valid JSON ({msg}); each line must be one JSON object") from None
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object with 'question' and 'answer', got {type(obj).__name__}")
     question = next((obj[k] for k in ("question", "prompt", "problem") if isinstance(obj.get(k), str)), "")
@@ -91,17 +92,25 @@ def _bracket_depth(text: str) -> int:
     return deepest
 
 
-_TOWER = re.compile(r"\^\s*\{[^}]*\^|\^\s*\{[^}]*\}\s*\^|\^\s*\d+\s*\^|\*\*|!")
-_BIG_EXPONENT = re.compile(r"\^\s*\{?\s*[-+]?\d{2,}")
+_TOWER = re.compile(r"\^\s*[{(][^})]*\^|\^\s*\{[^}]*\}\s*\^|\^\s*\d+\s*\^|\*\*|!")
+_BIG_EXPONENT = re.compile(r"\^\s*[{(]?\s*[-+]?\d{2,}")
+_HUGE_EXPONENT = re.compile(r"\^\s*[{(]?\s*[-+]?\d{4,}")
+_COMBINATORICS = re.compile(r"\\[dt]?binom|\\choose|\\frac\s*\{\s*\d+\s*!")
 
 
 def _tame(pred: str, gold: str) -> bool:
-    """Is `pred` small enough for math-verify to be quick? Length, nesting, no towers or factorials."""
+    """Is `pred` small enough for math-verify to be quick? Length, nesting, no towers (`9^(9^9)`), factorials,
+    exponents of 4+ digits, binomials of 4-digit arguments or nested exponentials (`\\exp(\\exp(99))`).
+    These checks are the only bound that holds in every thread: sympy evaluating 9^387420489 holds the GIL,
+    so no timeout (SIGALRM or a watchdog thread) could interrupt it."""
     return (len(pred) <= min(MAX_CANDIDATE_CHARS, max(40, 4 * len(gold)))
             and _bracket_depth(pred) <= MAX_DEPTH
             and pred.count("^") <= 3
             and not _TOWER.search(pred)
             and len(_BIG_EXPONENT.findall(pred)) <= 1
+            and not _HUGE_EXPONENT.search(pred)
+            and not (_COMBINATORICS.search(pred) and re.search(r"\d{4,}", pred))
+            and pred.count("\\exp") + pred.count("e^") <= 1
             and not re.search(r"\d{31}", pred))
 
 

@@ -32,8 +32,10 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         self.show = show
-        if self.path.exists():  # drop what a killed run logged past the checkpoint we resume from
-            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= start_step]
+        if self.path.exists():  # drop what a killed run logged past the checkpoint we resume from; from step 0
+            # nothing is kept (a run killed after its step-0 evaluation logs that evaluation again)
+            kept = [r for r in read_jsonl(self.path) if _is_number(r.get("step")) and r["step"] <= start_step] \
+                if start_step else []
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.tb = None
         if tensorboard:

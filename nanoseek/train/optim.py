@@ -12,8 +12,11 @@ router's correction bias (a buffer, not a parameter) are never decayed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+
+from nanoseek.recipe import Range
 
 
 @dataclass
@@ -27,6 +30,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0          # max global grad norm; 0 disables clipping
+    CHECKS: ClassVar[dict] = {"lr": Range(0), "min_lr_ratio": Range(0, 1), "decay_frac": Range(0, 1),
+                              "weight_decay": Range(0), "beta1": Range(0, 1, open_hi=True),
+                              "beta2": Range(0, 1, open_hi=True), "eps": Range(0), "grad_clip": Range(0)}
 
 
 def wsd_lr(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, ClassVar, Iterator, Protocol
 
 import torch
 
@@ -33,6 +33,7 @@ from nanoseek.model.chunked_ce import chunked_cross_entropy
 from nanoseek.model.deepseek import DeepseekV3ForCausalLM, compile_blocks
 from nanoseek.model.moe import expert_loads, max_violation, moe_layers, update_router_biases
 from nanoseek.parallel import Parallel
+from nanoseek.recipe import Range
 from nanoseek.run import autocast
 from nanoseek.run.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from nanoseek.sampling.rollout import SamplingConfig
@@ -76,6 +77,7 @@ class TrainEvalConfig:
     # the R1 report's evaluation sampling: temperature 0.6, top-p 0.95
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95))
     template: str = "r1_zero"         # prompt format (nanoseek.sampling.rollout.encode_prompt): r1_zero | chat | plain
+    CHECKS: ClassVar[dict] = {"samples": Range(1)}
 
 
 @dataclass
@@ -85,6 +87,8 @@ class CheckpointConfig:
     final: bool = True                # also save after the last step; false: only the exported final/ model (a
                                       # pipeline stage, whose done.json marks it finished, skips writing its
                                       # optimizer state: ~11 GB for the small teacher)
+
+    CHECKS: ClassVar[dict] = {"keep_last": Range(1)}
 
     def due(self, done: int, steps: int) -> bool:
         """Whether a checkpoint is written after step `done` of `steps`."""
