@@ -229,7 +229,7 @@ def _summary(per_problem: list[dict], K: int, greedy: bool, tokens_per_s: float)
     return result
 
 
-# ---------------------------------------------------------------- loading, tables, `nanoseek eval`
+# ---------------------------------------------------------------- result tables
 
 def _cell(stat: dict, percent: bool) -> str:
     if percent:
@@ -256,4 +256,3 @@ def markdown_table(result: dict) -> str:
     lines = [f"| metric ({result['n_problems']} problems) | mean [95% CI] | interval |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in summary_rows(result)]
     return "\n".join(lines) + "\n"
-

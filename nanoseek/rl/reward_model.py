@@ -264,6 +264,3 @@ def load_reward_model(path: str | Path, device="cpu") -> tuple[RewardModel, obje
     rm = RewardModel(backbone)
     rm.head.load_state_dict(torch.load(path / HEAD_FILE, map_location="cpu", weights_only=True))
     return rm.to(device).eval(), tok
-
-
-# ---------------------------------------------------------------- CLI
