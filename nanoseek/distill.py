@@ -137,6 +137,3 @@ def distill(cfg: DistillConfig, out: str | Path, progress: bool = True) -> dict:
     else:
         final = sft_on(path, cfg.init, cfg.sft, out / "sft", cfg.epochs, n, progress)
     return {"traces": str(path), "stats": stats, "final": str(final)}
-
-
-# ---------------------------------------------------------------- CLI

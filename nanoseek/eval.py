@@ -318,7 +318,7 @@ def _summary(per_problem: list[dict], K: int, greedy: bool, tokens_per_s: float)
     return result
 
 
-# ---------------------------------------------------------------- loading, tables, `nanoseek eval`
+# ---------------------------------------------------------------- result tables
 
 def _cell(stat: dict, percent: bool) -> str:
     if percent:

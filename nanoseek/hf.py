@@ -335,4 +335,3 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", infere
         model = model.to(torch.bfloat16)
     check_vocab_fits(len(tokenizer), model.config.vocab_size)
     return model, tokenizer
-

@@ -262,6 +262,3 @@ def _without_specials(texts: Iterable[str]) -> Iterator[str]:
     pattern = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
     for text in texts:
         yield from (piece for piece in pattern.split(text) if piece)
-
-
-# ---- `nanoseek tokenizer` ----

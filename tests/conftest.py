@@ -15,6 +15,26 @@ from nanoseek.tokenizer import Tokenizer, r1_zero_prompt
 MICRO = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, kv_lora_rank=16, q_lora_rank=16,
              num_nextn_predict_layers=0)
 
+# The same micro shape as a recipe's [model] section (the CLI tests append their max_position_embeddings).
+MICRO_MODEL_TOML = """[model]
+preset = "tiny"
+vocab_size = 300
+hidden_size = 32
+intermediate_size = 64
+moe_intermediate_size = 16
+num_hidden_layers = 2
+num_attention_heads = 2
+n_routed_experts = 8
+num_experts_per_tok = 2
+n_group = 2
+topk_group = 1
+q_lora_rank = 16
+kv_lora_rank = 16
+qk_nope_head_dim = 8
+qk_rope_head_dim = 4
+v_head_dim = 8
+"""
+
 
 def make_base(root):
     """A micro DeepSeek model + a tokenizer trained on task solutions, saved as an HF directory `root/base`."""

@@ -21,27 +21,12 @@ import zlib
 import pytest
 import torch
 
+from conftest import MICRO_MODEL_TOML
+
 from nanoseek.files import read_jsonl
 
-RECIPE = """
-[model]
-preset = "tiny"
-vocab_size = 300
-hidden_size = 32
-intermediate_size = 64
-moe_intermediate_size = 16
-num_hidden_layers = 2
-num_attention_heads = 2
-n_routed_experts = 8
-num_experts_per_tok = 2
-n_group = 2
-topk_group = 1
-q_lora_rank = 16
-kv_lora_rank = 16
-qk_nope_head_dim = 8
-qk_rope_head_dim = 4
-v_head_dim = 8
-max_position_embeddings = 256
+RECIPE = f"""
+{MICRO_MODEL_TOML}max_position_embeddings = 256
 
 [data.corpus]
 n_documents = 150

@@ -31,4 +31,3 @@ def run(args: argparse.Namespace) -> int:
     fallback = f", {s['worked_fallback']} of them worked solutions" if s.get("worked_fallback") else ""
     print(f"{s['examples']} traces{fallback} ({result['traces']}); student in {result['final']}")
     return 0
-

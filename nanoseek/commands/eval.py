@@ -69,4 +69,3 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_json(args.json, result)
         console.print(f"written {args.json}")
     return 0
-

@@ -39,4 +39,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_table(acc)
     return 0
-

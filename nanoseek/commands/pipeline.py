@@ -55,4 +55,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"rejection sampling: {rejection_stage.describe(result['stats'])}\ndata: {result['data']}"
           + (f"\nmodel: {result['final']}" if "final" in result else ""))
     return 0
-

@@ -32,4 +32,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"held-out pairwise accuracy {100 * m['heldout']['accuracy']:.1f}% on {m['heldout']['n']} pairs ({kinds}); "
           f"model in {Path(args.out) / 'final'}")
     return 0
-

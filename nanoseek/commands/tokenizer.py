@@ -29,4 +29,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"tokenizer with {len(tok)} tokens written to {args.out} ({len(texts)} documents, "
           f"{sum(map(len, texts)) / n_tokens:.2f} characters per token)")
     return 0
-

@@ -40,4 +40,3 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {final}")
     return 0
-

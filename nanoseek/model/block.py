@@ -58,4 +58,3 @@ class DecoderLayer(nn.Module):
             y, balance = self.mlp(h)
             return x + y, balance
         return x + self.mlp(h), None
-

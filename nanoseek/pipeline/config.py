@@ -21,23 +21,8 @@ from nanoseek.train.optim import OptimConfig
 from nanoseek.train.runs import PretrainConfig
 from nanoseek.train.trainer import CheckpointConfig, TrainEvalConfig, TrainConfig
 
-# ---------------------------------------------------------------- configuration (defaults = the tiny CPU run)
-
-# ---------------------------------------------------------------- stage runner
-
-@dataclass
-class Stage:
-    name: str                         # directory under the run: "01-pretrain"
-    title: str                        # row label / progress text
-    fn: str                           # Pipeline method running it: fn(stage_dir) -> outputs dict
-    needs: tuple[str, ...] = ()       # stages whose outputs it reads (the scheduler runs it after them)
-    rerun_on: str | None = None       # config section whose change makes a finished stage run again
-    exclusive: bool = False           # runs alone on all the workers' threads (scales over cores; the rest do not)
-
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-
-
 PRESETS = ("tiny", "small")
 
 
@@ -180,4 +165,3 @@ def _stage_globals(cfg: PipelineConfig) -> PipelineConfig:
         distill=dataclasses.replace(cfg.distill, sft=sft(cfg.distill.sft), traces=traces(cfg.distill.traces)),
         student_rl=rl(cfg.student_rl),
     )
-

@@ -39,7 +39,6 @@ import dataclasses
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from nanoseek.config import DenseConfig
@@ -51,6 +50,7 @@ from nanoseek.files import atomic_dir, atomic_write_json, atomic_write_text, mar
 from nanoseek.hf import load_checkpoint, save_pretrained
 from nanoseek.model import build_model
 from nanoseek.pipeline.config import PipelineConfig, _stage_globals
+from nanoseek.pipeline.scheduler import Stage, last_step, needed
 from nanoseek.r1.coldstart import coldstart
 from nanoseek.r1.general import GeneralFamily, preference_pairs
 from nanoseek.r1.rejection import rejection
@@ -63,19 +63,8 @@ from nanoseek.tasks import sample_problems
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.runs import PretrainConfig, corpus_tokenizer, pretrain, resolve_model
 
-# ---------------------------------------------------------------- configuration (defaults = the tiny CPU run)
 
-# ---------------------------------------------------------------- stage runner
-
-@dataclass
-class Stage:
-    name: str                         # directory under the run: "01-pretrain"
-    title: str                        # row label / progress text
-    fn: str                           # Pipeline method running it: fn(stage_dir) -> outputs dict
-    needs: tuple[str, ...] = ()       # stages whose outputs it reads (the scheduler runs it after them)
-    rerun_on: str | None = None       # config section whose change makes a finished stage run again
-    exclusive: bool = False           # runs alone on all the workers' threads (scales over cores; the rest do not)
-
+# ---------------------------------------------------------------- the stage graph
 
 # (row name, producing stage, prompt template) of every evaluated model, in table order
 EVALUATED = [("base", "01-pretrain", "r1_zero"), ("R1-Zero", "02-r1-zero", "r1_zero"),
@@ -100,34 +89,6 @@ STAGES = [
     Stage("11-eval", "evaluation", "evaluate", MODEL_STAGES, rerun_on="eval"),
 ]
 EVAL_DIR = "11-eval"
-
-
-def _needed(stop_after: str) -> list[Stage]:
-    """The stage named (without its number) and every stage it needs, in STAGES order."""
-    by_name = {st.name: st for st in STAGES}
-    want, todo = set(), [next(st.name for st in STAGES if st.name.split("-", 1)[1] == stop_after)]
-    while todo:
-        name = todo.pop()
-        if name not in want:
-            want.add(name)
-            todo.extend(by_name[name].needs)
-    return [st for st in STAGES if st.name in want]
-
-
-def _last_step(stage_dir: Path) -> str:
-    """'step N' of the newest metrics.jsonl under a stage directory ('' before the first step)."""
-    files = sorted(stage_dir.glob("**/metrics.jsonl"), key=lambda f: f.stat().st_mtime)
-    if not files:
-        return ""
-    with open(files[-1], "rb") as f:
-        f.seek(max(0, f.seek(0, 2) - 4096))
-        lines = f.read().decode(errors="replace").splitlines()
-    for line in reversed(lines):
-        try:
-            return f"{files[-1].parent.name}: step {json.loads(line)['step']}"
-        except (ValueError, KeyError):
-            continue
-    return ""
 
 
 def _job_process(cfg: PipelineConfig, run_dir: str, job: str, log: str, threads: int) -> None:
@@ -187,7 +148,7 @@ class Pipeline:
             torch.set_num_threads(self.cfg.threads)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
-        stages = _needed(stop_after) if stop_after else STAGES
+        stages = needed(STAGES, stop_after) if stop_after else STAGES
         elapsed_file = self.run_dir / "elapsed.json"          # wall time of all attempts (stages overlap)
         spent = json.loads(elapsed_file.read_text())["wall_s"] if elapsed_file.is_file() else 0.0
         t0 = time.perf_counter()
@@ -324,7 +285,7 @@ class Pipeline:
         def table(running: dict) -> Table:
             t = Table.grid(padding=(0, 2))
             for job, (_, t0) in running.items():
-                t.add_row(f"[cyan]{job}[/]", f"{time.time() - t0:5.0f} s", "" if ":" in job else _last_step(self.run_dir / job))
+                t.add_row(f"[cyan]{job}[/]", f"{time.time() - t0:5.0f} s", "" if ":" in job else last_step(self.run_dir / job))
             return t
 
         if not self.progress:
@@ -464,6 +425,3 @@ class Pipeline:
                                  "wall_s": time.perf_counter() - t0})
         self.console.print(f"  evaluated {name}")
         return file
-
-
-# ---------------------------------------------------------------- CLI: pipeline | coldstart | rejection

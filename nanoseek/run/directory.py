@@ -88,4 +88,3 @@ def load_init(path: str, device: torch.device):
     if not p.is_dir():
         raise UserError(f"--init {path} is not a directory; pass a model directory such as runs/pretrain/final")
     return load_pretrained(p, device=str(device)), find_tokenizer(p)
-

@@ -318,4 +318,3 @@ def extend(cfg: ExtendConfig, out: str | Path, resume: bool = False, progress: b
     atomic_write_text(out / "eval" / "long_context.md", table)
     print(table)
     return export_final(out, model, tok)
-

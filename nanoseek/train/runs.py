@@ -91,8 +91,6 @@ def model_section(cfg: ModelConfig, preset: str) -> dict:
     return {"preset": preset, **dataclasses.asdict(cfg)}
 
 
-# ---------------------------------------------------------------- run directory
-
 # ---------------------------------------------------------------- evaluation during training
 
 def task_evaluator(ec: TrainEvalConfig, tok, model_cfg, seed: int):
@@ -235,6 +233,3 @@ def sft(cfg: SFTConfig, out: str | Path, resume: bool = False, progress: bool = 
     model = train(model, cfg, out, train_data, val_batches=val_batches, evaluate=evaluate,
                   resume_from=resume_from, par=par, description="sft", progress=progress)
     return export_final(out, model, tok) if main else out / "final"
-
-
-# ---------------------------------------------------------------- CLI
