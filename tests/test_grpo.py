@@ -33,8 +33,8 @@ def ref_advantages(rewards, G, scaling, eps):
     return out
 
 
-def ref_loss(logp, old, adv, mask, ref, eps_low, eps_high, beta, agg, max_len):
-    """Per-token double loop in float64."""
+def ref_loss(logp, old, adv, mask, ref, eps_low, eps_high, beta, agg, max_len, weight=None):
+    """Per-token double loop in float64; `weight` [B][T] multiplies the policy-gradient term only (TIS)."""
     B, T = len(logp), len(logp[0])
     per = [[0.0] * T for _ in range(B)]
     for b in range(B):
@@ -42,7 +42,7 @@ def ref_loss(logp, old, adv, mask, ref, eps_low, eps_high, beta, agg, max_len):
             a = adv[b][t] if isinstance(adv[b], list) else adv[b]
             rho = math.exp(logp[b][t] - old[b][t])
             rho_c = min(max(rho, 1 - eps_low), 1 + eps_high)
-            v = -min(rho * a, rho_c * a)
+            v = -min(rho * a, rho_c * a) * (1.0 if weight is None else weight[b][t])
             if ref is not None:
                 d = ref[b][t] - logp[b][t]
                 v += beta * (math.exp(d) - d - 1)
@@ -106,6 +106,29 @@ def test_policy_loss_matches_reference(agg, beta, token_adv):
                 n_clip += (a > 0 and rho > 1.28) or (a < 0 and rho < 0.8)
     assert abs(stats["clip_frac"].item() - n_clip / n_tok) < 1e-12
     assert 0 < n_clip < n_tok                                       # the random batch exercises both branches
+
+
+@pytest.mark.parametrize("agg", ["grpo", "dapo", "drgrpo"])
+def test_tis_weight_scales_only_the_policy_gradient_term(agg):
+    """Truncated importance sampling: the sampler's log-probs sit off the trainer's old ones; each token's
+    clipped term is multiplied by w = min(exp(old − sampler), cap), the KL term is not (as TRL places it)."""
+    from nanoseek.rl.tis import tis_weights
+
+    logp, old, ref, mask = random_batch(11)
+    g = torch.Generator().manual_seed(5)
+    sampler = old + 0.8 * torch.randn(old.shape, generator=g, dtype=torch.float64)   # a deliberately off sampler
+    adv = torch.randn(logp.shape[0], generator=g, dtype=torch.float64)
+    cap = 1.5
+    w = [[min(math.exp(o - s), cap) for o, s in zip(ro, rs)] for ro, rs in zip(old.tolist(), sampler.tolist())]
+    loss, _ = policy_loss(logp, old, adv, mask, beta=0.04, ref_logp=ref, aggregation=agg, max_len=12,
+                          weight=tis_weights(old, sampler, cap))
+    want = ref_loss(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), ref.tolist(), 0.2, 0.2, 0.04, agg, 12, w)
+    assert abs(loss.item() - want) < 1e-12
+    unweighted = ref_loss(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), ref.tolist(), 0.2, 0.2, 0.04,
+                          agg, 12)
+    assert abs(want - unweighted) > 1e-3                            # the weights did change the loss
+    live = [x for row, mrow in zip(w, mask.tolist()) for x, m in zip(row, mrow) if m]
+    assert min(live) < 1 and max(live) == cap                       # both sides of 1, and the cap binds
 
 
 def test_policy_loss_gradient_matches_reference_derivative():
@@ -190,6 +213,10 @@ def test_config_validation():
         RLCommonConfig(aggregation="mean")
     with pytest.raises(UserError, match="group_size"):
         RLCommonConfig(group_size=1)
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(UserError, match="tis_cap"):
+            RLCommonConfig(tis_cap=bad)
+    assert RLCommonConfig().tis_cap == 0 and RLCommonConfig(tis_cap=2.0).tis_cap == 2.0
 
 
 @pytest.mark.parametrize("scaling,agg", [("group", "grpo"), ("none", "drgrpo"), ("batch", "dapo")])
@@ -293,3 +320,82 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(monkeypatch):
     draws.clear()
     exp = trainer.collect(torch.nn.Linear(1, 1), Tok(), cfg, step=0, problems_fn=problems_fn)
     assert draws == [4] and len(exp.prompts) == 4 * G
+
+
+def test_sampler_logprobs_reach_the_update_and_agree_with_the_trainer(tmp_path, base_checkpoint):
+    """The rollout engine's per-token log-probs travel through collect/make_batch into the update, where
+    epoch 0's log-probs (θ = θ_old) are compared with them: on the CPU in fp32 the two are the same numbers
+    up to rounding, and the TIS weights they give (rl.tis_cap) are then ~1."""
+    from nanoseek.files import read_jsonl
+    from nanoseek.rl.trainer import train_rl
+
+    cfg = tiny_rl_config(base_checkpoint, 1)
+    cfg.eval.problems, cfg.rl.tis_cap = 0, 2.0
+    train_rl(cfg, tmp_path / "run", progress=False)
+    rec = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert 0 <= rec["rollout/logprob_gap"] < 1e-4
+
+
+def _micro_policy():
+    from nanoseek.config import ModelConfig
+    from nanoseek.model import build_model
+
+    torch.manual_seed(0)
+    return build_model(ModelConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1, intermediate_size=32,
+                                   kv_lora_rank=8, q_lora_rank=8, num_attention_heads=2, qk_nope_head_dim=4,
+                                   qk_rope_head_dim=4, v_head_dim=4, num_nextn_predict_layers=0)).eval()
+
+
+def test_update_weights_tokens_by_the_truncated_ratio_to_a_perturbed_sampler():
+    """A sampler whose log-probs are off the trainer's by δ per token: the update logs mean |δ| as the gap, and
+    with rl.tis_cap the loss is the float64 formula −Σ min(e^δ, cap)·Â / Σ m (epoch 0, ρ = 1), its gradient
+    scaled by the weights; with tis_cap = 0 the loss is bit-identical to an update without sampler log-probs."""
+    import copy
+
+    from nanoseek.parallel import Parallel
+    from nanoseek.rl.trainer import RLConfig, StepCounts, _response_logits, make_batch, update_policy
+
+    model = _micro_policy()
+    prompts, completions = [[3, 4], [5], [3, 4], [5]], [[7, 8, 9], [7], [8, 8], [9, 7, 7]]
+    plain = make_batch(prompts, completions, 0, torch.device("cpu"))
+    with torch.no_grad():
+        train = token_logprobs(_response_logits(model, plain, slice(0, 4), "fp32"), plain["tokens"])   # [4, 3]
+    mask = plain["resp_mask"].double()
+    adv = torch.tensor([1.0, -0.5, 0.3, -1.2])
+    chunks = [slice(0, 3), slice(3, 4)]                       # two micro-batches: shares must add up
+
+    class Grads(torch.optim.SGD):
+        """Records the gradient the update's step would apply (parameters left as they are)."""
+        def step(self, closure=None):
+            self.seen = torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.flatten()
+                                   for g in self.param_groups for p in g["params"]])
+
+    def update(delta, cap):
+        """The update (no clipping) with the sampler at train − δ; (metrics, the step's gradient)."""
+        cfg = RLConfig()
+        cfg.rl.mu, cfg.rl.beta, cfg.rl.aggregation, cfg.rl.tis_cap, cfg.optim.grad_clip = 1, 0.0, "dapo", cap, 0.0
+        m = copy.deepcopy(model)
+        opt = Grads(m.parameters(), lr=1.0)
+        batch = plain if delta is None else make_batch(prompts, completions, 0, torch.device("cpu"),
+                                                       [(train - delta)[i, :len(c)] for i, c in enumerate(completions)])
+        par = Parallel.single(m)
+        metrics, _ = update_policy(m, opt, par, None, batch, chunks, adv, StepCounts.of(batch, 4, par.ctx), cfg)
+        return metrics, opt.seen
+
+    g = torch.Generator().manual_seed(3)
+    delta = 0.7 * torch.randn(4, 3, generator=g)
+    cap = 1.5
+    metrics, _ = update(delta, cap)
+    w = torch.clamp(torch.exp(delta.double()), max=cap)
+    assert ((w < 1) & (mask > 0)).any() and ((w == cap) & (mask > 0)).any()       # both sides, and the cap binds
+    want = float(-(w * adv.double()[:, None] * mask).sum() / mask.sum())
+    assert metrics["loss"] == pytest.approx(want, rel=1e-6, abs=1e-7)
+    assert metrics["rollout/logprob_gap"] == pytest.approx(float((delta.double().abs() * mask).sum() / mask.sum()),
+                                                           rel=1e-6)
+
+    off, step_off = update(delta, 0.0)                       # default: measured, not corrected
+    none, step_none = update(None, 0.0)
+    assert off["loss"] == none["loss"] and torch.equal(step_off, step_none) and "rollout/logprob_gap" not in none
+    assert off["loss"] == pytest.approx(float(-(adv.double()[:, None] * mask).sum() / mask.sum()), rel=1e-6)
+    half, step_half = update(torch.full((4, 3), math.log(0.5)), cap)     # w = 0.5 everywhere: half the gradient
+    torch.testing.assert_close(step_half, 0.5 * step_none, rtol=1e-5, atol=1e-8)

@@ -41,6 +41,7 @@ class RLCommonConfig:
     mu: int = 1                     # policy updates per rollout batch (μ), reusing the old log-probs
     dynamic_sampling: bool = False  # DAPO: drop zero-variance groups and sample more prompts
     max_refill: int = 3             # extra rollout rounds allowed to refill dropped groups
+    tis_cap: float = 0.0            # truncated importance sampling: weight tokens by min(π_old/π_sampler, cap); 0 = off
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -53,6 +54,8 @@ class RLCommonConfig:
             raise UserError(f"rl clip bounds eps_low={self.eps_low}, eps_high={self.eps_high}: need 0 <= eps_low < 1, eps_high >= 0")
         if self.beta < 0:
             raise UserError(f"rl.beta={self.beta} must be >= 0")
+        if not self.tis_cap >= 0:                      # (NaN fails too)
+            raise UserError(f"rl.tis_cap={self.tis_cap} must be >= 0 (0 = no importance-sampling correction)")
 
 
 def response_slice(batch: dict) -> slice:

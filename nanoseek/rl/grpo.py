@@ -105,14 +105,16 @@ def aggregate(per_token: Tensor, mask: Tensor, mode: str, max_len: int | None = 
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
                 eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0,
                 ref_logp: Tensor | None = None, aggregation: str = "grpo", max_len: int | None = None,
-                n_seqs: int | None = None, n_tokens: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                n_seqs: int | None = None, n_tokens: float | None = None,
+                weight: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The clipped surrogate loss with an optional k3 KL penalty (DeepSeekMath eq. 3, negated).
 
     logp, old_logp, ref_logp, mask: [B, T] (log-probs of the sampled response tokens under π_θ, π_old,
     π_ref). advantages: [B] (GRPO, broadcast over tokens) or [B, T] (PPO/GAE). Per token:
         ρ = exp(logp - old_logp)
-        ℓ = -min(ρ Â, clip(ρ, 1 - eps_low, 1 + eps_high) Â) + β KL_k3(π_θ, π_ref)
-    reduced with `aggregate`. Returns (loss, stats) with detached stats: "clip_frac" (share of response
+        ℓ = -w · min(ρ Â, clip(ρ, 1 - eps_low, 1 + eps_high) Â) + β KL_k3(π_θ, π_ref)
+    reduced with `aggregate`. weight: w [B, T], a detached per-token factor on the policy-gradient term only
+    (the truncated importance weight of `nanoseek.rl.tis`; the KL term is not weighted, as in TRL); None = 1. Returns (loss, stats) with detached stats: "clip_frac" (share of response
     tokens where the clipped term is the active one), "kl" (mean k3 KL per token, when ref_logp is given),
     "ratio" (mean ρ).
     """
@@ -124,6 +126,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    if weight is not None:
+        per_token = per_token * weight
     m = mask.to(logp.dtype)
     denom = m.sum().clamp(min=1)
     stats = {

@@ -51,6 +51,7 @@ from nanoseek.parallel import Parallel, ParallelConfig, parallelize
 from nanoseek.rl.algorithms import GRPO, PPO, RLCommonConfig, response_slice
 from nanoseek.rl.grpo import GRPOConfig, policy_loss, token_entropy, token_logprobs, zero_variance_groups
 from nanoseek.rl.ppo import PPOConfig
+from nanoseek.rl.tis import logprob_gap, tis_weights
 from nanoseek.run import (autocast, check_run_dir, export_final, join_ranks, load_init, rank0_first, resolve_device,
                           start_run)
 from nanoseek.run.checkpoint import load_trainer_state, save_checkpoint
@@ -119,6 +120,7 @@ class Experience:
     which would bias accuracy and length if measured on the kept rows only)."""
     prompts: list[list[int]] = field(default_factory=list)
     completions: list[list[int]] = field(default_factory=list)
+    logprobs: list[torch.Tensor] = field(default_factory=list)      # kept rows: the sampler's log π of each token
     rewards: list[dict[str, float]] = field(default_factory=list)   # kept rows: each component + "total"
     sampled: list[tuple[dict, int, bool]] = field(default_factory=list)  # all rows: (rewards, length, truncated)
     n_groups_sampled: int = 0
@@ -192,14 +194,17 @@ def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn, reward_fn=N
             rows = range(gi * G, (gi + 1) * G)
             exp.prompts += [prompts[i] for i in rows]
             exp.completions += [comps[i] for i in rows]
+            exp.logprobs += [g.logprobs[i, :len(comps[i])] for i in rows]
             exp.rewards += [rewards[i] for i in rows]
     return exp
 
 
-def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device) -> dict:
+def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device,
+               logprobs: "Sequence[torch.Tensor] | None" = None) -> dict:
     """[left-padded prompt | right-padded completion] rows, as the rollout engine laid them out:
     ids/attention_mask/position_ids [N, P+T]; response tokens/mask [N, T] sit at columns P..P+T-1 and are
-    predicted by the logits at columns P-1..P+T-2."""
+    predicted by the logits at columns P-1..P+T-2. logprobs: the sampler's log-prob of each completion token
+    (one tensor per row), laid out as "sample_logp" [N, T] fp32 beside the tokens, 0 where they are padded."""
     p_ids, p_mask = left_pad(prompts, pad_id)
     T = max(len(c) for c in completions)
     c_ids = torch.full((len(completions), T), pad_id, dtype=torch.long)
@@ -208,9 +213,15 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
         c_ids[i, :len(c)] = torch.tensor(c)
         c_mask[i, :len(c)] = 1
     mask = torch.cat([p_mask, c_mask], 1)
-    return {"ids": torch.cat([p_ids, c_ids], 1).to(device), "mask": mask.to(device),
-            "pos": (mask.cumsum(-1) - 1).clamp(min=0).to(device), "tokens": c_ids.to(device),
-            "resp_mask": c_mask.to(device), "P": p_ids.shape[1], "lengths": c_mask.sum(1).to(device)}
+    batch = {"ids": torch.cat([p_ids, c_ids], 1).to(device), "mask": mask.to(device),
+             "pos": (mask.cumsum(-1) - 1).clamp(min=0).to(device), "tokens": c_ids.to(device),
+             "resp_mask": c_mask.to(device), "P": p_ids.shape[1], "lengths": c_mask.sum(1).to(device)}
+    if logprobs is not None:
+        sample_logp = torch.zeros((len(completions), T), dtype=torch.float32, device=device)
+        for i, lp in enumerate(logprobs):
+            sample_logp[i, :len(lp)] = lp
+        batch["sample_logp"] = sample_logp
+    return batch
 
 
 def _response_logits(model, batch: dict, rows: slice, precision: str) -> torch.Tensor:
@@ -341,7 +352,7 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
                 continue
             t_train = time.perf_counter()
             N = len(exp.prompts)                              # (a data-parallel rank may have no groups)
-            batch = make_batch(exp.prompts, exp.completions, tokenizer.pad_id, device) if N else None
+            batch = make_batch(exp.prompts, exp.completions, tokenizer.pad_id, device, exp.logprobs) if N else None
             chunks = [slice(i, min(i + tc.micro_batch, N)) for i in range(0, N, tc.micro_batch)]
             counts = StepCounts.of(batch, n_kept, par.ctx)
 
@@ -398,8 +409,11 @@ def update_policy(model, optimizer, par, reference, batch: dict | None, chunks: 
                   cfg: RLConfig) -> tuple[dict, float]:
     """μ AdamW steps on the clipped objective (+ β·k3 KL to `reference`) over the step's rows, in micro-batch
     chunks whose gradients accumulate. Epoch 0 runs at θ = θ_old, so its log-probs ARE the old log-probs:
-    kept instead of a separate forward. Returns (metrics as the step's token means over every rank, the
-    last epoch's gradient norm)."""
+    kept instead of a separate forward, and they are what the sampler's log-probs (`batch["sample_logp"]`,
+    when present) are compared with: "rollout/logprob_gap" is the mean |log π_old − log π_sampler| over the
+    step's response tokens, and with `rl.tis_cap` > 0 each token's policy-gradient term is weighted by
+    min(π_old / π_sampler, cap) (nanoseek.rl.tis), fixed across the μ epochs as TRL does. Returns (metrics
+    as the step's token means over every rank, the last epoch's gradient norm)."""
     rc, precision = cfg.rl, cfg.train.precision
     ranks = par.ctx.cfg.dp
     mask = batch["resp_mask"] if batch is not None else None
@@ -408,8 +422,10 @@ def update_policy(model, optimizer, par, reference, batch: dict | None, chunks: 
         with torch.no_grad():
             ref_logp = torch.cat([token_logprobs(_response_logits(reference, batch, c, precision), batch["tokens"][c])
                                   for c in chunks])
+    sample_logp = batch.get("sample_logp") if batch is not None else None
     old_logp: list[torch.Tensor] = []
-    sums = {"loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "kl": 0.0}
+    weights: list[torch.Tensor | None] = []
+    sums = {"loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "kl": 0.0, "rollout/logprob_gap": 0.0}
     for it in range(rc.mu):
         for ci, c in enumerate(chunks):
             logits = _response_logits(model, batch, c, precision)
@@ -418,10 +434,16 @@ def update_policy(model, optimizer, par, reference, batch: dict | None, chunks: 
                 old_logp.append(logp.detach())
                 ent = token_entropy(logits.detach())
                 sums["entropy"] += float((ent * mask[c]).sum()) / counts.resp_tokens
+                if sample_logp is not None:                    # the chunk's mean gap × its share of the tokens
+                    gap = logprob_gap(old_logp[ci], sample_logp[c], mask[c])
+                    sums["rollout/logprob_gap"] += float(gap) * float(mask[c].sum()) / counts.resp_tokens
+                weights.append(tis_weights(old_logp[ci], sample_logp[c], rc.tis_cap)
+                               if rc.tis_cap > 0 and sample_logp is not None else None)
             loss, stats = policy_loss(
                 logp, old_logp[ci], adv[c], mask[c], eps_low=rc.eps_low, eps_high=rc.eps_high,
                 beta=rc.beta, ref_logp=None if ref_logp is None else ref_logp[c], aggregation=rc.aggregation,
-                max_len=cfg.sampling.max_new_tokens, n_seqs=counts.seqs, n_tokens=counts.resp_tokens_per_rank)
+                max_len=cfg.sampling.max_new_tokens, n_seqs=counts.seqs, n_tokens=counts.resp_tokens_per_rank,
+                weight=weights[ci])
             for r in par.reducers:
                 r.armed = ci == len(chunks) - 1               # average while the last chunk's backward runs
             loss.backward()
@@ -433,9 +455,12 @@ def update_policy(model, optimizer, par, reference, batch: dict | None, chunks: 
         grad_norm = par.clip_grad_norm_(cfg.optim.grad_clip or math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    keys = ("loss", "clip_frac", "entropy", "kl")             # each rank summed its share of the global means
+    keys = tuple(sums)                                        # each rank summed its share of the global means
     t = par.ctx.all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64), "sum", "dp")
-    return dict(zip(keys, t.tolist())), grad_norm
+    metrics = dict(zip(keys, t.tolist()))
+    if batch is not None and sample_logp is None:             # no sampler log-probs were given: no gap to report
+        metrics.pop("rollout/logprob_gap")
+    return metrics, grad_norm
 
 
 def _rollout_metrics(exp: Experience, G: int, ctx) -> tuple[dict, int]:
