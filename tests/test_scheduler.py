@@ -80,3 +80,5 @@ def test_jobs_in_this_process_run_in_order_and_raise_their_error():
         run_jobs({"a": Job(("b",), run=lambda: None), "b": Job(("a",), run=lambda: None)}, 1)
     with pytest.raises(ValueError, match="unknown"):
         run_jobs({"a": Job(("z",), run=lambda: None)}, 1)
+    with pytest.raises(ValueError, match="either"):
+        run_jobs({"a": Job()}, 1)

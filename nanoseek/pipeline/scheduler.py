@@ -43,10 +43,12 @@ def run_jobs(jobs: dict[str, Job], workers: int, done: set[str] | None = None,
     the running processes' display every `poll` seconds. A failing job stops the run: a callable's exception
     propagates, a process's nonzero exit raises JobFailed; either way, and on an interrupt, the processes still
     running are terminated first."""
-    done = set(done or ())
+    done = set(done or ()) & set(jobs)
     unknown = {n for job in jobs.values() for n in job.needs} - set(jobs)
     if unknown:
         raise ValueError(f"jobs need unknown jobs: {sorted(unknown)}")
+    if unclear := [name for name, job in jobs.items() if (job.run is None) == (job.spawn is None)]:
+        raise ValueError(f"jobs {unclear}: give each either `run` or `spawn`")
     spawn = multiprocessing.get_context("spawn")
     running: dict[str, tuple] = {}             # job -> (process, start time)
     try:
