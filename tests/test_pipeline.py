@@ -4,6 +4,7 @@ from its checkpoint, and the run ends in a report, plots and loadable exported m
 
 import json
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,7 +118,7 @@ def test_configs_presets_and_bad_input(tmp_path):
 
 
 def test_stages_skip_the_last_optimizer_checkpoint_unless_kept():
-    from nanoseek.pipeline.config import _stage_globals, load_pipeline_config
+    from nanoseek.pipeline.config import RunEnv, load_pipeline_config
     from nanoseek.train.trainer import CheckpointConfig
 
     # due(): every N steps, and after the last step only when `final`
@@ -125,11 +126,70 @@ def test_stages_skip_the_last_optimizer_checkpoint_unless_kept():
     assert [d for d in range(1, 11) if CheckpointConfig(every=4, final=False).due(d, 10)] == [4, 8]
     assert not any(CheckpointConfig(every=0, final=False).due(d, 10) for d in range(1, 11))
     for keep in (False, True):
-        cfg = _stage_globals(load_pipeline_config("tiny", sets=[f"keep_checkpoints={str(keep).lower()}"]))
+        loaded = load_pipeline_config("tiny", sets=[f"keep_checkpoints={str(keep).lower()}"])
+        cfg = RunEnv.of(loaded).resolve(loaded)      # each section as its stage receives it (RunEnv.apply)
         finals = {c.final for c in (cfg.pretrain.checkpoint, cfg.r1_zero.checkpoint, cfg.coldstart.sft.checkpoint,
                                     cfg.rejection.sft.checkpoint, cfg.all_rl.rl.checkpoint, cfg.distill.sft.checkpoint,
                                     cfg.student.pretrain.checkpoint, cfg.student_rl.checkpoint)}
         assert finals == {keep}
+
+
+def test_each_stage_applies_the_run_environment_to_its_own_section(tmp_path, monkeypatch):
+    """Device, threads, task families, level and the checkpoint policy reach each trainer's config through its
+    stage body (RunEnv.apply), exactly as RunEnv.resolve shows them (the view run_dir/config.toml records); the
+    pipeline's own config object stays as loaded."""
+    import dataclasses
+
+    import nanoseek.pipeline.stages as stages
+    from nanoseek.pipeline.config import RunEnv, load_pipeline_config
+    from nanoseek.recipe import to_toml
+
+    cfg = load_pipeline_config("tiny", sets=['device="cpu"', "threads=3", 'tasks=["countdown"]', "difficulty=1"])
+    loaded = to_toml(cfg)
+    received = {}
+
+    def trainer(c, d, **kw):
+        received[Path(d).name] = c
+        return {"final": str(d)}
+
+    for fn in ("train_rl", "coldstart", "rejection", "distill"):
+        monkeypatch.setattr(stages, fn, trainer)
+    monkeypatch.setattr(stages, "load_reward_model", lambda path, device: (received.setdefault("rm", device), None))
+    monkeypatch.setattr(stages, "reward_scorer", lambda rm, tok: None)
+    pipe = stages.Pipeline(cfg, tmp_path, progress=False)
+    pipe.outputs = {st.name: {"final": f"/models/{st.name}"} for st in stages.STAGES}
+
+    def out(stage):
+        return pipe.outputs[stage]["final"]
+
+    def rl(rc, init):
+        return dataclasses.replace(rc, train=dataclasses.replace(rc.train, init=init))
+
+    r = RunEnv.of(cfg).resolve(cfg)       # + what each body adds from earlier stages: the models it starts from
+    want = {"02-r1-zero": rl(r.r1_zero, out("01-pretrain")),
+            "03-coldstart": dataclasses.replace(r.coldstart, init=out("01-pretrain"),
+                                                data=dataclasses.replace(r.coldstart.data, r1_zero=out("02-r1-zero"))),
+            "04-reasoning-rl": rl(r.reasoning_rl, out("03-coldstart")),
+            "05-rejection": dataclasses.replace(r.rejection, init=out("04-reasoning-rl"), base=out("01-pretrain")),
+            "07-all-rl": rl(r.all_rl.rl, out("05-rejection")),
+            "09-distill": dataclasses.replace(r.distill, teacher=out("07-all-rl"), init=out("08-student-base")),
+            "10-student-rl": rl(r.student_rl, out("08-student-base"))}
+    for st in stages.STAGES:
+        if st.name in want:
+            getattr(pipe, st.fn)(tmp_path / st.name)
+    assert pipe.cfg is cfg and to_toml(cfg) == loaded                              # not rewritten
+    assert received.pop("rm") == stages.resolve_device("cpu") and received == want
+    rrl = received["04-reasoning-rl"]
+    assert (rrl.train.device, rrl.train.threads, rrl.tasks.names, rrl.tasks.difficulty, rrl.checkpoint.final) == \
+        ("cpu", 3, ["countdown"], 1, False)
+    assert received["07-all-rl"].tasks.names == ["countdown", "general"]
+    cs = received["03-coldstart"]
+    assert (cs.data.tasks, cs.data.difficulty, cs.data.r1_zero_traces.tasks, cs.sft.train.threads) == \
+        (["countdown"], 1, ["countdown"], 3)
+    assert received["05-rejection"].traces.tasks == received["09-distill"].traces.tasks == ["countdown"]
+    assert r.student.pretrain.data.corpus.difficulty == {"countdown": 1}
+    with pytest.raises(TypeError, match="ComparisonConfig"):
+        RunEnv.of(cfg).apply(cfg.eval)
 
 
 # A miniature of the whole pipeline through the same --set overrides a user has: few steps, tiny sizes.

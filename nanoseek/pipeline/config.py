@@ -1,6 +1,6 @@
 """The pipeline's configuration: one tree with a section per stage, whose defaults are the tiny CPU run
 (`--preset small` reads recipes/pipeline_small.toml over them), and the run-wide settings (tasks, difficulty,
-device, threads) that `_stage_globals` pushes into every stage's own config."""
+device, threads) that every stage puts into its own config through a `RunEnv`."""
 
 from __future__ import annotations
 
@@ -122,46 +122,92 @@ def load_pipeline_config(preset: str = "tiny", recipe: str | None = None, sets: 
     return load_recipe(PipelineConfig, recipe, sets, base=base)
 
 
-def _stage_globals(cfg: PipelineConfig) -> PipelineConfig:
-    """Push the top-level tasks / difficulty / device / threads into every stage's own config."""
-    def train(tc, **extra):
-        return dataclasses.replace(tc, device=cfg.device, threads=cfg.threads, **extra)
+@dataclass(frozen=True)
+class RunEnv:
+    """What every stage of one run shares: the device, the torch CPU threads, the task families and their level,
+    and whether finished stages keep their optimizer checkpoints. Built once from the PipelineConfig
+    (`RunEnv.of`); a worker process gets a copy with its own share of threads. The stage bodies put it into the
+    configs they hand their trainers, each with one visible `apply`, so the PipelineConfig itself is never
+    rewritten. (No run-wide seed: every stage keeps the seed of its own section.)"""
+    device: str
+    threads: int
+    tasks: tuple[str, ...]
+    difficulty: int | dict | None
+    keep_checkpoints: bool
 
-    def ck(c: CheckpointConfig) -> CheckpointConfig:   # no optimizer state after the last step: done.json says done
-        return c if cfg.keep_checkpoints else dataclasses.replace(c, final=False)
+    @classmethod
+    def of(cls, cfg: PipelineConfig) -> RunEnv:
+        return cls(device=cfg.device, threads=cfg.threads, tasks=tuple(cfg.tasks), difficulty=cfg.difficulty,
+                   keep_checkpoints=cfg.keep_checkpoints)
 
-    def rl(rc: RLConfig, extra_tasks: tuple = ()) -> RLConfig:
-        return dataclasses.replace(rc, train=train(rc.train), checkpoint=ck(rc.checkpoint), tasks=dataclasses.replace(
-            rc.tasks, names=cfg.tasks + list(extra_tasks), difficulty=cfg.difficulty))
+    def apply(self, section):
+        """One stage's section of the PipelineConfig as the stage runs it: trainers on the run's device and
+        threads, no optimizer state after the last step unless kept (done.json says the stage is done), the run's
+        task families and level in its problems, traces and corpus. The section itself is not changed."""
+        setter = _SETTERS.get(type(section))
+        if setter is None:
+            raise TypeError(f"a {type(section).__name__} is not a stage section the run environment applies to")
+        return setter(self, section)
 
-    def traces(tc: TraceConfig) -> TraceConfig:
-        return dataclasses.replace(tc, tasks=list(cfg.tasks), difficulty=cfg.difficulty)
+    def resolve(self, cfg: PipelineConfig) -> PipelineConfig:
+        """The PipelineConfig with `apply` done on every stage section: what the stages run. run_dir/config.toml
+        records it and a rerun is checked against it, so a nested value the environment overrides anyway is no
+        change, and a run directory written by earlier versions (which saved this view) still resumes."""
+        sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        return dataclasses.replace(cfg, **{name: self.apply(section) for name, section in sections.items()
+                                           if type(section) in _SETTERS})
 
-    def sft(sc):
-        return dataclasses.replace(sc, train=train(sc.train), checkpoint=ck(sc.checkpoint))
+    # -- per kind of section ------------------------------------------------------------------------------
+    def _train(self, tc):
+        return dataclasses.replace(tc, device=self.device, threads=self.threads)
 
-    def corpus(cc):   # the corpus practises the level everything else uses
-        level = cfg.difficulty if cfg.difficulty is None or isinstance(cfg.difficulty, dict) else \
-            {f: cfg.difficulty for f in cfg.tasks}
+    def _checkpoint(self, c: CheckpointConfig) -> CheckpointConfig:
+        return c if self.keep_checkpoints else dataclasses.replace(c, final=False)
+
+    def _corpus(self, cc):
+        """The corpus practises the level everything else uses (one level → that level for every family)."""
+        d = self.difficulty
+        level = d if d is None or isinstance(d, dict) else {f: d for f in self.tasks}
         level = level if level is not None else cc.difficulty
-        return dataclasses.replace(cc, families=list(cfg.tasks), difficulty=level)
+        return dataclasses.replace(cc, families=list(self.tasks), difficulty=level)
 
-    pre = cfg.pretrain
-    return dataclasses.replace(
-        cfg,
-        pretrain=dataclasses.replace(pre, train=train(pre.train), checkpoint=ck(pre.checkpoint),
-                                     data=dataclasses.replace(pre.data, corpus=corpus(pre.data.corpus))),
-        r1_zero=rl(cfg.r1_zero),
-        coldstart=dataclasses.replace(cfg.coldstart, sft=sft(cfg.coldstart.sft), data=dataclasses.replace(
-            cfg.coldstart.data, tasks=list(cfg.tasks), difficulty=cfg.difficulty,
-            r1_zero_traces=traces(cfg.coldstart.data.r1_zero_traces))),
-        reasoning_rl=rl(cfg.reasoning_rl),
-        rejection=dataclasses.replace(cfg.rejection, sft=sft(cfg.rejection.sft), traces=traces(cfg.rejection.traces)),
-        reward_model=dataclasses.replace(cfg.reward_model, train=train(cfg.reward_model.train)),
-        all_rl=dataclasses.replace(cfg.all_rl, rl=rl(cfg.all_rl.rl, ("general",))),
-        student=dataclasses.replace(cfg.student, pretrain=dataclasses.replace(
-            cfg.student.pretrain, train=train(cfg.student.pretrain.train), checkpoint=ck(cfg.student.pretrain.checkpoint),
-            data=dataclasses.replace(cfg.student.pretrain.data, corpus=corpus(cfg.student.pretrain.data.corpus)))),
-        distill=dataclasses.replace(cfg.distill, sft=sft(cfg.distill.sft), traces=traces(cfg.distill.traces)),
-        student_rl=rl(cfg.student_rl),
-    )
+    def _traces(self, tc: TraceConfig) -> TraceConfig:
+        return dataclasses.replace(tc, tasks=list(self.tasks), difficulty=self.difficulty)
+
+    def _sft(self, sc):
+        return dataclasses.replace(sc, train=self._train(sc.train), checkpoint=self._checkpoint(sc.checkpoint))
+
+    def _pretrain(self, pc: PretrainConfig) -> PretrainConfig:
+        return dataclasses.replace(pc, train=self._train(pc.train), checkpoint=self._checkpoint(pc.checkpoint),
+                                   data=dataclasses.replace(pc.data, corpus=self._corpus(pc.data.corpus)))
+
+    def _rl(self, rc: RLConfig, extra_tasks: tuple[str, ...] = ()) -> RLConfig:
+        return dataclasses.replace(rc, train=self._train(rc.train), checkpoint=self._checkpoint(rc.checkpoint),
+                                   tasks=dataclasses.replace(rc.tasks, names=[*self.tasks, *extra_tasks],
+                                                             difficulty=self.difficulty))
+
+    def _coldstart(self, cc: ColdStartConfig) -> ColdStartConfig:
+        return dataclasses.replace(cc, sft=self._sft(cc.sft), data=dataclasses.replace(
+            cc.data, tasks=list(self.tasks), difficulty=self.difficulty,
+            r1_zero_traces=self._traces(cc.data.r1_zero_traces)))
+
+    def _rejection(self, rc: RejectionConfig) -> RejectionConfig:
+        return dataclasses.replace(rc, sft=self._sft(rc.sft), traces=self._traces(rc.traces))
+
+    def _reward_model(self, rc: RewardModelConfig) -> RewardModelConfig:
+        return dataclasses.replace(rc, train=self._train(rc.train))
+
+    def _distill(self, dc: DistillConfig) -> DistillConfig:
+        return dataclasses.replace(dc, sft=self._sft(dc.sft), traces=self._traces(dc.traces))
+
+    def _all_scenario(self, ac: AllScenarioConfig) -> AllScenarioConfig:
+        return dataclasses.replace(ac, rl=self._rl(ac.rl, ("general",)))   # + the general prompts stage 4 adds
+
+    def _student(self, sc: StudentConfig) -> StudentConfig:
+        return dataclasses.replace(sc, pretrain=self._pretrain(sc.pretrain))
+
+
+# what RunEnv.apply does to each kind of stage section (RunEnv.resolve: to every section of these kinds)
+_SETTERS = {PretrainConfig: RunEnv._pretrain, RLConfig: RunEnv._rl, ColdStartConfig: RunEnv._coldstart,
+            RejectionConfig: RunEnv._rejection, RewardModelConfig: RunEnv._reward_model, DistillConfig: RunEnv._distill,
+            AllScenarioConfig: RunEnv._all_scenario, StudentConfig: RunEnv._student}

@@ -36,6 +36,7 @@ wait on their own Python (benchmarks/RESULTS.md: stage start-up 30-55 s → 8-16
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import time
@@ -49,8 +50,8 @@ from nanoseek.eval import PassAtKConfig, evaluate
 from nanoseek.files import atomic_dir, atomic_write_json, atomic_write_text, mark_ours
 from nanoseek.hf import load_checkpoint, save_pretrained
 from nanoseek.model import build_model
-from nanoseek.pipeline.config import PipelineConfig, _stage_globals
-from nanoseek.pipeline.scheduler import Stage, last_step, needed
+from nanoseek.pipeline.config import PipelineConfig, RunEnv
+from nanoseek.pipeline.scheduler import Job, JobFailed, Stage, last_step, needed, run_jobs
 from nanoseek.r1.coldstart import coldstart
 from nanoseek.r1.general import GeneralFamily, preference_pairs
 from nanoseek.r1.rejection import rejection
@@ -108,8 +109,8 @@ def _job_process(cfg: PipelineConfig, run_dir: str, job: str, log: str, threads:
             if threads:
                 import torch
                 torch.set_num_threads(threads)
-            cfg = dataclasses.replace(cfg, threads=threads)                   # into the stage's own configs
-            Pipeline(cfg, run_dir, progress=False, console=Console(file=f, width=120)).run_job(job)
+            env = dataclasses.replace(RunEnv.of(cfg), threads=threads)       # this job's share of the threads
+            Pipeline(cfg, run_dir, progress=False, console=Console(file=f, width=120), env=env).run_job(job)
         except UserError as e:
             print(f"error: {e}", flush=True)
             sys.exit(2)
@@ -121,11 +122,15 @@ def _job_process(cfg: PipelineConfig, run_dir: str, job: str, log: str, threads:
 
 
 class Pipeline:
-    def __init__(self, cfg: PipelineConfig, run_dir: str | Path, progress: bool = True, console=None):
+    """The R1 stage graph over one run directory. `cfg` is the user's config as loaded, never rewritten; `env`
+    (by default `RunEnv.of(cfg)`) holds the run-wide settings, which each stage body applies to its own section."""
+
+    def __init__(self, cfg: PipelineConfig, run_dir: str | Path, progress: bool = True, console=None,
+                 env: RunEnv | None = None):
         from rich.console import Console
 
-        self.raw_cfg = cfg                    # what worker processes rebuild the pipeline from
-        self.cfg, self.run_dir, self.progress = _stage_globals(cfg), Path(run_dir), progress
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir), progress
+        self.env = env or RunEnv.of(cfg)
         self.console = console or Console(stderr=True)
         self.outputs: dict[str, dict] = {}
         self.walls: dict[str, float] = {}     # stage -> wall seconds (all attempts)
@@ -137,25 +142,25 @@ class Pipeline:
     # -- running --------------------------------------------------------------------------------------
     def run(self, stop_after: str | None = None) -> dict:
         """Every stage (or, with stop_after, that stage and the ones it needs), then the report."""
+        resolved = self.env.resolve(self.cfg)                    # what the stages run: the config the run keeps
         try:
-            check_run_dir(self.run_dir, self.cfg, resume=True)    # a rerun must be the same run
+            check_run_dir(self.run_dir, resolved, resume=True)    # a rerun must be the same run
         except UserError as e:
             raise UserError(str(e).replace("--resume: ", "this run directory was started with another config: ")) from None
         if self.cfg.workers < 1:
             raise UserError(f"workers={self.cfg.workers}: set workers >= 1 (1 runs the stages one after another)")
-        if self.cfg.threads:
+        if self.env.threads:
             import torch
-            torch.set_num_threads(self.cfg.threads)
+            torch.set_num_threads(self.env.threads)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.toml", to_toml(self.cfg))
+        atomic_write_text(self.run_dir / "config.toml", to_toml(resolved))
         stages = needed(STAGES, stop_after) if stop_after else STAGES
         elapsed_file = self.run_dir / "elapsed.json"          # wall time of all attempts (stages overlap)
         spent = json.loads(elapsed_file.read_text())["wall_s"] if elapsed_file.is_file() else 0.0
         t0 = time.perf_counter()
         try:
-            if self.cfg.workers == 1:
-                for stage in stages:
-                    self.run_stage(stage)
+            if self.cfg.workers == 1:                          # in STAGES order, in this process
+                run_jobs({st.name: Job(st.needs, run=functools.partial(self.run_stage, st)) for st in stages}, 1)
             else:
                 self._run_concurrently(stages)
         finally:
@@ -198,7 +203,7 @@ class Pipeline:
                                             "started": started, "ended": time.time(),
                                             "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
         spent_file.unlink()                    # the marker holds the total now
-        if not self.cfg.keep_checkpoints:
+        if not self.env.keep_checkpoints:
             for checkpoints in d.glob("**/checkpoints"):
                 shutil.rmtree(checkpoints, ignore_errors=True)
         self.outputs[stage.name], self.walls[stage.name], self.cpus[stage.name] = outputs, times["wall_s"], times["cpu_s"]
@@ -210,81 +215,64 @@ class Pipeline:
         in STAGES order as their needs finish, and (when the evaluation is wanted) each model's evaluation as soon
         as the model exists, so the 11-eval stage at the end only collects. A job that fails stops the run (its
         log says why); an interrupt stops the workers. Every stage resumes as in the one-process mode."""
-        import multiprocessing
-
         by_name = {st.name: st for st in stages}
-        jobs = {st.name: st.needs for st in stages}
+        needs = {st.name: st.needs for st in stages}
         if EVAL_DIR in by_name:
-            jobs.update({f"eval:{m}": (m,) for m in MODEL_STAGES})
-            jobs[EVAL_DIR] = (*by_name[EVAL_DIR].needs, *(f"eval:{m}" for m in MODEL_STAGES))
+            needs.update({f"eval:{m}": (m,) for m in MODEL_STAGES})
+            needs[EVAL_DIR] = (*by_name[EVAL_DIR].needs, *(f"eval:{m}" for m in MODEL_STAGES))
+        # an evaluation is light: a stage with no other stage beside it (running or ready) takes every worker's
+        # threads; the short evaluations that may join it later overlap for seconds
+        jobs = {job: Job(needs[job], spawn=functools.partial(self._spawn, job), light=job not in by_name,
+                         exclusive=job in by_name and by_name[job].exclusive) for job in needs}
         done = {j for j in jobs if (self.finished(by_name[j]) if j in by_name else self._evaluated(j[5:]))}
         for j in sorted(done & set(by_name)):
             self.console.print(f"[dim]{j}: done earlier ({self.walls[j]:.0f} s), skipped[/]")
-        spawn = multiprocessing.get_context("spawn")
-        running: dict[str, tuple] = {}         # job -> (process, start time)
 
-        def exclusive(job: str) -> bool:
-            return job in by_name and by_name[job].exclusive
+        def started(job: str, share: int) -> None:
+            threads = self._threads(share)
+            self.console.print(f"[bold]{job}[/] started ({by_name[job].title if job in by_name else 'evaluation'}, "
+                               f"{threads} thread{'s' if threads > 1 else ''})")
+
+        def finished(job: str, seconds: float) -> None:
+            if job in by_name:
+                self.finished(by_name[job])
+            self.console.print(f"[green]{job}[/] done in {seconds:.0f} s")
 
         try:
             with self._live() as show:
-                while len(done) < len(jobs):
-                    for job, (proc, t0) in list(running.items()):
-                        if proc.is_alive():
-                            continue
-                        proc.join()
-                        del running[job]
-                        log = self._log(job)
-                        if proc.exitcode == 2:                 # bad input: the job's one-line error
-                            tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
-                            raise UserError(f"{job}: {tail[0].removeprefix('error: ') if tail else 'failed'} (log: {log})")
-                        if proc.exitcode != 0:
-                            raise RuntimeError(f"{job} stopped with exit code {proc.exitcode}; its log: {log}")
-                        if job in by_name:
-                            self.finished(by_name[job])
-                        done.add(job)
-                        self.console.print(f"[green]{job}[/] done in {time.time() - t0:.0f} s")
-                    ready = [j for j in jobs if j not in done and j not in running and set(jobs[j]) <= done]
-                    for job in ready:
-                        alone = exclusive(job)
-                        if len(running) >= self.cfg.workers or any(map(exclusive, running)) or (alone and running):
-                            break                        # an exclusive job waits for the others, none start ahead
-                        # a stage with no other stage beside it (running or ready) takes every worker's threads;
-                        # the short evaluations that may join it later overlap for seconds
-                        single = job in by_name and not any(j in by_name for j in [*running, *ready] if j != job)
-                        threads = self.cfg.threads * (self.cfg.workers if alone or single else 1)
-                        mark_ours(self._log(job).parent)
-                        proc = spawn.Process(target=_job_process, args=(self.raw_cfg, str(self.run_dir), job,
-                                                                         str(self._log(job)), threads), name=job)
-                        proc.start()
-                        running[job] = (proc, time.time())
-                        self.console.print(f"[bold]{job}[/] started "
-                                           f"({by_name[job].title if job in by_name else 'evaluation'}, "
-                                           f"{threads} thread{'s' if threads > 1 else ''})")
-                        if alone:
-                            break
-                    show(running)
-                    time.sleep(0.2)
-        finally:
-            for proc, _ in running.values():   # interrupted or failed: stop the others (their files are atomic)
-                proc.terminate()
-            for proc, _ in running.values():
-                proc.join(30)
+                run_jobs(jobs, self.cfg.workers, done, on_start=started, on_done=finished, show=show)
+        except JobFailed as e:
+            log = self._log(e.job)
+            if e.exitcode == 2:                        # bad input: the job's one-line error
+                tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+                why = tail[0].removeprefix("error: ") if tail else "failed"
+                raise UserError(f"{e.job}: {why} (log: {log})") from None
+            raise RuntimeError(f"{e.job} stopped with exit code {e.exitcode}; its log: {log}") from None
+
+    def _threads(self, share: int) -> int:
+        """Torch threads of a job using `share` workers' worth (0 stays torch's default)."""
+        return self.env.threads * share
+
+    def _spawn(self, job: str, share: int) -> tuple:
+        """The worker process of one job: `_job_process` with the job's log and threads."""
+        mark_ours(self._log(job).parent)
+        return _job_process, (self.cfg, str(self.run_dir), job, str(self._log(job)), self._threads(share))
 
     def _log(self, job: str) -> Path:
         return (self.run_dir / EVAL_DIR / f"{job[5:]}.log" if job.startswith("eval:")
                 else self.run_dir / job / "stage.log")
 
     def _live(self):
-        """show(running) refreshes one line per running job (its newest training step) while progress is on."""
+        """show({job: start time}) refreshes one line per running job (its newest training step) while progress is
+        on."""
         import contextlib
 
         from rich.live import Live
         from rich.table import Table
 
-        def table(running: dict) -> Table:
+        def table(running: dict) -> Table:       # job -> start time
             t = Table.grid(padding=(0, 2))
-            for job, (_, t0) in running.items():
+            for job, t0 in running.items():
                 t.add_row(f"[cyan]{job}[/]", f"{time.time() - t0:5.0f} s", "" if ":" in job else last_step(self.run_dir / job))
             return t
 
@@ -308,14 +296,17 @@ class Pipeline:
             self.run_stage(next(st for st in STAGES if st.name == job))
 
     # -- stages -----------------------------------------------------------------------------------------
+    # Each body starts from its own section of self.cfg with the run environment applied (self.env.apply: device,
+    # threads, task families and level, checkpoint policy), then adds what earlier stages produced.
     def tokenizer(self, d: Path) -> dict:
         """The BPE tokenizer and the packed shards of the teacher's corpus, which the pretraining stages copy."""
+        pc = self.env.apply(self.cfg.pretrain)
         if (d / "tokenizer" / "tokenizer.json").is_file():            # an interrupted attempt got this far
             tok = Tokenizer.load(d / "tokenizer")
         else:
-            tok = corpus_tokenizer(self.cfg.pretrain, resolve_model(self.cfg.pretrain.model).vocab_size, None)
+            tok = corpus_tokenizer(pc, resolve_model(pc.model).vocab_size, None)
             tok.save(d / "tokenizer")
-        prepare_corpus(d / "data", self.cfg.pretrain.data.corpus, tok, progress=self.progress)
+        prepare_corpus(d / "data", pc.data.corpus, tok, progress=self.progress)
         return {"tokenizer": str(d / "tokenizer"), "vocab_size": len(tok), "data": str(d / "data")}
 
     def _with_tokenizer(self, pc: PretrainConfig) -> PretrainConfig:
@@ -324,14 +315,15 @@ class Pipeline:
     def _shards(self, pc: PretrainConfig, run: Path) -> None:
         """Start a pretraining run with stage 0's shards when it reads the same corpus (prepare_corpus reuses them)."""
         src = self.outputs["00-tokenizer"].get("data")
-        if src and pc.data.corpus == self.cfg.pretrain.data.corpus and not (run / "data").exists():
+        if src and pc.data.corpus == self.env.apply(self.cfg.pretrain).data.corpus and not (run / "data").exists():
             with atomic_dir(run / "data") as tmp:
                 shutil.copytree(src, tmp, dirs_exist_ok=True)
 
     def pretrain(self, d: Path) -> dict:
-        self._shards(self.cfg.pretrain, d)
-        final = pretrain(self._with_tokenizer(self.cfg.pretrain), d, resume=True, progress=self.progress)
-        record_expert_loads(final, d, self.cfg.pretrain, device=resolve_device(self.cfg.device))
+        pc = self.env.apply(self.cfg.pretrain)
+        self._shards(pc, d)
+        final = pretrain(self._with_tokenizer(pc), d, resume=True, progress=self.progress)
+        record_expert_loads(final, d, pc, device=resolve_device(self.env.device))
         return {"final": str(final)}
 
     def _grpo(self, rc: RLConfig, init: str, d: Path, families: tuple = ()) -> dict:
@@ -340,58 +332,62 @@ class Pipeline:
         return {"final": str(d / "final")}
 
     def r1_zero(self, d: Path) -> dict:
-        return self._grpo(self.cfg.r1_zero, self.out("01-pretrain"), d)
+        return self._grpo(self.env.apply(self.cfg.r1_zero), self.out("01-pretrain"), d)
 
     def coldstart(self, d: Path) -> dict:
-        cc = self.cfg.coldstart
+        cc = self.env.apply(self.cfg.coldstart)
         r1z = self.out("02-r1-zero") if self.cfg.use_r1_zero_outputs else None
         cc = dataclasses.replace(cc, init=self.out("01-pretrain"), data=dataclasses.replace(cc.data, r1_zero=r1z))
         return coldstart(cc, d, progress=self.progress)
 
     def reasoning_rl(self, d: Path) -> dict:
-        return self._grpo(self.cfg.reasoning_rl, self.out("03-coldstart"), d)
+        return self._grpo(self.env.apply(self.cfg.reasoning_rl), self.out("03-coldstart"), d)
 
     def rejection(self, d: Path) -> dict:
-        rc = dataclasses.replace(self.cfg.rejection, init=self.out("04-reasoning-rl"), base=self.out("01-pretrain"))
+        rc = dataclasses.replace(self.env.apply(self.cfg.rejection), init=self.out("04-reasoning-rl"),
+                                 base=self.out("01-pretrain"))
         return rejection(rc, d, progress=self.progress)
 
     def reward_model(self, d: Path) -> dict:
         # from the cold-start SFT model (V3 builds its reward models from SFT checkpoints, §5.2.1): it knows the chat
         # format, and the reward model then trains beside stages 2-3 instead of after them
-        rc = dataclasses.replace(self.cfg.reward_model, init=self.out("03-coldstart"))
+        rc = dataclasses.replace(self.env.apply(self.cfg.reward_model), init=self.out("03-coldstart"))
         generated = None if rc.data.path else preference_pairs(rc.data.pairs, seed=rc.train.seed)
         metrics = train_reward_model(rc, d, progress=self.progress, generated=generated)
         return {"final": str(d / "final"), "heldout": metrics["heldout"]}
 
     def all_rl(self, d: Path) -> dict:
-        rm, tok = load_reward_model(self.out("06-reward-model"), resolve_device(self.cfg.device))
-        general = GeneralFamily(reward_scorer(rm, tok), self.cfg.all_rl.harmful_share)
-        return self._grpo(self.cfg.all_rl.rl, self.out("05-rejection"), d, families=(general,))
+        ac = self.env.apply(self.cfg.all_rl)           # its tasks: the run's families + "general"
+        rm, tok = load_reward_model(self.out("06-reward-model"), resolve_device(self.env.device))
+        general = GeneralFamily(reward_scorer(rm, tok), ac.harmful_share)
+        return self._grpo(ac.rl, self.out("05-rejection"), d, families=(general,))
 
     def student_base(self, d: Path) -> dict:
         """A random-init dense student (vocab and positions = the base's), pretrained on the same corpus."""
         import torch
 
+        sc = self.env.apply(self.cfg.student)
         tok_dir = self.out("00-tokenizer", "tokenizer")
         base_cfg = resolve_model(self.cfg.pretrain.model)
         init = d / "init"
         if not (init / "config.json").is_file():
             fields = {"vocab_size": base_cfg.vocab_size, "max_position_embeddings": base_cfg.max_position_embeddings,
-                      **self.cfg.student.model}
-            torch.manual_seed(self.cfg.student.pretrain.train.seed)
+                      **sc.model}
+            torch.manual_seed(sc.pretrain.train.seed)
             model = build_model(from_dict(DenseConfig, fields, "student.model"))
             save_pretrained(model, init)
             Tokenizer.load(tok_dir).save(init / "tokenizer")
-        pc = dataclasses.replace(self._with_tokenizer(self.cfg.student.pretrain), init=str(init))
+        pc = dataclasses.replace(self._with_tokenizer(sc.pretrain), init=str(init))
         self._shards(pc, d / "run")
         return {"final": str(pretrain(pc, d / "run", resume=True, progress=self.progress))}
 
     def distill(self, d: Path) -> dict:
-        dc = dataclasses.replace(self.cfg.distill, teacher=self.out("07-all-rl"), init=self.out("08-student-base"))
+        dc = dataclasses.replace(self.env.apply(self.cfg.distill), teacher=self.out("07-all-rl"),
+                                 init=self.out("08-student-base"))
         return distill(dc, d, progress=self.progress)
 
     def student_rl(self, d: Path) -> dict:
-        return self._grpo(self.cfg.student_rl, self.out("08-student-base"), d)
+        return self._grpo(self.env.apply(self.cfg.student_rl), self.out("08-student-base"), d)
 
     def evaluate(self, d: Path) -> dict:
         """Each model on the same TEST problems, family by family; one JSON per model (resumable, and already
@@ -412,10 +408,10 @@ class Pipeline:
             return file
         ec = self.cfg.eval
         name, _, template = next(row for row in EVALUATED if row[1] == stage)
-        problems = [p for f in self.cfg.tasks
-                    for p in sample_problems([f], ec.problems, split="test", seed=ec.seed, difficulty=self.cfg.difficulty)]
+        problems = [p for f in self.env.tasks
+                    for p in sample_problems([f], ec.problems, split="test", seed=ec.seed, difficulty=self.env.difficulty)]
         t0 = time.perf_counter()
-        model, tok = load_checkpoint(self.out(stage), resolve_device(self.cfg.device), inference=True)
+        model, tok = load_checkpoint(self.out(stage), resolve_device(self.env.device), inference=True)
         sc = PassAtKConfig(samples=ec.samples, sampling=ec.sampling, greedy=False, template=template,
                            batch_size=ec.batch_size, seed=ec.seed)
         with self.console.status(f"evaluating {name}"):
