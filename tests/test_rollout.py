@@ -300,24 +300,31 @@ def test_cuda_engine_logprobs_match_a_bf16_full_forward(kind, decode):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decoding_reads_the_host_once_per_check():
-    """No host synchronisation per token: syncs (CUDA's sync debug mode warns on each) stay at one per
-    `check_every` steps plus the prefill/admission's few, not one per token."""
+    """No host synchronisation per token: the syncs (CUDA's sync debug mode warns on each) grow by one per
+    `check_every` decode steps, not one per token; prefill and row admission add a fixed few, the same for
+    any length, so they cancel in the difference between a 64- and a 128-token run (2026-12-03, H200: 20
+    syncs for 64 tokens, against 64+ when every step read the finished flags)."""
     from nanoseek.sampling.rollout import StaticDecoder
 
     model = make_model("deepseek").cuda().to(torch.bfloat16)
-    cfg = SamplingConfig(max_new_tokens=64, temperature=1.0, stop=[], decode="graph")
-    generate(model, PROMPTS, cfg, [95], generator=torch.Generator("cuda").manual_seed(0))   # capture
     import warnings as w
-    with w.catch_warnings(record=True) as caught:
-        w.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            generate(model, PROMPTS, cfg, [95], generator=torch.Generator("cuda").manual_seed(0))
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = sum("synchroniz" in str(c.message) for c in caught)
-    print("syncs", syncs)
-    assert syncs <= 64 // StaticDecoder.check_every + 12
+
+    def syncs(new_tokens: int) -> int:
+        cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, stop=[], decode="graph")
+        generate(model, PROMPTS, cfg, [95], generator=torch.Generator("cuda").manual_seed(0))   # capture
+        with w.catch_warnings(record=True) as caught:
+            w.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                generate(model, PROMPTS, cfg, [95], generator=torch.Generator("cuda").manual_seed(0))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(c.message) for c in caught)
+
+    short, long = syncs(64), syncs(128)
+    print("syncs", short, long)
+    assert long - short <= 64 // StaticDecoder.check_every + 2
+    assert short < 64                                   # far from one per token
 
 
 @pytest.mark.parametrize("kind", ["deepseek", "dense"])
