@@ -15,13 +15,13 @@ bracket depth and exponents; the SIGALRM timeout is a second net where it can ru
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 import threading
 from pathlib import Path
 
 from nanoseek.errors import UserError
+from nanoseek.files import iter_jsonl
 from nanoseek.tasks.base import MAX_TAIL_CHARS, Problem, TaskFamily, last_boxed, last_number
 from nanoseek.tasks.expr import parse_number
 
@@ -34,12 +34,8 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns (with the w
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 
-def _problem(line: str, where: str) -> Problem:
-    try:
-        obj = json.loads(line)
-    except (ValueError, RecursionError) as e:   # ValueError: bad JSON, or an integer over 4,300 digits
-        msg = getattr(e, "msg", "a number of more than 4300 digits or nesting too deep")
-        raise UserError(f"{where}: not valid JSON ({msg}); each line must be one JSON object") from None
+def _problem(obj, where: str) -> Problem:
+    """One parsed JSONL record as a Problem; `where` = file:line for the errors."""
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object with 'question' and 'answer', got {type(obj).__name__}")
     question = next((obj[k] for k in ("question", "prompt", "problem") if isinstance(obj.get(k), str)), "")
@@ -71,14 +67,7 @@ def load_jsonl_problems(path: str | Path) -> list[Problem]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file; give a JSONL file with one question/answer object per line")
-    problems = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    problems.append(_problem(line, f"{path}:{lineno}"))
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
+    problems = [_problem(obj, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path)]   # strict UTF-8 JSON lines
     if not problems:
         raise UserError(f"{path} is empty; it needs one JSON object per line with 'question' and 'answer'")
     return problems
