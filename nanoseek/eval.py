@@ -4,8 +4,8 @@ A single greedy answer per problem is a noisy estimate of a sampling policy's sk
 as the mean correctness of k samples per problem (temperature 0.6, top-p 0.95) and cons@k as the accuracy
 of the majority-voted answer. A number without its uncertainty misleads on the few hundred problems we
 evaluate on, so every figure comes with a 95% confidence interval over problems:
-- rates from K samples per problem (pass@1, format rate, language consistency): `rate_ci`, a Wilson score
-  interval on the design's effective sample size. The K samples of one problem are correlated (a problem
+- rates from K samples per problem (pass@1, format rate, language consistency, reflection): `rate_ci`, a
+  Wilson score interval on the design's effective sample size. The K samples of one problem are correlated (a problem
   is easy or hard), so n problems × K samples carry less than nK independent draws: n_eff = nK / deff
   with the design effect deff = (variance of the per-problem rates / n) / (binomial variance p(1-p)/(nK)),
   clipped to [1, K]. deff is estimated with a fifth of a pseudo-problem at rate 1 and a fifth at rate 0
@@ -40,6 +40,7 @@ import torch
 from nanoseek.errors import UserError
 from nanoseek.recipe import Range
 from nanoseek.sampling import rollout
+from nanoseek.sampling.reflection import reflects
 from nanoseek.sampling.rewards import RewardConfig, accuracy_reward, format_reward, language_consistency
 from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, response_text, stop_token_ids
 from nanoseek.tasks import get_family
@@ -207,9 +208,10 @@ def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False,
     verdicts, so a reader can check a judgement.
 
     cfg: a PassAtKConfig, or any object with its fields (missing ones take PassAtKConfig's defaults).
-    Returns {"n_problems", "samples", "pass@1", "cons@K", "greedy", "format", "language", "length",
-    "pass@k": {k: ...}, "per_problem": [...]}; each statistic is {"mean", "lo", "hi", "n"} (95% interval over
-    problems). "language" is the share of chain-of-thought words in the problem's register (R1 §2.3.2).
+    Returns {"n_problems", "samples", "pass@1", "cons@K", "greedy", "format", "language", "reflection",
+    "length", "pass@k": {k: ...}, "per_problem": [...]}; each statistic is {"mean", "lo", "hi", "n"} (95% interval
+    over problems). "language" is the share of chain-of-thought words in the problem's register (R1 §2.3.2);
+    "reflection" the share of samples whose reasoning checks or redoes a step (nanoseek.sampling.reflection).
     Sampling is seeded by cfg.seed and leaves the global RNG state untouched. progress: a rich bar.
     by_family=True: the same statistics for each task family, {family: {...}}, from ONE sampling pass over all
     problems (a decode step costs about the same for 200 rows as for 800, so families share the batches).
@@ -259,7 +261,7 @@ def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False,
             lenient = correct if answer is not None else accuracy_reward(p, text, fmt, True) >= 1.0
             out.append({"correct": correct, "lenient": lenient, "format": format_reward(text) >= 1.0,
                         "language": language_consistency(text, p.meta.get("register", "en")),
-                        "length": len(c), "answer": answer, "text": text})
+                        "reflection": reflects(text), "length": len(c), "answer": answer, "text": text})
         return out
 
     with bar:
@@ -284,6 +286,7 @@ def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False,
             "completions": [{"completion": x["text"], "answer": x["answer"], "correct": x["correct"]}
                             for x in s[:get("record_completions")]],
             "format": sum(x["format"] for x in s) / K, "language": sum(x["language"] for x in s) / K,
+            "reflection": sum(x["reflection"] for x in s) / K,
             "length": sum(x["length"] for x in s) / K,
             "voted": s[vote]["answer"] if vote is not None else None,
             "cons": vote is not None and s[vote]["correct"],
@@ -306,6 +309,7 @@ def _summary(per_problem: list[dict], K: int, greedy: bool, tokens_per_s: float)
         f"cons@{K}": wilson_ci(sum(q["cons"] for q in per_problem), n),
         "format": rate_ci((q["format"] for q in per_problem), K),
         "language": rate_ci((q["language"] for q in per_problem), K),
+        "reflection": rate_ci((q["reflection"] for q in per_problem), K),
         "length": mean_ci(q["length"] for q in per_problem),
         # pass@1 is a rate of K samples per problem; pass@K is one 0/1 outcome per problem (Wilson over problems)
         "pass@k": {str(k): rate_ci((pass_at_k(K, q["correct"], k) for q in per_problem), K if k == 1 else 1)
@@ -339,6 +343,8 @@ def summary_rows(result: dict) -> list[tuple[str, str, str]]:
         rows.append((f"pass@{K} (unbiased), %", _cell(result["pass@k"][str(K)], True), "Wilson"))
     rows += [("format rate, %", _cell(result["format"], True), "Wilson, n_eff"),
              ("language consistency, %", _cell(result["language"], True), "Wilson, n_eff"),
+             *([("reflection rate, %", _cell(result["reflection"], True), "Wilson, n_eff")]
+               if "reflection" in result else []),
              ("mean length, tokens", _cell(result["length"], False), "t")]
     return rows
 

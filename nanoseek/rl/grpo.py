@@ -115,7 +115,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         ℓ = -w · min(ρ Â, clip(ρ, 1 - eps_low, 1 + eps_high) Â) + β KL_k3(π_θ, π_ref)
     reduced with `aggregate`. weight: w [B, T], a detached per-token factor on the policy-gradient term only
     (the truncated importance weight of `nanoseek.rl.tis`; the KL term is not weighted, as in TRL); None = 1. Returns (loss, stats) with detached stats: "clip_frac" (share of response
-    tokens where the clipped term is the active one), "kl" (mean k3 KL per token, when ref_logp is given),
+    tokens where the clipped term is the active one), "clip_low" / "clip_high" (its tokens with ρ below /
+    above 1), "kl" (mean k3 KL per token, when ref_logp is given),
     "ratio" (mean ρ).
     """
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages      # [B, 1] or [B, T]
@@ -130,8 +131,13 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         per_token = per_token * weight
     m = mask.to(logp.dtype)
     denom = m.sum().clamp(min=1)
+    active = clipped < unclipped                        # the clipped term is the one min() keeps
     stats = {
-        "clip_frac": (((clipped < unclipped).to(logp.dtype) * m).sum() / denom).detach(),
+        "clip_frac": ((active.to(logp.dtype) * m).sum() / denom).detach(),
+        # split by side: ρ < 1 - eps_low (with Â < 0) vs ρ > 1 + eps_high (with Â > 0, the side DAPO's
+        # clip-higher widens); the two add up to clip_frac
+        "clip_low": (((active & (ratio < 1)).to(logp.dtype) * m).sum() / denom).detach(),
+        "clip_high": (((active & (ratio > 1)).to(logp.dtype) * m).sum() / denom).detach(),
         "ratio": ((ratio * m).sum() / denom).detach(),
     }
     if ref_logp is not None:

@@ -35,10 +35,11 @@ import copy
 import io
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,7 @@ from nanoseek.rl.tis import logprob_gap, tis_weights
 from nanoseek.run import (autocast, check_run_dir, export_final, join_ranks, load_init, rank0_first, resolve_device,
                           start_run)
 from nanoseek.run.checkpoint import load_trainer_state, save_checkpoint
+from nanoseek.sampling.reflection import reflects
 from nanoseek.sampling.rewards import RewardConfig, compute_rewards
 from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, left_pad, response_text, stop_token_ids
 from nanoseek.tasks import FAMILIES, TaskFamily, sample_problems
@@ -113,6 +115,16 @@ class RLConfig:
     parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(dp_mode="ddp"))   # under torchrun
 
 
+class Sample(NamedTuple):
+    """One sampled completion as the step's metrics read it (every row, kept by dynamic sampling or not)."""
+    rewards: dict                   # each reward component + "total"
+    length: int                     # completion tokens
+    truncated: bool                 # stopped by max_new_tokens
+    family: str                     # the problem's task family ...
+    difficulty: int                 # ... and level (per-family / per-difficulty pass rates)
+    reflects: bool                  # its reasoning checks or redoes a step (nanoseek.sampling.reflection)
+
+
 @dataclass
 class Experience:
     """One step's rollouts: the kept groups' rows for training (G rows per group, contiguous), and
@@ -122,7 +134,7 @@ class Experience:
     completions: list[list[int]] = field(default_factory=list)
     logprobs: list[torch.Tensor] = field(default_factory=list)      # kept rows: the sampler's log π of each token
     rewards: list[dict[str, float]] = field(default_factory=list)   # kept rows: each component + "total"
-    sampled: list[tuple[dict, int, bool]] = field(default_factory=list)  # all rows: (rewards, length, truncated)
+    sampled: list[Sample] = field(default_factory=list)              # all rows, G per group, contiguous
     n_groups_sampled: int = 0
     n_groups_zero_var: int = 0
     gen_tokens: int = 0
@@ -182,12 +194,13 @@ def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn, reward_fn=N
         exp.gen_time += time.perf_counter() - t0
         exp.gen_tokens += int(g.lengths.sum())
         comps = g.completions()
-        rewards = [reward_fn(problems[i // G], response_text(tokenizer, c, cfg.tasks.template), len(c))
-                   for i, c in enumerate(comps)]
+        texts = [response_text(tokenizer, c, cfg.tasks.template) for c in comps]
+        rewards = [reward_fn(problems[i // G], t, len(c)) for i, (t, c) in enumerate(zip(texts, comps))]
         flat = zero_variance_groups(torch.tensor([r["total"] for r in rewards]), G).tolist()
         exp.n_groups_sampled += len(problems)
         exp.n_groups_zero_var += sum(flat)
-        exp.sampled += [(r, len(c), f == "length") for r, c, f in zip(rewards, comps, g.finish)]
+        exp.sampled += [Sample(r, len(c), f == "length", problems[i // G].family, problems[i // G].difficulty,
+                               reflects(t)) for i, (r, c, f, t) in enumerate(zip(rewards, comps, g.finish, texts))]
         for gi, zero in enumerate(flat):
             if zero and cfg.rl.dynamic_sampling:
                 continue
@@ -231,26 +244,45 @@ def _response_logits(model, batch: dict, rows: slice, precision: str) -> torch.T
     return out.logits[:, response_slice(batch)]
 
 
+# plots/<name>.png: one figure per entry, one axis per (title, keys) pair; each key is a regular expression
+# matched against the whole of each logged key, so one entry draws every family or difficulty a run logged.
+PLOT_PANELS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    "reward": [("reward", ("reward/total", "reward/accuracy", "reward/format"))],
+    "accuracy": [("accuracy: rollouts, held-out eval", ("accuracy", "eval/pass@1", "eval/format")),
+                 ("rollout accuracy per task family", (r"accuracy/(?!d\d+$).+",)),
+                 ("rollout accuracy per difficulty", (r"accuracy/d\d+",))],
+    "response_length": [("response length (tokens)", ("response_length", "response_length/correct",
+                                                       "response_length/wrong", "eval/length")),
+                        ("truncated share", ("truncated_share",))],
+    "reflection": [("reflection rate (checks or redoes a step)", ("reflection", "eval/reflection"))],
+    "entropy_kl": [("entropy (nats / token)", ("entropy",)), ("KL to the reference (k3)", ("kl",))],
+    "zero_variance": [("groups without reward variance", ("zero_var_share", "zero_var/all_wrong",
+                                                          "zero_var/all_right"))],
+    "optimizer": [("clip fraction", ("clip_frac", "clip_frac/low", "clip_frac/high")),
+                  ("gradient norm (before clipping)", ("grad_norm",)), ("learning rate", ("lr",))],
+}
+
+
 def write_plots(run_dir: Path, records: list[dict]) -> None:
-    """plots/{reward,accuracy,response_length}.png over steps (eval pass@1 joins the accuracy plot)."""
+    """plots/<name>.png over steps for each figure of `PLOT_PANELS` (eval points drawn with markers); an
+    axis with nothing logged stays empty (e.g. KL at β = 0)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = {"reward": ["reward/total", "reward/accuracy", "reward/format"],
-              "accuracy": ["accuracy", "eval/pass@1", "eval/format"],
-              "response_length": ["response_length"]}
-    for name, keys in panels.items():
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts), marker="o" if k.startswith("eval/") else None, markersize=3, label=k)
-        ax.set_xlabel("step")
-        ax.set_title(name.replace("_", " "))
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
+    logged = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k != "step"})
+    for name, axes_spec in PLOT_PANELS.items():
+        fig, axes = plt.subplots(1, len(axes_spec), figsize=(6 * len(axes_spec), 3.5), squeeze=False)
+        for ax, (title, patterns) in zip(axes[0], axes_spec):
+            for k in (k for p in patterns for k in logged if re.fullmatch(p, k)):
+                pts = [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o" if k.startswith("eval/") else None, markersize=3, label=k)
+            ax.set_xlabel("step")
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
         buf = io.BytesIO()
         fig.tight_layout()
         fig.savefig(buf, format="png", dpi=110)
@@ -265,7 +297,8 @@ def _eval_record(model, tokenizer, problems, cfg: RLConfig, run_dir: Path, step:
     atomic_write_json(run_dir / "eval" / f"step-{step}.json", res)
     K = res["samples"]
     rec = {"eval/pass@1": res["pass@1"]["mean"], f"eval/cons@{K}": res[f"cons@{K}"]["mean"],
-           "eval/format": res["format"]["mean"], "eval/length": res["length"]["mean"]}
+           "eval/format": res["format"]["mean"], "eval/reflection": res["reflection"]["mean"],
+           "eval/length": res["length"]["mean"]}
     if "greedy" in res:
         rec["eval/greedy"] = res["greedy"]["mean"]
     rec["eval/completions"] = completion_records(res)          # a few judged samples, as TRL's log_completions
@@ -425,7 +458,8 @@ def update_policy(model, optimizer, par, reference, batch: dict | None, chunks: 
     sample_logp = batch.get("sample_logp") if batch is not None else None
     old_logp: list[torch.Tensor] = []
     weights: list[torch.Tensor | None] = []
-    sums = {"loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "kl": 0.0, "rollout/logprob_gap": 0.0}
+    sums = {"loss": 0.0, "clip_frac": 0.0, "clip_frac/low": 0.0, "clip_frac/high": 0.0, "entropy": 0.0, "kl": 0.0,
+            "rollout/logprob_gap": 0.0}
     for it in range(rc.mu):
         for ci, c in enumerate(chunks):
             logits = _response_logits(model, batch, c, precision)
@@ -450,6 +484,8 @@ def update_policy(model, optimizer, par, reference, batch: dict | None, chunks: 
             share = float(mask[c].sum()) / counts.resp_tokens / rc.mu
             sums["loss"] += float(loss.detach()) / (rc.mu * ranks)
             sums["clip_frac"] += float(stats["clip_frac"]) * share
+            sums["clip_frac/low"] += float(stats["clip_low"]) * share
+            sums["clip_frac/high"] += float(stats["clip_high"]) * share
             sums["kl"] += float(stats.get("kl", 0.0)) * share
         par.finish_grads()                                     # every rank, even one without rollouts
         grad_norm = par.clip_grad_norm_(cfg.optim.grad_clip or math.inf)
@@ -465,20 +501,41 @@ def update_policy(model, optimizer, par, reference, batch: dict | None, chunks: 
 
 def _rollout_metrics(exp: Experience, G: int, ctx) -> tuple[dict, int]:
     """(means over every completion sampled this step on every dp rank, refill rounds included; the kept rows
-    of all ranks). Generation throughput is all ranks' tokens over the slowest rank's time."""
+    of all ranks). Generation throughput is all ranks' tokens over the slowest rank's time.
+
+    The diagnostics of why RL does or does not learn (README "RL metrics"): "accuracy/<family>" and
+    "accuracy/d<level>" (pass rates per task family and difficulty), "zero_var/all_wrong" / "zero_var/all_right"
+    (shares of ALL groups that carry no reward variance because no / every completion was correct: too hard /
+    too easy; with "zero_var_share" the remainder are flat on another reward), "reflection" (share of
+    completions whose reasoning checks or redoes a step), and response length of correct / wrong completions."""
     mine = (exp.sampled, exp.n_groups_sampled, exp.n_groups_zero_var, exp.gen_tokens, exp.gen_time, len(exp.prompts))
     everyone = [mine]
     if ctx.distributed:
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
-    sampled = [s for e in everyone for s in e[0]]
+    sampled = [s for e in everyone for s in e[0]]      # whole groups of G rows, rank after rank
     kept = sum(e[5] for e in everyone)
     n = len(sampled)
-    rec = {f"reward/{k}": sum(r[k] for r, _, _ in sampled) / n for k in sampled[0][0]}
-    rec["accuracy"] = sum(r["accuracy"] >= 1.0 for r, _, _ in sampled) / n
-    rec["response_length"] = sum(length for _, length, _ in sampled) / n
-    rec["truncated_share"] = sum(trunc for _, _, trunc in sampled) / n
+    correct = [s.rewards["accuracy"] >= 1.0 for s in sampled]
+    rec = {f"reward/{k}": sum(s.rewards[k] for s in sampled) / n for k in sampled[0].rewards}
+    rec["accuracy"] = sum(correct) / n
+    for prefix, of in (("accuracy/", lambda s: s.family), ("accuracy/d", lambda s: s.difficulty)):
+        groups: dict = {}
+        for s, c in zip(sampled, correct):
+            groups.setdefault(of(s), []).append(c)
+        rec.update({f"{prefix}{v}": sum(cs) / len(cs) for v, cs in sorted(groups.items())})
+    rec["response_length"] = sum(s.length for s in sampled) / n
+    for name, want in (("correct", True), ("wrong", False)):
+        lengths = [s.length for s, c in zip(sampled, correct) if c == want]
+        if lengths:
+            rec[f"response_length/{name}"] = sum(lengths) / len(lengths)
+    rec["truncated_share"] = sum(s.truncated for s in sampled) / n
+    rec["reflection"] = sum(s.reflects for s in sampled) / n
     rec["zero_var_share"] = sum(e[2] for e in everyone) / max(sum(e[1] for e in everyone), 1)
+    flat = zero_variance_groups(torch.tensor([s.rewards["total"] for s in sampled]), G).tolist()
+    hits = [sum(correct[g * G:(g + 1) * G]) for g in range(len(flat))]
+    rec["zero_var/all_wrong"] = sum(f and h == 0 for f, h in zip(flat, hits)) / len(flat)
+    rec["zero_var/all_right"] = sum(f and h == G for f, h in zip(flat, hits)) / len(flat)
     rec["groups"] = kept // G
     rec["gen_tokens_per_s"] = sum(e[3] for e in everyone) / max(max(e[4] for e in everyone), 1e-9)
     return rec, kept
