@@ -309,12 +309,13 @@ def _summary(per_problem: list[dict], K: int, greedy: bool, tokens_per_s: float)
         f"cons@{K}": wilson_ci(sum(q["cons"] for q in per_problem), n),
         "format": rate_ci((q["format"] for q in per_problem), K),
         "language": rate_ci((q["language"] for q in per_problem), K),
-        "reflection": rate_ci((q["reflection"] for q in per_problem), K),
         "length": mean_ci(q["length"] for q in per_problem),
         # pass@1 is a rate of K samples per problem; pass@K is one 0/1 outcome per problem (Wilson over problems)
         "pass@k": {str(k): rate_ci((pass_at_k(K, q["correct"], k) for q in per_problem), K if k == 1 else 1)
                    for k in sorted({1, K})},
     }
+    if all("reflection" in q for q in per_problem):        # (per-problem records from before it was measured lack it)
+        result["reflection"] = rate_ci((q["reflection"] for q in per_problem), K)
     if greedy:
         result["greedy"] = wilson_ci(sum(q["greedy"] for q in per_problem), n)
     result["generated_tokens_per_s"] = tokens_per_s

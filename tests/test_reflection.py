@@ -55,3 +55,35 @@ def test_linear_solutions_check_their_result():
     """The linear family's worked solutions verify x on a "Check:" line, in either register."""
     for p in sample_problems("linear", 5, seed=0):
         assert reflects(p.completion("en")) and reflects(p.completion("alt"))
+
+
+def test_evaluate_reports_the_reflection_rate(monkeypatch):
+    """evaluate() judges each sample's reflection on its response text (with the R1 template's "<think>"
+    put back) and reports the rate with its interval, beside format and length."""
+    import torch
+
+    import nanoseek.sampling.rollout as rollout
+    from nanoseek.eval import PassAtKConfig, evaluate, summary_rows
+    from nanoseek.tokenizer import Tokenizer
+
+    problems = sample_problems("arithmetic", 3, split="test", seed=1)
+    script = [" 1 + 2 = 4. Wait, 3\n</think> <answer>3</answer>", " Check: 3 - 2 = 1\n</think> <answer>3</answer>",
+              " 3\n</think> <answer>3</answer>", " let me check 3\n</think> <answer>3</answer>",
+              " 3\n</think> <answer>3</answer> Wait, redo", " 3 </think> <answer>3</answer>"]
+    tok = Tokenizer.train(script + [p.prompt for p in problems], 300)
+    served = []
+
+    def fake_generate(model, prompts, cfg, stop_ids, pad_id=0, generator=None, on_token=None):
+        ids = [tok.encode(script[(len(served) + i) % len(script)]) for i in range(len(prompts))]
+        served.extend(ids)
+        N = max(map(len, ids))
+        tokens = torch.tensor([i + [0] * (N - len(i)) for i in ids])
+        return rollout.Generation(tokens, torch.zeros(tokens.shape), torch.tensor([len(i) for i in ids]),
+                                  ["stop"] * len(ids))
+
+    monkeypatch.setattr(rollout, "generate", fake_generate)
+    res = evaluate(torch.nn.Linear(1, 1), tok, problems, PassAtKConfig(samples=2, greedy=False))
+    assert [q["reflection"] for q in res["per_problem"]] == [1.0, 0.5, 0.0]
+    assert res["reflection"]["mean"] == pytest.approx(0.5) and res["reflection"]["n"] == 3
+    assert res["reflection"]["lo"] < 0.5 < res["reflection"]["hi"]
+    assert any(row[0] == "reflection rate, %" for row in summary_rows(res))
