@@ -4,14 +4,14 @@ Rows are models (base, R1-Zero, each R1 stage, the distilled and the RL-only stu
 and cons@K per task family with 95% intervals (nanoseek.eval: Wilson on the design's effective sample size
 for pass@1, format and language rates, Wilson over problems for cons@K; accuracy counts only the answer in
 <answer> tags), then pass@1 pooled over families (and its lenient last-number figure), format rate, language
-consistency and mean response length pooled over all families,
-and the wall time of the stage that produced the model. The same table goes to the screen (rich) and to
+consistency, reflection rate (samples whose reasoning checks or redoes a step) and mean response length pooled
+over all families, and the wall time of the stage that produced the model. The same table goes to the screen (rich) and to
 run_dir/report.md, followed by plain-language verdicts on the two questions the R1 report asks of this
 pipeline: is R1 at least as accurate as R1-Zero and more readable, and does distillation beat RL on the
 small model.
 
-Plots (run_dir/plots/): reward, accuracy, response length and language consistency over RL steps for
-R1-Zero, R1 (stage 2, then stage 4 after the rejection-sampling SFT) and the RL-only student; and the
+Plots (run_dir/plots/): reward, accuracy, response length, reflection rate and language consistency over RL
+steps for R1-Zero, R1 (stage 2, then stage 4 after the rejection-sampling SFT) and the RL-only student; and the
 expert load per MoE layer over pretraining (MaxVio per layer per step, from metrics.jsonl) next to the
 final per-expert load share (measured on held-out batches after pretraining).
 """
@@ -69,7 +69,7 @@ def moe_layer_names(cfg, n: int) -> list[str]:
 
 def _pool(results: dict, key: str):
     """The 95% interval of a per-problem quantity over all families (None when the eval did not record it):
-    `rate_ci` for rates of the K samples (format, language), Student-t `mean_ci` for lengths."""
+    `rate_ci` for rates of the K samples (format, language, reflection), Student-t `mean_ci` for lengths."""
     values = [q[key] for r in results.values() for q in r["per_problem"] if key in q]
     if not values:
         return None
@@ -96,14 +96,14 @@ def table_rows(evals: list[dict], walls: dict[str, float]) -> tuple[list[str], l
     families = list(evals[0]["families"])
     K = next(iter(evals[0]["families"].values()))["samples"]
     header = (["model"] + [f"pass@1 {f}" for f in families] + [f"cons@{K} {f}" for f in families]
-              + ["pass@1 all", "lenient all", "format %", "language %", "length", "wall s"])
+              + ["pass@1 all", "lenient all", "format %", "language %", "reflection %", "length", "wall s"])
     rows = []
     for e in evals:
         res = e["families"]
         rows.append([(e["name"], "")] + [_cell(res[f]["pass@1"]) for f in families]
                     + [_cell(res[f][f"cons@{K}"]) for f in families]
                     + [_cell(_pass1_pooled(res)), _cell(_pass1_pooled(res, "correct_lenient")),
-                       _cell(_pool(res, "format")), _cell(_pool(res, "language")),
+                       _cell(_pool(res, "format")), _cell(_pool(res, "language")), _cell(_pool(res, "reflection")),
                        (_cell(_pool(res, "length"), percent=False)[0], ""), (f"{walls.get(e['stage'], 0):.0f}", "")])
     return header, rows
 
@@ -163,24 +163,30 @@ RL_STAGES = {"02-r1-zero": "R1-Zero", "04-reasoning-rl": "R1 s2 reasoning RL", "
              "10-student-rl": "student RL only"}
 
 
-def rollout_summary(run_dir: Path, last: int = 5) -> str:
-    """Markdown: first vs last RL steps of each RL stage (rollout accuracy, format, language, length)."""
-    keys = [("accuracy", "accuracy", 100), ("reward/format", "format", 100), ("reward/language", "language", 100),
-            ("response_length", "length", 1)]
-    lines = ["| RL stage | steps | " + " | ".join(f"{label} first → last" for _, label, _ in keys) + " |",
-             "|---|---|" + "---|" * len(keys)]
+def rollout_summary(run_dir: Path, window: int = 10) -> str:
+    """Markdown: each RL stage's rollout accuracy, response length, reflection rate, format and language as the
+    mean of its first vs its last `window` steps and the difference (last - first), the at-a-glance test of
+    whether RL learned (the R1-Zero target: accuracy's last 10 steps at least 15 points above its first 10).
+    A stage shorter than two windows compares its first and last halves ("window" column)."""
+    keys = [("accuracy", "accuracy %", 100), ("response_length", "length", 1), ("reflection", "reflection %", 100),
+            ("reward/format", "format %", 100), ("reward/language", "language %", 100)]
+    lines = ["| RL stage | steps | window | " + " | ".join(f"{label} first → last (Δ)" for _, label, _ in keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
     for stage, name in RL_STAGES.items():
         path = run_dir / stage / "metrics.jsonl"
         recs = [r for r in read_jsonl(path) if "accuracy" in r] if path.is_file() else []
         if not recs:
             continue
+        w = min(window, max(len(recs) // 2, 1))
 
-        def mean(rs, k, f):
-            v = [r[k] for r in rs if isinstance(r.get(k), (int, float))]
-            return f"{f * sum(v) / len(v):.0f}" if v else "n/a"
-        head, tail = recs[:last], recs[-last:]
-        lines.append(f"| {name} | {len(recs)} | " + " | ".join(f"{mean(head, k, f)} → {mean(tail, k, f)}"
-                                                              for k, _, f in keys) + " |")
+        def cell(key: str, scale: float) -> str:
+            head, tail = ([scale * r[key] for r in rs if isinstance(r.get(key), (int, float))]
+                          for rs in (recs[:w], recs[-w:]))
+            if not head or not tail:
+                return "n/a"
+            a, b = sum(head) / len(head), sum(tail) / len(tail)
+            return f"{a:.1f} → {b:.1f} ({b - a:+.1f})" if scale != 1 else f"{a:.0f} → {b:.0f} ({b - a:+.0f})"
+        lines.append(f"| {name} | {len(recs)} | {w} | " + " | ".join(cell(k, f) for k, _, f in keys) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -206,7 +212,8 @@ def _smooth(y, window: int = 5):
 
 
 def rl_plots(run_dir: Path, plots: Path) -> list[str]:
-    """reward / accuracy / response length / language over RL steps: R1-Zero, R1 (stage 2 → 4), RL-only student."""
+    """reward / accuracy / response length / reflection / language over RL steps, one figure per quantity with a
+    line per RL stage: R1-Zero, R1 (stage 2 → 4), RL-only student."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -223,6 +230,7 @@ def rl_plots(run_dir: Path, plots: Path) -> list[str]:
     for key, title, name in (("reward/total", "reward", "rl_reward.png"),
                              ("accuracy", "accuracy (rollouts)", "rl_accuracy.png"),
                              ("response_length", "response length (tokens)", "rl_response_length.png"),
+             ("reflection", "reflection rate (rollouts that check or redo a step)", "rl_reflection.png"),
                              ("reward/language", "language consistency", "rl_language.png")):
         fig, ax = plt.subplots(figsize=(6.5, 3.6))
         for label, stage, offset in (("R1-Zero", "02-r1-zero", 0), ("R1 stage 2", "04-reasoning-rl", 0),
@@ -325,8 +333,10 @@ def write_report(pipeline, console=None) -> dict:
              "Cells are mean [95% interval] in %: Wilson on the effective sample size n_eff = nK / design effect "
              "for rates of the K samples, Wilson over problems for cons@K (nanoseek.eval).", "",
              markdown(header, rows), "## Verdicts", "", *verdicts, "",
-             "## RL rollouts (mean of the first vs the last 5 steps; %, length in tokens)", "",
+             "## RL rollouts (mean of the first vs the last 10 steps, Δ = last - first; %, length in tokens)", "",
              rollout_summary(run_dir),
+             "Rising accuracy (R1-Zero's target: Δ ≥ +15 points) with growing length and reflection is RL teaching "
+             "the model to reason; a flat curve is explained per step in each stage's plots/ (README: RL metrics).", "",
              "Stage-4 rollouts include the general prompts, scored by the reward model and never counted as accurate.", "",
              "## Stages", "", "| stage | wall s | CPU s |", "|---|---|---|",
              *[f"| {name} | {w:.0f} | {pipeline.cpus.get(name, 0):.0f} |" for name, w in sorted(pipeline.walls.items())],
