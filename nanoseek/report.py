@@ -185,7 +185,7 @@ def rollout_summary(run_dir: Path, window: int = 10) -> str:
             if not head or not tail:
                 return "n/a"
             a, b = sum(head) / len(head), sum(tail) / len(tail)
-            return f"{a:.1f} → {b:.1f} ({b - a:+.1f})" if scale != 1 else f"{a:.0f} → {b:.0f} ({b - a:+.0f})"
+            return f"{a:.1f} → {b:.1f} ({b - a:+.1f})"
         lines.append(f"| {name} | {len(recs)} | {w} | " + " | ".join(cell(k, f) for k, _, f in keys) + " |")
     return "\n".join(lines) + "\n"
 

@@ -33,13 +33,13 @@ def test_rollout_table_compares_the_first_and_last_ten_steps(tmp_path):
     assert lines[0].startswith("| RL stage | steps | window | accuracy % first → last (Δ) | length first → last (Δ) "
                                "| reflection % first → last (Δ) |")
     # R1-Zero: accuracy means 5.5 (steps 1-10) and 25.5 (21-30), lengths 21 and 61, reflection 0 and 50
-    assert "| R1-Zero | 30 | 10 | 5.5 → 25.5 (+20.0) | 21 → 61 (+40) | 0.0 → 50.0 (+50.0) | 100.0 → 100.0 (+0.0) |" \
+    assert "| R1-Zero | 30 | 10 | 5.5 → 25.5 (+20.0) | 21.0 → 61.0 (+40.0) | 0.0 → 50.0 (+50.0) | 100.0 → 100.0 (+0.0) |" \
         in table
     # a stage shorter than two windows compares its halves: format 0.6-0.8 vs 0.9-1.1
-    assert "| R1 s2 reasoning RL | 6 | 3 | 20.0 → 20.0 (+0.0) | 40 → 40 (+0) | 10.0 → 10.0 (+0.0) | " \
+    assert "| R1 s2 reasoning RL | 6 | 3 | 20.0 → 20.0 (+0.0) | 40.0 → 40.0 (+0.0) | 10.0 → 10.0 (+0.0) | " \
            "70.0 → 100.0 (+30.0) |" in table
     # metrics logged before reflection was measured: n/a, the rest still compared
-    assert "| student RL only | 4 | 2 | 7.5 → 17.5 (+10.0) | 20 → 20 (+0) | n/a |" in table
+    assert "| student RL only | 4 | 2 | 7.5 → 17.5 (+10.0) | 20.0 → 20.0 (+0.0) | n/a |" in table
     assert "R1 s4" not in table                                    # a stage without metrics has no row
 
 
