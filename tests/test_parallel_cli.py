@@ -162,7 +162,12 @@ def test_grpo_on_two_ranks_matches_one(runs):
     for step in (1, 2):
         for k in ("reward/total", "accuracy", "response_length", "groups", "zero_var_share", "truncated_share"):
             assert two[step][k] == pytest.approx(one[step][k], rel=1e-9), (step, k)
-        _close(two[step], one[step], ["loss", "entropy", "clip_frac", "kl", "grad_norm"])
+        # the diagnostics over every rank's rollouts: per family / difficulty, zero-variance causes, reflection
+        diag = sorted(k for k in one[step] if k.startswith(("accuracy/", "zero_var/", "response_length/")))
+        assert diag == sorted(k for k in two[step] if k.startswith(("accuracy/", "zero_var/", "response_length/")))
+        for k in diag + ["reflection"]:
+            assert two[step][k] == pytest.approx(one[step][k], rel=1e-9), (step, k)
+        _close(two[step], one[step], ["loss", "entropy", "clip_frac", "clip_frac/low", "clip_frac/high", "kl", "grad_norm"])
     assert two[1]["groups"] == 4 and one[2]["kl"] > 0
     ranks = [torch.load(runs / f"grpo2-rank{r}.pt", weights_only=True) for r in (0, 1)]
     for name, t in ranks[0].items():
