@@ -5,10 +5,10 @@ and cons@K per task family with 95% intervals (nanoseek.eval: Wilson on the desi
 for pass@1, format and language rates, Wilson over problems for cons@K; accuracy counts only the answer in
 <answer> tags), then pass@1 pooled over families (and its lenient last-number figure), format rate, language
 consistency, reflection rate (samples whose reasoning checks or redoes a step) and mean response length pooled
-over all families, and the wall time of the stage that produced the model. The same table goes to the screen (rich) and to
-run_dir/report.md, followed by plain-language verdicts on the two questions the R1 report asks of this
-pipeline: is R1 at least as accurate as R1-Zero and more readable, and does distillation beat RL on the
-small model.
+over all families, and the wall time of the stage that produced the model. The same table goes to the screen
+(rich) and to run_dir/report.md, followed by plain-language verdicts on the two questions the R1 report asks
+of this pipeline: is R1 at least as accurate as R1-Zero and more readable, and does distillation beat RL on
+the small model; then each RL stage's rollouts, first 10 steps vs last 10.
 
 Plots (run_dir/plots/): reward, accuracy, response length, reflection rate and language consistency over RL
 steps for R1-Zero, R1 (stage 2, then stage 4 after the rejection-sampling SFT) and the RL-only student; and the

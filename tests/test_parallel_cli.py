@@ -167,7 +167,8 @@ def test_grpo_on_two_ranks_matches_one(runs):
         assert diag == sorted(k for k in two[step] if k.startswith(("accuracy/", "zero_var/", "response_length/")))
         for k in diag + ["reflection"]:
             assert two[step][k] == pytest.approx(one[step][k], rel=1e-9), (step, k)
-        _close(two[step], one[step], ["loss", "entropy", "clip_frac", "clip_frac/low", "clip_frac/high", "kl", "grad_norm"])
+        _close(two[step], one[step], ["loss", "entropy", "clip_frac", "clip_frac/low", "clip_frac/high", "kl",
+                                      "grad_norm"])
     assert two[1]["groups"] == 4 and one[2]["kl"] > 0
     ranks = [torch.load(runs / f"grpo2-rank{r}.pt", weights_only=True) for r in (0, 1)]
     for name, t in ranks[0].items():
