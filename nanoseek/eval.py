@@ -5,8 +5,8 @@ as the mean correctness of k samples per problem (temperature 0.6, top-p 0.95) a
 of the majority-voted answer. A number without its uncertainty misleads on the few hundred problems we
 evaluate on, so every figure comes with a 95% confidence interval over problems:
 - rates from K samples per problem (pass@1, format rate, language consistency, reflection): `rate_ci`, a
-  Wilson score interval on the design's effective sample size. The K samples of one problem are correlated (a problem
-  is easy or hard), so n problems × K samples carry less than nK independent draws: n_eff = nK / deff
+  Wilson score interval on the design's effective sample size. The K samples of one problem are correlated
+  (a problem is easy or hard), so n problems × K samples carry less than nK independent draws: n_eff = nK / deff
   with the design effect deff = (variance of the per-problem rates / n) / (binomial variance p(1-p)/(nK)),
   clipped to [1, K]. deff is estimated with a fifth of a pseudo-problem at rate 1 and a fifth at rate 0
   added (PSEUDO_PROBLEMS): with few successes the observed spread says little about how concentrated they
