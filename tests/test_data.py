@@ -443,3 +443,15 @@ def test_tokenizer_command(tmp_path):
     assert main(["tokenizer", "--out", str(tmp_path / "bad"), "--set", "n_documents=-1"]) == 2
     assert main(["tokenizer", "--out", str(tmp_path / "bad"), "--vocab-size", "100"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_corpus_check_and_slip_knobs():
+    """At 0 (the default) the corpus is unchanged document for document; at check=1, slip=1 every arithmetic
+    and linear reasoning document checks its steps and catches one slip."""
+    plain = build_corpus(CorpusConfig(n_documents=200, workers=0))
+    assert [d.text for d in plain] == [d.text for d in build_corpus(CorpusConfig(n_documents=200, workers=0,
+                                                                                 check=0.0, slip=0.0))]
+    checked = build_corpus(CorpusConfig(n_documents=200, workers=0, check=1.0, slip=1.0, wrong=0.0, short=0.0,
+                                        register=0.0, mixed=0.0))
+    reasoning = [d for d in checked if d.family in ("arithmetic", "linear") and d.kind in ("r1zero", "think", "plain")]
+    assert reasoning and all("Wait, redo" in d.text for d in reasoning)

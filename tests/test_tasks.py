@@ -348,3 +348,44 @@ def test_real_gsm8k():
         assert family.score(p, f"{p.solution}\nThe answer is $\\boxed{{{p.answer}}}$.", "boxed") == 1.0
         assert family.score(p, f"<answer>{gold + 1}</answer>") == 0.0
         assert family.score(p, f"<answer>{p.answer}</answer> wait, <answer>{gold * 2 + 1}</answer>") == 0.0
+
+
+# ---- worked solutions that check their steps (the corpus's self-verification) ---------------------------
+
+_CHECK_SUM = re.compile(r"check: ([\d +*]+?) = (\d+)(?:, not (\d+))?$")
+
+
+def test_checked_solutions_compute_every_check_right_and_end_at_the_answer():
+    """Every "check: expr = v" line is true arithmetic; without a slip no check disagrees; with one, exactly
+    one step is written wrong, its check names the wrong value, a "Wait, redo" line fixes it, and the
+    solution still ends at the right answer (scored 1.0 as a completion)."""
+    rng = random.Random(0)
+    for p in sample_problems(["arithmetic", "linear"], 300, seed=5, difficulty=None):
+        family = FAMILIES[p.family]
+        for slip in (False, True):
+            text = family.worked_solution(p, rng, check=True, slip=slip)
+            lines = text.split("\n")
+            assert lines[-1] == p.solution.split("\n")[-1]                       # "So ... = answer."
+            assert family.score(p, f"<think>\n{text}\n</think>\n<answer>{p.answer}</answer>") == 1.0
+            redo = [i for i, line in enumerate(lines) if line.startswith("Wait, redo")]
+            flagged = [line for line in lines if ", not " in line]
+            assert len(redo) == len(flagged) == int(slip)
+            for line in lines:
+                if m := _CHECK_SUM.match(line):      # arithmetic checks: the value is the expression's
+                    assert eval(m.group(1)) == int(m.group(2)), line
+                    assert m.group(3) is None or int(m.group(3)) != int(m.group(2))
+            if p.family == "linear":                 # the substitution check at the true x comes last
+                x = int(p.answer)
+                assert lines[-2].startswith("Check:") and (f"({x})" if x < 0 else f" {x} ") in lines[-2], lines
+            words = {w.lower() for w in re.findall(r"[A-Za-z]{2,}", text)}
+            assert words <= set(EN_WORDS), words - set(EN_WORDS)
+
+
+def test_unchecked_linear_solution_drops_the_check_and_countdown_keeps_its_search():
+    rng = random.Random(1)
+    lin = sample_problems(["linear"], 20, seed=6)
+    assert all("Check:" not in FAMILIES["linear"].worked_solution(p, rng, False, False) for p in lin)
+    assert all(FAMILIES["linear"].worked_solution(p, rng, True, False) == p.solution for p in lin)
+    cd = sample_problems(["countdown"], 5, seed=6)
+    assert all(FAMILIES["countdown"].worked_solution(p, rng, True, True) == p.solution for p in cd)
+

@@ -13,7 +13,9 @@ A document is one of these kinds, drawn by the fractions in CorpusConfig:
 
 Quality knobs on task documents: `wrong` of them carry a plausible mistake — one digit of the final
 answer changed, in the reasoning's last line too, checked wrong with the family's own verifier; `short`
-keep only the last lines of the reasoning. Language: `register` of them are written wholly in the second
+keep only the last lines of the reasoning; `check` of them check every step by a second route, and `slip` of
+those first write one step wrong and catch it ("check: 8 + 7 = 15, not 14" / "Wait, redo ..."): a
+self-verification habit the base shows only sometimes, for RL to find that it pays. Language: `register` of them are written wholly in the second
 register, `mixed` have only some reasoning lines switched — the language mixing that R1's
 language-consistency reward (§2.3.2) later removes.
 
@@ -70,6 +72,9 @@ class CorpusConfig:
     # quality and language, as fractions of the task documents (more noise than this costs the tiny base skill)
     wrong: float = 0.10               # plausible mistakes (R1-Zero needs a base that is not always right)
     short: float = 0.10               # reasoning cut to its last lines
+    check: float = 0.0                # reasoning that checks each step by a second route (TaskFamily.worked_solution)
+    slip: float = 0.0                 # of the checking documents: one step first written wrong, caught by its check
+                                      # and redone ("Wait, redo ..."): the self-verification R1-Zero's RL can amplify
     register: float = 0.05            # written wholly in the second ("alt") register, question included
     mixed: float = 0.05               # reasoning that switches register line by line
     bare_r1zero: float = 0.9          # share of bare documents in the R1-Zero template (an empty think), the rest
@@ -83,7 +88,7 @@ class CorpusConfig:
         weights = [getattr(self, k) for k in KINDS]
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise UserError(f"corpus kind fractions {dict(zip(KINDS, weights))} must be >= 0 with a positive sum")
-        for name in ("wrong", "short", "register", "mixed", "bare_r1zero"):
+        for name in ("wrong", "short", "check", "slip", "register", "mixed", "bare_r1zero"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"corpus.{name}={getattr(self, name)} must be a fraction in [0, 1]")
         if self.register + self.mixed > 1:
@@ -211,6 +216,9 @@ def _chunk_documents(cfg: CorpusConfig, part: str, chunk: int, n: int) -> list[D
 
 def _task_document(problem: Problem, kind: str, cfg: CorpusConfig, rng: random.Random) -> Document:
     prompt, answer, reasoning = problem.prompt, problem.answer, problem.solution
+    if cfg.check or cfg.slip:         # (a corpus without them keeps its random stream, document for document)
+        checks = rng.random() < cfg.check
+        reasoning = get_family(problem.family).worked_solution(problem, rng, checks, checks and rng.random() < cfg.slip)
     correct = rng.random() >= cfg.wrong
     if not correct:
         wrong = _plausible_mistake(problem, rng)

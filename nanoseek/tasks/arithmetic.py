@@ -4,6 +4,13 @@ Difficulty d is the number of digits of the longer operand (the other has 1..d d
 most ceil(d/2), so the worked solution stays a few lines). The solution is the column method a person
 writes down — digit sums with carries, differences with borrows, one partial product per digit — so a
 small model can learn an algorithm rather than memorise a table, and errors show where a step slipped.
+
+`worked_solution(check=True)` also checks each column by a second route (the digits added in the other order,
+a difference added back, a product turned round); with `slip=True` one column is first written wrong, and
+its check catches it: "check: 8 + 7 = 15, not 14" / "Wait, redo column 1: ...". The corpus puts such
+self-verification into a minority of its documents: a behaviour the base has but seldom uses, which R1-Zero's
+RL can find pays (the report's "aha" curve; Gandhi et al. 2025 show RL amplifies verification and
+backtracking only when the base already shows them).
 """
 
 from __future__ import annotations
@@ -18,7 +25,16 @@ def _digits(n: int) -> list[int]:
     return [int(c) for c in reversed(str(n))]
 
 
-def _add_steps(a: int, b: int) -> list[str]:
+def _slipped(value: int, rng: random.Random, lo: int = 0, hi: int | None = None) -> int:
+    """A plausible wrong value near `value` (off by one, or by ten for a multi-digit one), in [lo, hi]."""
+    for _ in range(20):
+        wrong = value + rng.choice([-1, 1]) * (10 if value >= 10 and rng.random() < 0.3 else 1)
+        if wrong != value and wrong >= lo and (hi is None or wrong <= hi):
+            return wrong
+    return value + 1 if hi is None or value + 1 <= hi else value - 1
+
+
+def _add_steps(a: int, b: int, check: bool, slip: int | None, rng: random.Random | None) -> list[str]:
     lines = [f"Add {a} + {b} column by column from the right."]
     da, db, carry = _digits(a), _digits(b), 0
     for k in range(max(len(da), len(db))):
@@ -26,41 +42,67 @@ def _add_steps(a: int, b: int) -> list[str]:
         y = db[k] if k < len(db) else 0
         s = x + y + carry
         terms = f"{x} + {y}" + (f" + {carry}" if carry else "")
-        carry, digit = divmod(s, 10)
-        lines.append(f"column {k + 1}: {terms} = {s}, write {digit}, carry {carry}")
+        again = f"{y} + {x}" + (f" + {carry}" if carry else "")      # the check adds in the other order
+        line = lambda v: f"column {k + 1}: {terms} = {v}, write {v % 10}, carry {v // 10}"  # noqa: E731
+        if slip == k:
+            wrong = _slipped(s, rng, hi=19)
+            lines += [line(wrong), f"check: {again} = {s}, not {wrong}", f"Wait, redo {line(s)}"]
+        else:
+            lines.append(line(s))
+            if check:
+                lines.append(f"check: {again} = {s}")
+        carry = s // 10
     if carry:
         lines.append(f"write the last carry {carry}")
     return lines
 
 
-def _sub_steps(a: int, b: int) -> list[str]:  # a >= b
+def _sub_steps(a: int, b: int, check: bool, slip: int | None, rng: random.Random | None) -> list[str]:  # a >= b
     lines = [f"Subtract {a} - {b} column by column from the right."]
     da, db, borrow = _digits(a), _digits(b), 0
     for k in range(len(da)):
         y = db[k] if k < len(db) else 0
         left = f"{da[k]} - {y}" if not borrow else f"{da[k]} - 1 - {y}"
         x = da[k] - borrow
+        top = x if x >= y else x + 10                               # what the column subtracts y from
         if x >= y:
             borrow = 0
-            lines.append(f"column {k + 1}: {left} = {x - y}, write {x - y}, borrow 0")
+            line = lambda v: f"column {k + 1}: {left} = {v}, write {v}, borrow 0"  # noqa: E731
         else:
             borrow = 1
-            lines.append(f"column {k + 1}: {left} is below zero, so borrow ten: {x + 10} - {y} = "
-                         f"{x + 10 - y}, write {x + 10 - y}, borrow 1")
+            line = lambda v: (f"column {k + 1}: {left} is below zero, so borrow ten: {x + 10} - {y} = "  # noqa: E731
+                              f"{v}, write {v}, borrow 1")
+        d = top - y
+        if slip == k:                                               # the check adds back: d' + y is not top
+            wrong = _slipped(d, rng, hi=9)
+            lines += [line(wrong), f"check: {wrong} + {y} = {wrong + y}, not {top}", f"Wait, redo {line(d)}"]
+        else:
+            lines.append(line(d))
+            if check:
+                lines.append(f"check: {d} + {y} = {top}")
     return lines
 
 
-def _mul_steps(a: int, b: int) -> list[str]:
+def _mul_steps(a: int, b: int, check: bool, slip: int | None, rng: random.Random | None) -> list[str]:
     lines = [f"Multiply {a} * {b} by each digit of {b}."]
     partials = []
     for k, d in enumerate(_digits(b)):
         p = a * d
         partials.append(p * 10**k)
         shift = f", shifted by {k}: {p * 10**k}" if k else ""
-        lines.append(f"{a} * {d} = {p}{shift}")
+        if slip == k:                                               # the check multiplies the other way round
+            wrong = _slipped(p, rng)
+            lines += [f"{a} * {d} = {wrong}", f"check: {d} * {a} = {p}, not {wrong}", f"Wait, redo {a} * {d} = {p}{shift}"]
+        else:
+            lines.append(f"{a} * {d} = {p}{shift}")
+            if check:
+                lines.append(f"check: {d} * {a} = {p}")
     if len(partials) > 1:
         lines.append(f"Add the parts: {' + '.join(map(str, partials))} = {sum(partials)}")
     return lines
+
+
+_STEPS = {"+": _add_steps, "-": _sub_steps, "*": _mul_steps}
 
 
 class Arithmetic(TaskFamily):
@@ -81,12 +123,16 @@ class Arithmetic(TaskFamily):
             a, b = max(a, b), min(a, b)
         elif rng.random() < 0.5:
             a, b = b, a
-        if op == "+":
-            result, steps = a + b, _add_steps(a, b)
-        elif op == "-":
-            result, steps = a - b, _sub_steps(a, b)
-        else:
-            result, steps = a * b, _mul_steps(a, b)
-        steps.append(f"So {a} {op} {b} = {result}.")
+        result = {"+": a + b, "-": a - b, "*": a * b}[op]
+        steps = _STEPS[op](a, b, False, None, None) + [f"So {a} {op} {b} = {result}."]
         return Problem(self.name, f"What is {a} {op} {b}?", str(result), "\n".join(steps), difficulty,
                        {"a": a, "b": b, "op": op})
+
+    def worked_solution(self, problem: Problem, rng: random.Random, check: bool, slip: bool) -> str:
+        """Checks every column (added in the other order, a difference added back, a product turned round);
+        with `slip`, one column is first written wrong and its check catches and redoes it."""
+        a, b, op = problem.meta["a"], problem.meta["b"], problem.meta["op"]
+        columns = len(_digits(b)) if op == "*" else len(_digits(max(a, b)))
+        where = rng.randrange(columns) if slip else None
+        steps = _STEPS[op](a, b, check or slip, where, rng)
+        return "\n".join(steps + [f"So {a} {op} {b} = {problem.answer}."])

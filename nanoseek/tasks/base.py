@@ -128,6 +128,12 @@ class TaskFamily:
     def generate(self, rng: random.Random, difficulty: int) -> Problem:
         raise NotImplementedError
 
+    def worked_solution(self, problem: Problem, rng: random.Random, check: bool, slip: bool) -> str:
+        """The worked solution, written with a check of each step (`check`) and, with `slip`, one step first
+        written wrong, caught by its check and redone ("Wait, redo ..."): the self-verification the corpus
+        shows now and then. Families that do not write checks return `problem.solution`."""
+        return problem.solution
+
     def check(self, problem: Problem, answer: str) -> bool:
         """Is the extracted answer correct? Here: equal as exact numbers. May raise; `score` gives 0 then."""
         value = parse_number(answer)

@@ -32,8 +32,8 @@ MAX_SCAN_CHARS = 200_000  # language_share reads at most this many characters
 # Every word of the task prompts and worked solutions (tests check that generated text uses no other).
 EN_WORDS = (
     "add and at below borrow both by carry check column digit divide each for from is last left make most "
-    "multiply no number numbers of once parentheses parts right shifted sides so solve subtract target ten "
-    "that the to try use what write zero"
+    "multiply no not number numbers of once parentheses parts redo right shifted sides so solve subtract target "
+    "ten that the to try use wait what write zero"
 ).split()
 
 

@@ -44,18 +44,49 @@ class Linear(TaskFamily):
         if difficulty >= 3:
             d = rng.choice([v for v in range(-9, 10) if v not in (0, a)])
         e = a * x + b - d * x
-        steps = []
-        if d:
-            verb = f"Subtract {_side(d, 0)} from" if d > 0 else f"Add {_side(-d, 0)} to"
-            steps.append(f"{verb} both sides: {_side(a - d, b)} = {e}")
-        k = a - d  # now k·x + b = e
-        verb = f"Subtract {b} from" if b > 0 else f"Add {-b} to"
-        steps.append(f"{verb} both sides: {_side(k, 0)} = {e} {'-' if b > 0 else '+'} {abs(b)} = {e - b}")
-        if k != 1:
-            steps.append(f"Divide both sides by {k}: x = {e - b} / {_paren(k)} = {x}")
-        times = "" if a == 1 else f"{a} * "
-        check = f"Check: {times}{_paren(x)} + {_paren(b)} = {a * x + b}"
-        steps.append(check + (f" and {d} * {_paren(x)} + {_paren(e)} = {d * x + e}" if d else ""))
-        steps.append(f"So x = {x}.")
+        steps = _steps(a, b, d, e, x, check=True)
         prompt = f"Solve for x: {_side(a, b)} = {_side(d, e)}."
         return Problem(self.name, prompt, str(x), "\n".join(steps), difficulty, {"a": a, "b": b, "d": d, "e": e})
+
+    def worked_solution(self, problem: Problem, rng: random.Random, check: bool, slip: bool) -> str:
+        """Without `check` the substitution check is left out; with `slip` the step that yields x first gets
+        it wrong (off by one), the substitution check shows the sides differ, and the step is redone."""
+        m = problem.meta
+        x = int(problem.answer)
+        wrong = x + rng.choice([-1, 1]) if slip else None
+        return "\n".join(_steps(m["a"], m["b"], m["d"], m["e"], x, check or slip, wrong))
+
+
+def _steps(a: int, b: int, d: int, e: int, x: int, check: bool, wrong: int | None = None) -> list[str]:
+    """The worked solution of a·x + b = d·x + e: move the x terms, move the constant, divide, (check), answer.
+    wrong: a slipped value of x, written first and caught by the check."""
+    steps = []
+    if d:
+        verb = f"Subtract {_side(d, 0)} from" if d > 0 else f"Add {_side(-d, 0)} to"
+        steps.append(f"{verb} both sides: {_side(a - d, b)} = {e}")
+    k = a - d  # now k·x + b = e
+    verb = f"Subtract {b} from" if b > 0 else f"Add {-b} to"
+    moved = f"{verb} both sides: {_side(k, 0)} = {e} {'-' if b > 0 else '+'} {abs(b)} = {e - b}"
+    solve = (lambda v: f"Divide both sides by {k}: x = {e - b} / {_paren(k)} = {v}") if k != 1 else None
+    if solve is None:      # k = 1: moving the constant gives x; a slip there is "x = 12 - 5 = 8"
+        steps.append(moved if wrong is None else moved.rsplit("= ", 1)[0] + f"= {wrong}")
+    else:
+        steps += [moved, solve(x if wrong is None else wrong)]
+    if wrong is not None:
+        left, right = _check_sides(a, b, d, e, wrong)
+        steps.append(f"Check: {left}, not {right}")
+        steps.append("Wait, redo: " + (solve(x) if solve else moved))
+    if check:
+        left, right = _check_sides(a, b, d, e, x)
+        steps.append(f"Check: {left} and {right}" if d else f"Check: {left}")
+    steps.append(f"So x = {x}.")
+    return steps
+
+
+def _check_sides(a: int, b: int, d: int, e: int, x: int) -> tuple[str, str]:
+    """Both sides at x as written by the check: ("3 * 7 + 5 = 26", "26"), or with x on the right too
+    ("3 * 7 + 5 = 26", "2 * 7 + 12 = 26")."""
+    times = "" if a == 1 else f"{a} * "
+    left = f"{times}{_paren(x)} + {_paren(b)} = {a * x + b}"
+    right = f"{d} * {_paren(x)} + {_paren(e)} = {d * x + e}" if d else str(e)
+    return left, right
