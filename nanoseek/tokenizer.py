@@ -214,40 +214,169 @@ class Tokenizer:
         return self.eos_id if self.pad_token is None else self.token_id(self.pad_token)
 
     # ---- chat ----
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def template_tokens(self) -> dict[str, str]:
+        """The special tokens a chat template sees, as transformers passes them (its `special_tokens_map`: the
+        named tokens that are set; an unset one stays undefined in the template rather than "")."""
+        names = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        names.update({k: _token_name(self.extra_config.get(k)) for k in ("unk_token", "sep_token", "cls_token",
+                                                                         "mask_token")})
+        return {k: v for k, v in names.items() if v is not None}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            tools: list[dict] | None = None, **template_kwargs) -> str:
         """Render `messages` ([{"role": "user"|"assistant"|"system", "content": str}]) to text; encode() it."""
-        return render_chat(messages, add_generation_prompt, self.chat_template, source=self.source,
-                           bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                           pad_token=self.pad_token or "")
+        return self.render_chat_spans(messages, add_generation_prompt, tools=tools, **template_kwargs)[0]
+
+    def render_chat_spans(self, messages: list[dict], add_generation_prompt: bool = False, *,
+                          tools: list[dict] | None = None, **template_kwargs) -> tuple[str, list[tuple[int, int]]]:
+        """(text, [(start, end) character span of each `{% generation %}` block]): transformers'
+        `return_assistant_tokens_mask` spans; [] for a template without generation blocks."""
+        return render_chat_spans(messages, add_generation_prompt, self.chat_template, source=self.source,
+                                 tools=tools, **{**self.template_tokens, **template_kwargs})
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = True, template: str = CHAT_TEMPLATE,
-                source: str = "the default template", **special_tokens: str) -> str:
+                source: str = "the default template", **template_kwargs) -> str:
     """Render a chat template as transformers does. Without a tokenizer it gives our own format (the corpus
     is written before any tokenizer exists)."""
+    return render_chat_spans(messages, add_generation_prompt, template, source, **template_kwargs)[0]
+
+
+def has_generation_blocks(template: str) -> bool:
+    """Whether the template marks assistant text with `{% generation %}` (transformers' own test, verbatim)."""
+    return re.search(r"\{\%-?\s*generation\s*-?\%\}", template) is not None
+
+
+def render_chat_spans(messages: list[dict], add_generation_prompt: bool = True, template: str = CHAT_TEMPLATE,
+                      source: str = "the default template", *, tools: list[dict] | None = None,
+                      **template_kwargs) -> tuple[str, list[tuple[int, int]]]:
+    """(rendered text, character spans of the `{% generation %}` blocks), exactly as transformers'
+    `apply_chat_template(..., tokenize=False)` renders it: with transformers' own renderer when it is
+    importable, else with `_fallback_template`, a copy of its environment. Keys whose value is None are dropped
+    from each message first (transformers does, so `"content": None` never renders as "None"). Without
+    explicit special tokens the template sees ours (our format without a tokenizer)."""
     from jinja2.exceptions import TemplateError
 
-    special_tokens = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, **special_tokens}
+    if not template_kwargs:
+        template_kwargs = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
+    track = has_generation_blocks(template)
     try:
-        return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **special_tokens)
-    except TemplateError as e:
+        render = _transformers_renderer()
+        if render is not None:
+            texts, spans = render([messages], tools=tools, chat_template=template, add_generation_prompt=add_generation_prompt,
+                                  return_assistant_tokens_mask=track, **template_kwargs)
+            return texts[0], [tuple(s) for s in spans[0]] if track else []
+        return _render_fallback(_fallback_template(template), messages, tools, add_generation_prompt, template_kwargs)
+    except (TemplateError, TypeError, ValueError) as e:
+        # TemplateError: the template's own raise_exception or an undefined name; TypeError / ValueError: a
+        # message the template cannot handle (e.g. "a" + 1) or that transformers refuses
         raise UserError(f"chat template of {source} failed ({e}); check the messages' roles and contents, or "
                         f"fix chat_template in tokenizer_config.json") from None
 
 
+@lru_cache(maxsize=1)
+def _transformers_renderer():
+    """transformers' `render_jinja_template` when transformers is installed (the reference itself), else None."""
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+    except ImportError:
+        return None
+    return render_jinja_template
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")   # transformers reads a reasoning under these
+
+
+def _render_fallback(compiled, messages: list[dict], tools, add_generation_prompt: bool,
+                     template_kwargs: dict) -> tuple[str, list[tuple[int, int]]]:
+    """Render as transformers' render_jinja_template does for one conversation: a message's reasoning is
+    copied under every name templates read it by, and the text is built from the template's stream of
+    blocks so each `{% generation %}` block knows its character offset."""
+    aliased = []
+    for m in messages:
+        reasoning = next((m[k] for k in _REASONING_FIELDS if isinstance(m, dict) and m.get(k) is not None), None)
+        aliased.append(m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning})
+    blocks: list[str] = []
+    spans: list[tuple[int, int]] = []
+    compiled.environment.tracking = (blocks, spans)
+    try:
+        for block in compiled.generate(messages=aliased, tools=tools, documents=None,
+                                       add_generation_prompt=add_generation_prompt, **template_kwargs):
+            blocks.append(block)
+    finally:
+        compiled.environment.tracking = None
+    return "".join(blocks), spans
+
+
 @lru_cache(maxsize=8)
-def _compile(template: str):
-    """Sandboxed, trim_blocks, lstrip_blocks and raise_exception: the environment transformers uses."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.ext import loopcontrols
+def _fallback_template(template: str):
+    """transformers' chat-template environment, rebuilt for when transformers is not installed: sandboxed,
+    trim_blocks + lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a `tojson` that keeps key
+    order and does not HTML-escape (ensure_ascii=False, indent / separators / sort_keys options), a
+    `namespace` that refuses underscore attributes, and the `{% generation %}` tag, which renders its body
+    and records the body's character span."""
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.exceptions import SecurityError, TemplateError
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_span"), [], [], body).set_lineno(lineno)
+
+        def _span(self, caller):
+            text = caller()
+            if self.environment.tracking is not None:     # blocks rendered so far: where this one starts
+                blocks, spans = self.environment.tracking
+                start = sum(map(len, blocks))
+                spans.append((start, start + len(text)))
+            return text
 
     def raise_exception(message):
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.globals["raise_exception"] = raise_exception
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return datetime.now().strftime(format)
+
+    class Namespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):             # jinja's signature trick: `namespace(self=...)` still works
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise SecurityError(f"chat templates cannot store underscore attributes on a namespace ({name!r})")
+
+    class TemplateDict:                            # `dict(...)` and `dict.fromkeys(...)`, not the type itself
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.tracking = None
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, namespace=Namespace,
+                       dict=TemplateDict())
     return env.from_string(template)
 
 
