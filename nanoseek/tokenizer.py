@@ -5,12 +5,14 @@
     tok = Tokenizer.load(dir)                          # ANY HF tokenizer.json (+ tokenizer_config.json when present)
     tok.encode(text) -> list[int]                      # never adds bos/eos: callers place them
     tok.encode_batch(texts) -> list[list[int]]
-    tok.encode_offsets(text) -> (ids, [(start, end) character span per token])
+    tok.encode_offsets(text, add_special_tokens=False) -> (ids, [(start, end) character span per token])
     tok.decode(ids, skip_special_tokens=False) -> str
     len(tok) == tok.vocab_size                         # max id + 1: the embedding rows a model needs
     tok.bos_id (may be None for user tokenizers), tok.eos_id, tok.pad_id (falls back to eos)
     tok.token_id("<think>") -> int | None              # None when the string is not one token
-    tok.apply_chat_template(messages, add_generation_prompt=True) -> str
+    tok.apply_chat_template(messages, add_generation_prompt=True, tools=None, **template_kwargs) -> str
+    tok.render_chat_spans(messages, add_generation_prompt=False, tools=None) -> (text, [(start, end) of each
+                                                       {% generation %} block])   # transformers' assistant mask
     render_chat(messages, add_generation_prompt=True) -> str   # our format without a tokenizer (the corpus)
     r1_zero_prompt(question) -> str                    # the R1-Zero template (R1 report §2.2.1), ends in "<think>"
     check_vocab_fits(tok_vocab_size, model_vocab_size) # UserError when the model's embedding is too small
@@ -22,8 +24,9 @@ Why these choices:
 - Special tokens get the first ids (0..9, fixed order) so every tokenizer we train agrees on them. The
   reasoning tags are single tokens but NOT "special" in the HF sense: `decode(skip_special_tokens=True)`
   keeps them, as DeepSeek-R1's tokenizer does, because rewards parse them.
-- The chat template is one Jinja string, rendered by us with jinja2 exactly as transformers renders it, so
-  `AutoTokenizer.from_pretrained(dir).apply_chat_template` gives the same ids. Our format is compact:
+- The chat template is one Jinja string, rendered exactly as transformers renders it (by transformers' own
+  renderer when it is installed, else by a copy of its jinja2 environment), so
+  `AutoTokenizer.from_pretrained(dir).apply_chat_template` gives the same text and ids. Our format is compact:
   `<|bos|><|system|>S<|user|>Q<|assistant|>A<|eos|><|user|>...`; each assistant turn ends in eos.
 """
 
@@ -177,9 +180,11 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
-    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids and each token's (start, end) character span in `text` (SFT finds response tokens with these)."""
-        enc = self.backend.encode(text, add_special_tokens=False)
+    def encode_offsets(self, text: str, add_special_tokens: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and each token's (start, end) character span in `text` (SFT finds response tokens with these).
+        add_special_tokens: what the tokenizer's post-processor adds (e.g. Llama's bos, span (0, 0)), as
+        transformers' `tokenizer(text)` does; plain-text SFT wants it, rendered chat templates do not."""
+        enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
         return enc.ids, enc.offsets
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
