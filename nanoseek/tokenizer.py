@@ -238,7 +238,7 @@ class Tokenizer:
         """(text, [(start, end) character span of each `{% generation %}` block]): transformers'
         `return_assistant_tokens_mask` spans; [] for a template without generation blocks."""
         return render_chat_spans(messages, add_generation_prompt, self.chat_template, source=self.source,
-                                 tools=tools, **{**self.template_tokens, **template_kwargs})
+                                 tools=tools, special_tokens=self.template_tokens, **template_kwargs)
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = True, template: str = CHAT_TEMPLATE,
@@ -255,16 +255,19 @@ def has_generation_blocks(template: str) -> bool:
 
 def render_chat_spans(messages: list[dict], add_generation_prompt: bool = True, template: str = CHAT_TEMPLATE,
                       source: str = "the default template", *, tools: list[dict] | None = None,
+                      special_tokens: dict[str, str] | None = None,
                       **template_kwargs) -> tuple[str, list[tuple[int, int]]]:
     """(rendered text, character spans of the `{% generation %}` blocks), exactly as transformers'
     `apply_chat_template(..., tokenize=False)` renders it: with transformers' own renderer when it is
     importable, else with `_fallback_template`, a copy of its environment. Keys whose value is None are dropped
-    from each message first (transformers does, so `"content": None` never renders as "None"). Without
-    explicit special tokens the template sees ours (our format without a tokenizer)."""
+    from each message first (transformers does, so `"content": None` never renders as "None").
+    special_tokens: the tokenizer's ({"bos_token": ..., ...}, the unset ones left out); None = ours (our
+    format without a tokenizer). template_kwargs: further variables, which override them (as in transformers)."""
     from jinja2.exceptions import TemplateError
 
-    if not template_kwargs:
-        template_kwargs = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    if special_tokens is None:
+        special_tokens = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    template_kwargs = {**special_tokens, **template_kwargs}
     messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
     track = has_generation_blocks(template)
     try:

@@ -248,9 +248,10 @@ def tokenizer_json(tmp_path_factory):
     return path
 
 
-def saved_tokenizer(root, tokenizer_json, name):
-    """A tokenizer directory for template `name`: (ours loaded, transformers' loaded)."""
-    template, bos, eos, pad = TEMPLATES[name]
+def saved_tokenizer(root, tokenizer_json, name, spec=None):
+    """A tokenizer directory for template `name` (spec: its (template, bos, eos, pad), default TEMPLATES[name]):
+    (ours loaded, transformers' loaded)."""
+    template, bos, eos, pad = spec or TEMPLATES[name]
     folder = root / name
     folder.mkdir(exist_ok=True)
     (folder / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
@@ -292,6 +293,14 @@ def test_render_equals_transformers(name, renderer, tokenizer_json, tmp_path):
         assert "seven" not in text and text.endswith("<｜Assistant｜><think>\n")
 
 
+def test_unset_special_tokens_stay_undefined(renderer, tokenizer_json, tmp_path):
+    """A tokenizer without bos: the template sees no bos_token at all (transformers passes only the set ones)."""
+    template = "{% if bos_token is defined %}[bos {{ bos_token }}]{% endif %}{{ messages[0]['content'] + eos_token }}"
+    ours, hf = saved_tokenizer(tmp_path, tokenizer_json, "no-bos", (template, None, "<|im_end|>", None))
+    assert ours.apply_chat_template(CHATS[0]) == hf.apply_chat_template(CHATS[0], tokenize=False) == \
+        CHATS[0][0]["content"] + "<|im_end|>"
+
+
 def test_template_errors_are_user_errors(renderer, tokenizer_json, tmp_path):
     ours, _ = saved_tokenizer(tmp_path, tokenizer_json, "llama3.2")
     with pytest.raises(UserError, match="only supports single tool-calls"):
@@ -309,11 +318,8 @@ GENERATION_TEMPLATE = (   # ChatML with the assistant turns marked for transform
 
 
 def test_generation_spans_equal_transformers_assistant_mask(renderer, tokenizer_json, tmp_path):
-    TEMPLATES["generation"] = (GENERATION_TEMPLATE, None, "<|im_end|>", "<|endoftext|>")
-    try:
-        ours, hf = saved_tokenizer(tmp_path, tokenizer_json, "generation")
-    finally:
-        del TEMPLATES["generation"]
+    ours, hf = saved_tokenizer(tmp_path, tokenizer_json, "generation",
+                               (GENERATION_TEMPLATE, None, "<|im_end|>", "<|endoftext|>"))
     for messages in CHATS[1:]:
         text, spans = ours.render_chat_spans(messages)
         assert [text[a:b] for a, b in spans] == [m["content"] + "<|im_end|>" for m in messages
