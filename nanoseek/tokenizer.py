@@ -151,8 +151,8 @@ class Tokenizer:
         template = config.pop("chat_template", None)
         if isinstance(template, list):  # older format: [{"name": "default", "template": ...}, ...]
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        jinja_file = folder / "chat_template.jinja"  # where recent transformers save it
-        if template is None and jinja_file.is_file():
+        jinja_file = folder / "chat_template.jinja"  # where recent transformers save it; it wins, as there
+        if jinja_file.is_file():
             template = jinja_file.read_text(encoding="utf-8")
         vocab = backend.get_vocab(with_added_tokens=True)
         names = {}

@@ -329,3 +329,13 @@ def test_generation_spans_equal_transformers_assistant_mask(renderer, tokenizer_
         assert ids == list(out["input_ids"])
         mask = [any(s < b and e > a for a, b in spans) for s, e in offsets]
         assert mask == [bool(m) for m in out["assistant_masks"]]
+
+
+def test_chat_template_jinja_file_wins_as_in_transformers(tokenizer_json, tmp_path):
+    """transformers reads chat_template.jinja before tokenizer_config.json's chat_template; so do we."""
+    ours, _ = saved_tokenizer(tmp_path, tokenizer_json, "nanoseek")
+    (tmp_path / "nanoseek" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!", encoding="utf-8")
+    ours = Tokenizer.load(tmp_path / "nanoseek")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "nanoseek"))
+    assert ours.apply_chat_template(CHATS[0]) == hf.apply_chat_template(CHATS[0], tokenize=False) == \
+        CHATS[0][0]["content"] + "!"
