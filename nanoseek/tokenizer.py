@@ -273,8 +273,9 @@ def render_chat_spans(messages: list[dict], add_generation_prompt: bool = True, 
     try:
         render = _transformers_renderer()
         if render is not None:
-            texts, spans = render([messages], tools=tools, chat_template=template, add_generation_prompt=add_generation_prompt,
-                                  return_assistant_tokens_mask=track, **template_kwargs)
+            texts, spans = render([messages], tools=tools, chat_template=template,
+                                  add_generation_prompt=add_generation_prompt, return_assistant_tokens_mask=track,
+                                  **template_kwargs)
             return texts[0], [tuple(s) for s in spans[0]] if track else []
         return _render_fallback(_fallback_template(template), messages, tools, add_generation_prompt, template_kwargs)
     except (TemplateError, TypeError, ValueError) as e:
@@ -308,13 +309,13 @@ def _render_fallback(compiled, messages: list[dict], tools, add_generation_promp
         aliased.append(m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning})
     blocks: list[str] = []
     spans: list[tuple[int, int]] = []
-    compiled.environment.tracking = (blocks, spans)
+    token = compiled.environment.tracking.set((blocks, spans))   # a context variable: thread-safe
     try:
         for block in compiled.generate(messages=aliased, tools=tools, documents=None,
                                        add_generation_prompt=add_generation_prompt, **template_kwargs):
             blocks.append(block)
     finally:
-        compiled.environment.tracking = None
+        compiled.environment.tracking.reset(token)
     return "".join(blocks), spans
 
 
@@ -325,6 +326,7 @@ def _fallback_template(template: str):
     order and does not HTML-escape (ensure_ascii=False, indent / separators / sort_keys options), a
     `namespace` that refuses underscore attributes, and the `{% generation %}` tag, which renders its body
     and records the body's character span."""
+    from contextvars import ContextVar
     from datetime import datetime
 
     import jinja2
@@ -342,8 +344,8 @@ def _fallback_template(template: str):
 
         def _span(self, caller):
             text = caller()
-            if self.environment.tracking is not None:     # blocks rendered so far: where this one starts
-                blocks, spans = self.environment.tracking
+            if (tracking := self.environment.tracking.get()) is not None:   # where this block starts:
+                blocks, spans = tracking                                        # after the blocks so far
                 start = sum(map(len, blocks))
                 spans.append((start, start + len(text)))
             return text
@@ -381,7 +383,7 @@ def _fallback_template(template: str):
             return dict.fromkeys(*args, **kwargs)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
-    env.tracking = None
+    env.tracking = ContextVar("generation_spans", default=None)
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, namespace=Namespace,
                        dict=TemplateDict())

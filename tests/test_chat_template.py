@@ -308,6 +308,8 @@ def test_template_errors_are_user_errors(renderer, tokenizer_json, tmp_path):
             {"function": {"name": "a", "arguments": {}}}, {"function": {"name": "b", "arguments": {}}}]}])
     with pytest.raises(UserError, match="chat template of"):
         tokenizer_module.render_chat([{"role": "user", "content": "x"}], template="{{ messages[0].content + 1 }}")
+    with pytest.raises(UserError, match="_x"):   # the sandbox's namespace keeps away from CPython internals
+        tokenizer_module.render_chat([], template="{% set ns = namespace(_x=1) %}{{ ns._x }}")
 
 
 GENERATION_TEMPLATE = (   # ChatML with the assistant turns marked for transformers' return_assistant_tokens_mask
