@@ -9,7 +9,8 @@
                 check_model_fit(model_config, vocab_size, seq_len);
                 PackedDataset(dir, seq_len, batch_size, seed=0, shuffle=True, rank=0, world_size=1, model_config=None)
     sft.py      load_chat_records(path) -> list[{"prompt", "completion"}] (any of TRL's record formats, one per
-                file); tokenize_example(tok, example, assistant_only_loss=True, completion_only_loss=True) ->
+                file); to_messages(record) -> one message list (conversational records);
+                tokenize_example(tok, example, assistant_only_loss=True, completion_only_loss=True) ->
                 (ids, trained_mask); SFTDataset(path | records, tok, seq_len, batch_size, seed=0, shuffle=True,
                 rank=0, world_size=1, model_config=None, assistant_only_loss=True, completion_only_loss=True,
                 truncation_mode="keep_start", packing=False) with .stats (truncated / dropped / no-loss counts)
