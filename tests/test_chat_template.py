@@ -341,3 +341,45 @@ def test_chat_template_jinja_file_wins_as_in_transformers(tokenizer_json, tmp_pa
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "nanoseek"))
     assert ours.apply_chat_template(CHATS[0]) == hf.apply_chat_template(CHATS[0], tokenize=False) == \
         CHATS[0][0]["content"] + "!"
+
+
+def test_reasoning_fields_and_none_values_as_in_transformers(renderer, tokenizer_json, tmp_path):
+    """A message's reasoning reaches the template under every name templates read (Qwen3 reads
+    reasoning_content, gpt-oss thinking), and keys set to None are dropped rather than rendered "None"."""
+    template = ("{% for m in messages %}{{ m.role }}:{% if m.reasoning_content is defined %}"
+                "<think>{{ m.reasoning_content }}|{{ m.thinking }}</think>{% endif %}{{ m.content }}"
+                "{% if m.name is defined %}({{ m.name }}){% endif %}\n{% endfor %}")
+    ours, hf = saved_tokenizer(tmp_path, tokenizer_json, "reasoning", (template, None, "<|im_end|>", None))
+    messages = [{"role": "user", "content": "2 + 2?", "name": None},
+                {"role": "assistant", "content": "4", "reasoning": "two and two"}]
+    text = ours.apply_chat_template(messages, add_generation_prompt=False)
+    assert text == hf.apply_chat_template(messages, tokenize=False) == \
+        "user:2 + 2?assistant:<think>two and two|two and two</think>4"   # trim_blocks eats the "\n" after a tag
+
+
+@pytest.fixture(scope="module")
+def fuzz_tokenizers(tokenizer_json, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz")
+    return {name: saved_tokenizer(root, tokenizer_json, name) for name in ("qwen2.5", "llama3.2", "deepseek-r1")}
+
+
+def test_fallback_matches_transformers_on_random_chats(fuzz_tokenizers):
+    """The fallback renderer (what runs without transformers) against transformers on random conversations:
+    any Unicode, whitespace at the ends (Llama trims), "</think>" inside contents (R1 splits on it)."""
+    from hypothesis import given, settings, strategies as st
+
+    text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20) | st.sampled_from(
+        ["  padded\n", "a</think>b", "<think>x</think>\n\ny", "{{ not jinja }}", "東京 🙂"])
+    turn = st.tuples(st.sampled_from(["user", "assistant", "system"]), text)
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(st.lists(turn, min_size=1, max_size=5), st.booleans())
+    def check(turns, gen):
+        messages = [{"role": r, "content": c} for r, c in turns]
+        for ours, hf in fuzz_tokenizers.values():
+            expected = hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
+            fallback = tokenizer_module._render_fallback(
+                tokenizer_module._fallback_template(ours.chat_template), messages, None, gen, ours.template_tokens)
+            assert fallback[0] == expected
+
+    check()
