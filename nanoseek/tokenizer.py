@@ -5,12 +5,14 @@
     tok = Tokenizer.load(dir)                          # ANY HF tokenizer.json (+ tokenizer_config.json when present)
     tok.encode(text) -> list[int]                      # never adds bos/eos: callers place them
     tok.encode_batch(texts) -> list[list[int]]
-    tok.encode_offsets(text) -> (ids, [(start, end) character span per token])
+    tok.encode_offsets(text, add_special_tokens=False) -> (ids, [(start, end) character span per token])
     tok.decode(ids, skip_special_tokens=False) -> str
     len(tok) == tok.vocab_size                         # max id + 1: the embedding rows a model needs
     tok.bos_id (may be None for user tokenizers), tok.eos_id, tok.pad_id (falls back to eos)
     tok.token_id("<think>") -> int | None              # None when the string is not one token
-    tok.apply_chat_template(messages, add_generation_prompt=True) -> str
+    tok.apply_chat_template(messages, add_generation_prompt=True, tools=None, **template_kwargs) -> str
+    tok.render_chat_spans(messages, add_generation_prompt=False, tools=None) -> (text, [(start, end) of each
+                                                       {% generation %} block])   # transformers' assistant mask
     render_chat(messages, add_generation_prompt=True) -> str   # our format without a tokenizer (the corpus)
     r1_zero_prompt(question) -> str                    # the R1-Zero template (R1 report §2.2.1), ends in "<think>"
     check_vocab_fits(tok_vocab_size, model_vocab_size) # UserError when the model's embedding is too small
@@ -22,8 +24,9 @@ Why these choices:
 - Special tokens get the first ids (0..9, fixed order) so every tokenizer we train agrees on them. The
   reasoning tags are single tokens but NOT "special" in the HF sense: `decode(skip_special_tokens=True)`
   keeps them, as DeepSeek-R1's tokenizer does, because rewards parse them.
-- The chat template is one Jinja string, rendered by us with jinja2 exactly as transformers renders it, so
-  `AutoTokenizer.from_pretrained(dir).apply_chat_template` gives the same ids. Our format is compact:
+- The chat template is one Jinja string, rendered exactly as transformers renders it (by transformers' own
+  renderer when it is installed, else by a copy of its jinja2 environment), so
+  `AutoTokenizer.from_pretrained(dir).apply_chat_template` gives the same text and ids. Our format is compact:
   `<|bos|><|system|>S<|user|>Q<|assistant|>A<|eos|><|user|>...`; each assistant turn ends in eos.
 """
 
@@ -148,8 +151,8 @@ class Tokenizer:
         template = config.pop("chat_template", None)
         if isinstance(template, list):  # older format: [{"name": "default", "template": ...}, ...]
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        jinja_file = folder / "chat_template.jinja"  # where recent transformers save it
-        if template is None and jinja_file.is_file():
+        jinja_file = folder / "chat_template.jinja"  # where recent transformers save it; it wins, as there
+        if jinja_file.is_file():
             template = jinja_file.read_text(encoding="utf-8")
         vocab = backend.get_vocab(with_added_tokens=True)
         names = {}
@@ -177,9 +180,11 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
-    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids and each token's (start, end) character span in `text` (SFT finds response tokens with these)."""
-        enc = self.backend.encode(text, add_special_tokens=False)
+    def encode_offsets(self, text: str, add_special_tokens: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and each token's (start, end) character span in `text` (SFT finds response tokens with these).
+        add_special_tokens: what the tokenizer's post-processor adds (e.g. Llama's bos, span (0, 0)), as
+        transformers' `tokenizer(text)` does; plain-text SFT wants it, rendered chat templates do not."""
+        enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
         return enc.ids, enc.offsets
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -214,40 +219,174 @@ class Tokenizer:
         return self.eos_id if self.pad_token is None else self.token_id(self.pad_token)
 
     # ---- chat ----
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def template_tokens(self) -> dict[str, str]:
+        """The special tokens a chat template sees, as transformers passes them (its `special_tokens_map`: the
+        named tokens that are set; an unset one stays undefined in the template rather than "")."""
+        names = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        names.update({k: _token_name(self.extra_config.get(k)) for k in ("unk_token", "sep_token", "cls_token",
+                                                                         "mask_token")})
+        return {k: v for k, v in names.items() if v is not None}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                            tools: list[dict] | None = None, **template_kwargs) -> str:
         """Render `messages` ([{"role": "user"|"assistant"|"system", "content": str}]) to text; encode() it."""
-        return render_chat(messages, add_generation_prompt, self.chat_template, source=self.source,
-                           bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                           pad_token=self.pad_token or "")
+        return self.render_chat_spans(messages, add_generation_prompt, tools=tools, **template_kwargs)[0]
+
+    def render_chat_spans(self, messages: list[dict], add_generation_prompt: bool = False, *,
+                          tools: list[dict] | None = None, **template_kwargs) -> tuple[str, list[tuple[int, int]]]:
+        """(text, [(start, end) character span of each `{% generation %}` block]): transformers'
+        `return_assistant_tokens_mask` spans; [] for a template without generation blocks."""
+        return render_chat_spans(messages, add_generation_prompt, self.chat_template, source=self.source,
+                                 tools=tools, special_tokens=self.template_tokens, **template_kwargs)
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = True, template: str = CHAT_TEMPLATE,
-                source: str = "the default template", **special_tokens: str) -> str:
+                source: str = "the default template", **template_kwargs) -> str:
     """Render a chat template as transformers does. Without a tokenizer it gives our own format (the corpus
     is written before any tokenizer exists)."""
+    return render_chat_spans(messages, add_generation_prompt, template, source, **template_kwargs)[0]
+
+
+def has_generation_blocks(template: str) -> bool:
+    """Whether the template marks assistant text with `{% generation %}` (transformers' own test, verbatim)."""
+    return re.search(r"\{\%-?\s*generation\s*-?\%\}", template) is not None
+
+
+def render_chat_spans(messages: list[dict], add_generation_prompt: bool = True, template: str = CHAT_TEMPLATE,
+                      source: str = "the default template", *, tools: list[dict] | None = None,
+                      special_tokens: dict[str, str] | None = None,
+                      **template_kwargs) -> tuple[str, list[tuple[int, int]]]:
+    """(rendered text, character spans of the `{% generation %}` blocks), exactly as transformers'
+    `apply_chat_template(..., tokenize=False)` renders it: with transformers' own renderer when it is
+    importable, else with `_fallback_template`, a copy of its environment. Keys whose value is None are dropped
+    from each message first (transformers does, so `"content": None` never renders as "None").
+    special_tokens: the tokenizer's ({"bos_token": ..., ...}, the unset ones left out); None = ours (our
+    format without a tokenizer). template_kwargs: further variables, which override them (as in transformers)."""
     from jinja2.exceptions import TemplateError
 
-    special_tokens = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, **special_tokens}
+    if special_tokens is None:
+        special_tokens = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    template_kwargs = {**special_tokens, **template_kwargs}
+    messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
+    track = has_generation_blocks(template)
     try:
-        return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **special_tokens)
-    except TemplateError as e:
+        render = _transformers_renderer()
+        if render is not None:
+            texts, spans = render([messages], tools=tools, chat_template=template,
+                                  add_generation_prompt=add_generation_prompt, return_assistant_tokens_mask=track,
+                                  **template_kwargs)
+            return texts[0], [tuple(s) for s in spans[0]] if track else []
+        return _render_fallback(_fallback_template(template), messages, tools, add_generation_prompt, template_kwargs)
+    except (TemplateError, TypeError, ValueError) as e:
+        # TemplateError: the template's own raise_exception or an undefined name; TypeError / ValueError: a
+        # message the template cannot handle (e.g. "a" + 1) or that transformers refuses
         raise UserError(f"chat template of {source} failed ({e}); check the messages' roles and contents, or "
                         f"fix chat_template in tokenizer_config.json") from None
 
 
+@lru_cache(maxsize=1)
+def _transformers_renderer():
+    """transformers' `render_jinja_template` when transformers is installed (the reference itself), else None."""
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+    except ImportError:
+        return None
+    return render_jinja_template
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")   # transformers reads a reasoning under these
+
+
+def _render_fallback(compiled, messages: list[dict], tools, add_generation_prompt: bool,
+                     template_kwargs: dict) -> tuple[str, list[tuple[int, int]]]:
+    """Render as transformers' render_jinja_template does for one conversation: a message's reasoning is
+    copied under every name templates read it by, and the text is built from the template's stream of
+    blocks so each `{% generation %}` block knows its character offset."""
+    aliased = []
+    for m in messages:
+        reasoning = next((m[k] for k in _REASONING_FIELDS if isinstance(m, dict) and m.get(k) is not None), None)
+        aliased.append(m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning})
+    blocks: list[str] = []
+    spans: list[tuple[int, int]] = []
+    token = compiled.environment.tracking.set((blocks, spans))   # a context variable: thread-safe
+    try:
+        for block in compiled.generate(messages=aliased, tools=tools, documents=None,
+                                       add_generation_prompt=add_generation_prompt, **template_kwargs):
+            blocks.append(block)
+    finally:
+        compiled.environment.tracking.reset(token)
+    return "".join(blocks), spans
+
+
 @lru_cache(maxsize=8)
-def _compile(template: str):
-    """Sandboxed, trim_blocks, lstrip_blocks and raise_exception: the environment transformers uses."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.ext import loopcontrols
+def _fallback_template(template: str):
+    """transformers' chat-template environment, rebuilt for when transformers is not installed: sandboxed,
+    trim_blocks + lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a `tojson` that keeps key
+    order and does not HTML-escape (ensure_ascii=False, indent / separators / sort_keys options), a
+    `namespace` that refuses underscore attributes, and the `{% generation %}` tag, which renders its body
+    and records the body's character span."""
+    from contextvars import ContextVar
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.exceptions import SecurityError, TemplateError
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_span"), [], [], body).set_lineno(lineno)
+
+        def _span(self, caller):
+            text = caller()
+            if (tracking := self.environment.tracking.get()) is not None:   # where this block starts:
+                blocks, spans = tracking                                        # after the blocks so far
+                start = sum(map(len, blocks))
+                spans.append((start, start + len(text)))
+            return text
 
     def raise_exception(message):
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.globals["raise_exception"] = raise_exception
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return datetime.now().strftime(format)
+
+    class Namespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):             # jinja's signature trick: `namespace(self=...)` still works
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise SecurityError(f"chat templates cannot store underscore attributes on a namespace ({name!r})")
+
+    class TemplateDict:                            # `dict(...)` and `dict.fromkeys(...)`, not the type itself
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.tracking = ContextVar("generation_spans", default=None)
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, namespace=Namespace,
+                       dict=TemplateDict())
     return env.from_string(template)
 
 

@@ -8,9 +8,12 @@
                 (tokens, lengths) batches; ShardWriter(folder, dtype, shard_tokens).add(tokens, lengths); load_index(dir);
                 check_model_fit(model_config, vocab_size, seq_len);
                 PackedDataset(dir, seq_len, batch_size, seed=0, shuffle=True, rank=0, world_size=1, model_config=None)
-    sft.py      load_chat_records(path) -> list[messages]; tokenize_chat(tok, messages) -> (ids, trained_mask);
-                SFTDataset(path | records, tok, seq_len, batch_size, seed=0, shuffle=True, rank=0, world_size=1,
-                           model_config=None)
+    sft.py      load_chat_records(path) -> list[{"prompt", "completion"}] (any of TRL's record formats, one per
+                file); to_messages(record) -> one message list (conversational records);
+                tokenize_example(tok, example, assistant_only_loss=True, completion_only_loss=True) ->
+                (ids, trained_mask); SFTDataset(path | records, tok, seq_len, batch_size, seed=0, shuffle=True,
+                rank=0, world_size=1, model_config=None, assistant_only_loss=True, completion_only_loss=True,
+                truncation_mode="keep_start", packing=False) with .stats (truncated / dropped / no-loss counts)
 
 Both datasets: `ds.next_batch(batch_size=None) -> (input_ids [B, T], labels [B, T])` long tensors, labels
 aligned (labels[:, t] = target of position t, -100 = no loss); `iter(ds)` yields next_batch() forever;
@@ -27,7 +30,7 @@ Typical pretraining setup (what `nanoseek pretrain` does):
 
 from nanoseek.data.corpus import CorpusConfig, Document, build_corpus, general_examples, prepare_corpus
 from nanoseek.data.shards import PackedDataset, check_model_fit, load_index, write_shards
-from nanoseek.data.sft import SFTDataset, load_chat_records, tokenize_chat
+from nanoseek.data.sft import SFTDataset, load_chat_records, tokenize_example
 
 __all__ = ["CorpusConfig", "Document", "PackedDataset", "SFTDataset", "build_corpus", "check_model_fit",
-           "general_examples", "load_chat_records", "load_index", "prepare_corpus", "tokenize_chat", "write_shards"]
+           "general_examples", "load_chat_records", "load_index", "prepare_corpus", "tokenize_example", "write_shards"]

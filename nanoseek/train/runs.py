@@ -5,7 +5,8 @@ validate everything that can be wrong (config, tokenizer vs model vocab, seq_len
 the data) BEFORE the run directory is touched, write the resolved `config.toml`, train with the shared loop
 (nanoseek.train.trainer), and export `final/` (HF model + tokenizer, so `load_pretrained(run/final)` works).
 
-Run directory: config.toml, tokenizer/, data/ (pretrain/extend shards), metrics.jsonl, tb/,
+Run directory: config.toml, tokenizer/, data/ (pretrain/extend shards), sft_data.json (SFT: examples
+truncated, dropped, without a trained token), metrics.jsonl, tb/,
 checkpoints/step-N/, final/ (kept by nanoseek.run). `--resume` continues from the newest checkpoint; the resolved config must be the
 one the run started with (train.steps, eval and checkpoint settings may change).
 """
@@ -13,6 +14,7 @@ one the run started with (train.steps, eval and checkpoint settings may change).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +23,9 @@ import torch
 from nanoseek.config import ModelConfig
 from nanoseek.data import PackedDataset, SFTDataset, check_model_fit, load_chat_records
 from nanoseek.data.corpus import CorpusConfig, build_corpus, prepare_corpus
-from nanoseek.data.sft import to_messages
+from nanoseek.data.sft import check_truncation_mode
 from nanoseek.errors import UserError
+from nanoseek.files import atomic_write_json
 from nanoseek.eval import PassAtKConfig, evaluate
 from nanoseek.hf import load_pretrained
 from nanoseek.model import build_model
@@ -59,10 +62,20 @@ class PretrainConfig:
 
 @dataclass
 class SFTDataConfig:
-    path: str | None = None           # chat JSONL (prompt/response or messages); None = task worked solutions
+    path: str | None = None           # SFT JSONL (messages, prompt/response, prompt/completion, text: data/sft.py);
+    #                                   None = task worked solutions
     examples: int = 2000              # with path None: train-split problems turned into chat examples
     val_examples: int = 64            # held out from the data for the validation loss
     tokenizer: str | None = None      # None = the one next to the --init checkpoint
+    # TRL's names: loss on the assistant turns only (conversational data), on the completion only
+    # (prompt/completion data; off = the whole sequence)
+    assistant_only_loss: bool = True
+    completion_only_loss: bool = True
+    truncation_mode: str = "keep_start"   # examples over train.seq_len + 1 tokens: keep_start | keep_end | drop
+    packing: bool = False             # whole examples packed into seq_len rows (attention crosses them)
+
+    def __post_init__(self) -> None:
+        check_truncation_mode(self.truncation_mode, "data.truncation_mode")
 
 
 @dataclass
@@ -193,7 +206,7 @@ def sft_records(dc: SFTDataConfig, tasks: list[str], seed: int) -> list[dict]:
     if dc.path:
         return load_chat_records(dc.path)
 
-    return [to_messages({"prompt": p.prompt, "response": p.solution})
+    return [{"prompt": p.prompt, "response": p.solution}
             for p in sample_problems(tasks, dc.examples, split="train", seed=seed)]
 
 
@@ -209,12 +222,15 @@ def sft(cfg: SFTConfig, out: str | Path, resume: bool = False, progress: bool = 
     tok = Tokenizer.load(cfg.data.tokenizer or tok_dir)
     records = sft_records(cfg.data, cfg.eval.tasks, cfg.train.seed)
     n_val = min(cfg.data.val_examples, len(records) // 10)
-    tc = cfg.train
-    train_data = SFTDataset(records[n_val:], tok, tc.seq_len, tc.batch_size, seed=tc.seed, model_config=model.config)
-    val_batches = None
-    if n_val:
-        val = SFTDataset(records[:n_val], tok, tc.seq_len, 1, shuffle=False, model_config=model.config)
+    tc, dc = cfg.train, cfg.data
+    loss = dict(assistant_only_loss=dc.assistant_only_loss, completion_only_loss=dc.completion_only_loss,
+                truncation_mode=dc.truncation_mode, model_config=model.config)
+    train_data = SFTDataset(records[n_val:], tok, tc.seq_len, tc.batch_size, seed=tc.seed, packing=dc.packing, **loss)
+    val_batches, data_stats = None, {"train": train_data.stats}
+    if n_val:                                      # unpacked: the loss of each example on its own
+        val = SFTDataset(records[:n_val], tok, tc.seq_len, 1, shuffle=False, **loss)
         val_batches = fixed_batches(val, cfg.eval.val_batches, tc.batch_size, len(val.examples))
+        data_stats["val"] = val.stats
     evaluate = task_evaluator(cfg.eval, tok, model.config, tc.seed)
     if ctx is not None:
         ctx.cfg.check_model(model.config)
@@ -225,6 +241,10 @@ def sft(cfg: SFTConfig, out: str | Path, resume: bool = False, progress: bool = 
     with rank0_first(ctx):
         if main:
             start_run(out, cfg, tok)
+            atomic_write_json(out / "sft_data.json", data_stats)
+            print(f"sft data: {train_data.stats['kept']} of {train_data.stats['examples']} training examples in "
+                  f"{train_data.stats['rows']} rows; {train_data.describe()} (data.truncation_mode="
+                  f"{dc.truncation_mode}; details in {out / 'sft_data.json'})", file=sys.stderr)
     seed_everything(tc.seed)
     if resume_from is not None:
         model = load_pretrained(resume_from)
