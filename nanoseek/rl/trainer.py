@@ -421,7 +421,8 @@ class StepCounts:
         mine = [float(batch["resp_mask"].sum()), float(batch["mask"].sum())] if batch is not None else [0.0, 0.0]
         t = ctx.all_reduce(torch.tensor(mine, dtype=torch.float64), "sum", "dp")
         dp = ctx.cfg.dp
-        return cls(seqs=n_kept / dp, resp_tokens_per_rank=float(t[0]) / dp, resp_tokens=float(t[0]), tokens=float(t[1]))
+        resp = max(float(t[0]), 1.0)                 # 0 when rl.mask_truncated_completions masked every row
+        return cls(seqs=n_kept / dp, resp_tokens_per_rank=resp / dp, resp_tokens=resp, tokens=float(t[1]))
 
 
 def update_policy(model, optimizer, par, reference, batch: dict | None, chunks: list[slice], adv, counts: StepCounts,
