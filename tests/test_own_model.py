@@ -136,3 +136,136 @@ def test_bad_reward_function_fails_before_the_run_dir(checkpoints, tmp_path, mon
         err = capsys.readouterr().err
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_mask_truncated_completions(checkpoints, tmp_path, monkeypatch):
+    """TRL's mask_truncated_completions: completions cut at max_completion_length get no loss. With every
+    completion cut (4 tokens, no eos sampled), the update has nothing to learn from: loss and gradient 0; the
+    same run without the mask moves the model."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rewards_mask.py").write_text(REWARDS_PY)
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(gsm8k_lines(8)))
+    grad = {}
+    for masked in (True, False):
+        out = tmp_path / f"run-{masked}"
+        assert main(["grpo", "--recipe", str(ROOT / "recipes" / "grpo_gsm8k.toml"), "--init",
+                     str(checkpoints["qwen2"]), "--out", str(out), "--no-progress", "--set", f"tasks.data={data}",
+                     "--set", "train.steps=1,train.prompts=2,train.device=cpu,train.threads=1,checkpoint.every=0",
+                     "--set", f"num_generations=4,max_completion_length=4,mask_truncated_completions={str(masked).lower()}",
+                     "--set", 'reward_funcs=["rewards_mask:long_answer"]']) == 0
+        (rec,) = [r for r in read_jsonl(out / "metrics.jsonl") if "grad_norm" in r]
+        assert rec["truncated_share"] == 1.0 and rec["zero_var_share"] < 1.0
+        grad[masked] = (rec["grad_norm"], rec["loss"])
+    assert grad[True] == (0.0, 0.0) and grad[False][0] > 0
+
+
+def test_trl_names_are_aliases_of_one_knob(tmp_path):
+    """Each TRL name sets its canonical key, in a recipe (top level) or with --set; the values TRL spells
+    differently are translated; a name and its canonical key set together is an error, while --set overrides
+    the recipe under either name."""
+    from nanoseek.errors import UserError
+
+    sets = ["num_generations=12", "beta=0.04", "epsilon=0.1", "epsilon_high=0.3", "num_iterations=2",
+            "loss_type=dr_grpo", "scale_rewards=false", "importance_sampling_level=sequence",
+            "mask_truncated_completions=true", "max_completion_length=256", "temperature=0.7", "top_p=0.9",
+            "top_k=20", "learning_rate=5e-7", 'reward_funcs=["m:f"]', "reward_weights=[0.5]"]
+    cfg = load_recipe(RLConfig, None, sets)
+    assert (cfg.rl.group_size, cfg.rl.beta, cfg.rl.eps_low, cfg.rl.eps_high, cfg.rl.mu) == (12, 0.04, 0.1, 0.3, 2)
+    assert (cfg.rl.aggregation, cfg.grpo.scaling, cfg.rl.importance_sampling_level) == ("drgrpo", "none", "sequence")
+    assert cfg.rl.mask_truncated_completions and cfg.sampling.max_new_tokens == 256
+    assert (cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.top_k, cfg.optim.lr) == (0.7, 0.9, 20, 5e-7)
+    assert cfg.rewards.functions == ["m:f"] and cfg.rewards.weights == [0.5]
+    for value, scaling in (("true", "group"), ('"batch"', "batch"), ('"none"', "none")):
+        assert load_recipe(RLConfig, None, [f"scale_rewards={value}"]).grpo.scaling == scaling
+    for value, aggregation in (("grpo", "grpo"), ("dapo", "dapo")):
+        assert load_recipe(RLConfig, None, [f"loss_type={value}"]).rl.aggregation == aggregation
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("num_generations = 4\nloss_type = \"grpo\"\n\n[rl]\nbeta = 0.1\n")
+    cfg = load_recipe(RLConfig, recipe, ["rl.group_size=6", "beta=0.2"])     # --set wins, under either name
+    assert (cfg.rl.group_size, cfg.rl.beta, cfg.rl.aggregation) == (6, 0.2, "grpo")
+    recipe.write_text("num_generations = 4\n\n[rl]\ngroup_size = 8\n")
+    with pytest.raises(UserError, match="num_generations and rl.group_size are the same knob"):
+        load_recipe(RLConfig, recipe)
+    with pytest.raises(UserError, match="same knob"):
+        load_recipe(RLConfig, None, ["beta=0.1", "rl.beta=0.2"])
+    with pytest.raises(UserError, match="choose one of 'grpo', 'dapo', 'dr_grpo'.*bnpo"):
+        load_recipe(RLConfig, None, ["loss_type=bnpo"])
+    with pytest.raises(UserError, match="importance_sampling_level='tok'"):
+        load_recipe(RLConfig, None, ["importance_sampling_level=tok"])
+    assert load_recipe(SFTConfig, None, ["learning_rate=2e-5"]).optim.lr == 2e-5
+
+
+def test_docs_map_every_trl_name():
+    """docs/trl.md's table names every alias with its canonical key."""
+    from nanoseek.rl.algorithms import TRL_GRPO_ALIASES
+
+    doc = (ROOT / "docs" / "trl.md").read_text()
+    for name, alias in TRL_GRPO_ALIASES.items():
+        assert f"`{name}`" in doc and f"`{alias.to}`" in doc, name
+
+
+def test_user_reward_functions_beside_the_rules(tmp_path, monkeypatch):
+    """compute_rewards adds each user function's score times its weight; None adds nothing (TRL's nansum) and
+    is NaN in the components; the function gets the problem's data columns as lists of one."""
+    from nanoseek.errors import UserError
+    from nanoseek.sampling.rewards import RewardConfig, compute_rewards, load_reward_functions
+    from nanoseek.tasks.jsonl import load_jsonl_problems
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rewards_unit.py").write_text(
+        "seen = []\n"
+        "def echo(prompts, completions, **kwargs):\n"
+        "    seen.append(kwargs)\n"
+        "    return [None if 'skip' in completions[0] else float(len(completions[0]))]\n"
+        "def half(prompts, completions, **kwargs):\n"
+        "    return [0.5 for _ in completions]\n"
+        "def broken(prompts, completions, **kwargs):\n"
+        "    return 'nope'\n")
+    data = tmp_path / "g.jsonl"
+    data.write_text(gsm8k_lines(1)[0])
+    (problem,) = load_jsonl_problems(data)
+    cfg = RewardConfig(answer_format="gsm8k", format=0.0, functions=["rewards_unit:echo", "rewards_unit:half"],
+                       weights=[0.1, 2.0])
+    functions = load_reward_functions(cfg)
+    out = compute_rewards(cfg, problem, "#### 18", 7, functions=functions)
+    assert out["accuracy"] == 1.0 and out["echo"] == 7.0 and out["half"] == 0.5
+    assert abs(out["total"] - (1.0 + 0.1 * 7 + 2.0 * 0.5)) < 1e-12
+    import rewards_unit
+    record = json.loads(gsm8k_lines(1)[0])
+    assert rewards_unit.seen[-1] == {k: [v] for k, v in record.items()}     # the columns as the file has them
+    out = compute_rewards(cfg, problem, "skip", 4, functions=functions)
+    assert out["echo"] != out["echo"] and abs(out["total"] - 1.0) < 1e-12  # NaN, and nothing added
+    with pytest.raises(UserError, match="returned nope"):
+        compute_rewards(cfg, problem, "x", 1, functions=load_reward_functions(
+            RewardConfig(functions=["rewards_unit:broken"])))
+    with pytest.raises(UserError, match="named 'accuracy'"):
+        (tmp_path / "rewards_clash.py").write_text("def accuracy(prompts, completions, **kw):\n    return [0.0]\n")
+        load_reward_functions(RewardConfig(functions=["rewards_clash:accuracy"]))
+    with pytest.raises(UserError, match="2 values for 1 functions"):
+        RewardConfig(functions=["a:b"], weights=[1.0, 2.0])
+
+
+def test_system_prompt_in_the_chat_template(checkpoints):
+    """tasks.system_prompt becomes the template's system turn (replacing Qwen2's default one); it needs the
+    chat template in rollouts and in evaluation."""
+    from nanoseek.errors import UserError
+    from nanoseek.sampling.rollout import encode_prompt
+    from nanoseek.tokenizer import Tokenizer
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(checkpoints["qwen2"])
+    tok = Tokenizer.load(checkpoints["qwen2"])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
+    want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tok.decode(encode_prompt(tok, "What is 2 + 3?", "chat", "Be brief.")) == want
+    assert "You are a helpful assistant" in tok.decode(encode_prompt(tok, "What is 2 + 3?", "chat"))
+    with pytest.raises(UserError, match="chat template"):
+        encode_prompt(tok, "What is 2 + 3?", "r1_zero", "Be brief.")
+    with pytest.raises(UserError, match="tasks.system_prompt needs tasks.template"):
+        load_recipe(RLConfig, None, ["tasks.system_prompt=hi"])
+    with pytest.raises(UserError, match="eval.template"):
+        load_recipe(RLConfig, None, ["tasks.system_prompt=hi", "tasks.template=chat"])
+    assert load_recipe(RLConfig, None, ["tasks.system_prompt=hi", "tasks.template=chat",
+                                        "eval.problems=0"]).tasks.system_prompt == "hi"
