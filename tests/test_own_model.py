@@ -269,3 +269,20 @@ def test_system_prompt_in_the_chat_template(checkpoints):
         load_recipe(RLConfig, None, ["tasks.system_prompt=hi", "tasks.template=chat"])
     assert load_recipe(RLConfig, None, ["tasks.system_prompt=hi", "tasks.template=chat",
                                         "eval.problems=0"]).tasks.system_prompt == "hi"
+
+
+def test_eval_with_a_system_prompt(checkpoints, tmp_path, capsys):
+    """`eval --template chat --system-prompt TEXT` on a user checkpoint; a system prompt without the chat
+    template is a one-line error with nothing written. (sampling.stop=[]: on this branch the default stop
+    string "</answer>" must be one token of the tokenizer.)"""
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(gsm8k_lines(2)))
+    argv = ["eval", "--checkpoint", str(checkpoints["llama"]), "--data", str(data), "--samples", "1",
+            "--max-new-tokens", "4", "--no-greedy", "--answer-format", "boxed", "--device", "cpu",
+            "--set", "sampling.stop=[]", "--system-prompt", "Put the answer in \\boxed{}."]
+    out = tmp_path / "eval.json"
+    assert main(argv + ["--template", "r1_zero", "--json", str(out)]) == 2
+    assert "needs the chat template" in capsys.readouterr().err and not out.exists()
+    assert main(argv + ["--template", "chat", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["system_prompt"] == "Put the answer in \\boxed{}." and result["n_problems"] == 2
