@@ -351,7 +351,7 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(monkeypatch):
 
     calls = iter(range(10**6))
     monkeypatch.setattr(trainer, "generate", fake_generate)
-    monkeypatch.setattr(trainer, "encode_prompt", lambda tok, q, template: [5, 6] if q == "good" else [7])
+    monkeypatch.setattr(trainer, "encode_prompt", lambda tok, q, template, system="": [5, 6] if q == "good" else [7])
     monkeypatch.setattr(trainer, "compute_rewards",
                         lambda rc, p, text, n: {"total": float(next(calls) % 2) if p.prompt == "good" else 0.5})
 
