@@ -286,3 +286,22 @@ def test_eval_with_a_system_prompt(checkpoints, tmp_path, capsys):
     assert main(argv + ["--template", "chat", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["config"]["system_prompt"] == "Put the answer in \\boxed{}." and result["n_problems"] == 2
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_sft_on_own_checkpoint(checkpoints, tmp_path, model_type):
+    """`sft --recipe recipes/sft_chat.toml --init MY_MODEL --set data.path=...` on a user checkpoint (messages
+    records rendered with its own template), cut to one step; TRL's learning_rate sets optim.lr."""
+    records = [json.loads(line) for line in gsm8k_lines(12)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["question"]},
+                                                     {"role": "assistant", "content": r["answer"]}]}) + "\n"
+                            for r in records))
+    out = tmp_path / "run"
+    assert main(["sft", "--recipe", str(ROOT / "recipes" / "sft_chat.toml"), "--init", str(checkpoints[model_type]),
+                 "--out", str(out), "--no-progress", "--set", f"data.path={data}",
+                 "--set", "train.steps=1,train.batch_size=2,train.grad_accum=1,train.seq_len=768,train.device=cpu",
+                 "--set", "train.threads=1,data.val_examples=2,checkpoint.every=0,learning_rate=1e-5"]) == 0
+    assert "lr = 1e-05" in (out / "config.toml").read_text()
+    (rec,) = read_jsonl(out / "metrics.jsonl")
+    assert rec["step"] == 1 and rec["loss"] > 0 and (out / "final" / "config.json").is_file()
