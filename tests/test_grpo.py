@@ -145,7 +145,7 @@ def test_policy_loss_gradient_matches_reference_derivative():
 
 
 def ref_gspo(logp, old, adv, mask, eps_low, eps_high):
-    """GSPO's objective (arXiv 2507.18071 eqs. 5 and 7), negated, sequence by sequence in float64:
+    """GSPO's objective (arXiv 2507.18071 §4.1), negated, sequence by sequence in float64:
     s_i = exp(mean over the |y_i| response tokens of (log π − log π_old)), clipped per sequence,
     loss = −(1/G) Σ_i min(s_i Â_i, clip(s_i, 1 − ε_low, 1 + ε_high) Â_i). Returns (loss, [s_i])."""
     total, ratios = 0.0, []
@@ -159,8 +159,8 @@ def ref_gspo(logp, old, adv, mask, eps_low, eps_high):
 
 def test_sequence_level_ratio_is_gspo():
     """importance_sampling_level="sequence" with the "grpo" aggregation is GSPO's objective: its value against
-    the sequence-by-sequence float64 formula, its gradient against GSPO eq. (11): d loss / d logp_it =
-    −s_i Â_i / (G |y_i|) for a sequence whose ratio is inside the clip range (or on the side the min ignores),
+    the sequence-by-sequence float64 formula, its gradient against the paper's gradient analysis:
+    d loss / d logp_it = −s_i Â_i / (G |y_i|) for a sequence whose ratio is inside the clip range (or on the side the min ignores),
     0 for a clipped one; and the clip is decided once per sequence."""
     logp, old, _, mask = random_batch(21, B=8)
     old = logp + 0.15 * (old - logp)                                # a spread of sequence ratios around the bounds

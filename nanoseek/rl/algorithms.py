@@ -44,7 +44,8 @@ class RLCommonConfig:
     max_refill: int = 3             # extra rollout rounds allowed to refill dropped groups
     tis_cap: float = 0.0            # truncated importance sampling: weight tokens by min(π_old/π_sampler, cap); 0 = off
     importance_sampling_level: str = "token"   # "token" (PPO/GRPO ratio per token) | "sequence" (GSPO, rl/grpo.py)
-    mask_truncated_completions: bool = False   # completions cut at max_new_tokens get no policy loss (TRL's knob)
+    mask_truncated_completions: bool = False   # completions cut at max_new_tokens get no policy (nor PPO critic)
+                                               # loss; they still count in their group's advantages (TRL's knob)
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:

@@ -116,11 +116,13 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     π_ref). advantages: [B] (GRPO, broadcast over tokens) or [B, T] (PPO/GAE). Per token:
         ρ = exp(logp - old_logp)
         ℓ = -w · min(ρ Â, clip(ρ, 1 - eps_low, 1 + eps_high) Â) + β KL_k3(π_θ, π_ref)
-    reduced with `aggregate`. level="sequence" replaces ρ by GSPO's sequence ratio (arXiv 2507.18071 eq. 7)
+    reduced with `aggregate`. level="sequence" replaces ρ by GSPO's sequence ratio (arXiv 2507.18071 §4.1)
         s_i = (π_θ(y_i|x) / π_old(y_i|x))^(1/|y_i|) = exp(mean_t (logp_it - old_logp_it))
     shared by every token of sequence i and clipped as one number; with aggregation "grpo" the loss is GSPO's
-    objective (eq. 5), whose gradient weights each token's ∇log π by s_i Â_i / |y_i| (eq. 11). weight: w [B, T], a detached per-token factor on the policy-gradient term only
-    (the truncated importance weight of `nanoseek.rl.tis`; the KL term is not weighted, as in TRL); None = 1. Returns (loss, stats) with detached stats: "clip_frac" (share of response
+    objective (§4.1), whose gradient weights each token's ∇log π by s_i Â_i / |y_i| (its gradient analysis).
+    weight: w [B, T], a detached per-token factor on the policy-gradient term only (the truncated importance
+    weight of `nanoseek.rl.tis`; the KL term is not weighted, as in TRL); None = 1.
+    Returns (loss, stats) with detached stats: "clip_frac" (share of response
     tokens where the clipped term is the active one), "kl" (mean k3 KL per token, when ref_logp is given),
     "ratio" (mean ρ).
     """
