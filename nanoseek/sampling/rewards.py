@@ -15,7 +15,6 @@ string (the verifiers cap what they read; the format check only counts and finds
   accuracy reward to stop language mixing, at a small cost in accuracy).
 - overlong: DAPO's soft length penalty, eq. (13): 0 up to L_max - L_cache tokens, then linear down to -1 at
   L_max, -1 beyond; it tells truncated-by-length samples apart from wrong ones without a cliff.
-
 - user functions: any `module:function` with TRL's `reward_funcs` signature, `f(prompts, completions, **kwargs)
   -> list[float | None]` (kwargs: the problem's data columns), weighted beside the rules; None = no opinion.
 
@@ -135,8 +134,8 @@ class RewardFunction:
 
 
 def load_reward_functions(cfg: RewardConfig) -> list[RewardFunction]:
-    """Import `cfg.functions` ("module:function", the module found on PYTHONPATH or in the current directory,
-    as `python -c` would find it even when started through the `nanoseek` script). Runs before anything is
+    """Import `cfg.functions` ("module:function", the module found on PYTHONPATH or else in the current directory,
+    which the `nanoseek` script does not put on sys.path by itself). Runs before anything is
     written: a module that does not import or a name that is not a function is a one-line UserError. Names are
     the function names, so two functions (or a function and a rule reward) may not share one."""
     if cfg.functions and os.getcwd() not in sys.path and "" not in sys.path:
