@@ -198,7 +198,7 @@ class PassAtKConfig:
 
 
 def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False, by_family: bool = False,
-             rewards=None) -> dict:
+             rewards=None, system_prompt: str = "") -> dict:
     """Sample `cfg.samples` completions per problem (and one greedy), score them, return the statistics.
 
     Accuracy is judged as the reward is (nanoseek.sampling.rewards): on the final answer in `rewards.answer_format`
@@ -213,6 +213,7 @@ def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False,
     over problems). "language" is the share of chain-of-thought words in the problem's register (R1 §2.3.2);
     "reflection" the share of samples whose reasoning checks or redoes a step (nanoseek.sampling.reflection).
     Sampling is seeded by cfg.seed and leaves the global RNG state untouched. progress: a rich bar.
+    system_prompt: a system turn before each question (chat template only; the RL trainer passes tasks.system_prompt).
     by_family=True: the same statistics for each task family, {family: {...}}, from ONE sampling pass over all
     problems (a decode step costs about the same for 200 rows as for 800, so families share the batches).
     """
@@ -230,7 +231,7 @@ def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False,
     device = next(model.parameters()).device
     sampling = get("sampling")
     stop = stop_token_ids(tokenizer, sampling.stop)
-    prompts = [encode_prompt(tokenizer, p.prompt, template) for p in problems]
+    prompts = [encode_prompt(tokenizer, p.prompt, template, system_prompt) for p in problems]
     gen = torch.Generator(device=device).manual_seed(get("seed"))
     was_training = model.training
     model.eval()

@@ -4,6 +4,10 @@ Every command's configuration is a tree of dataclasses whose defaults are the ti
 file (`recipes/*.toml`) overrides some fields; `--set` overrides more; the resolved tree is saved in the
 run directory as `config.toml` so a run can always be reproduced. Unknown keys and badly typed values
 are `UserError`s that name the key, never silently ignored.
+
+A config class may also accept other names for some of its knobs (`ALIASES`, e.g. TRL's `num_generations`
+for `rl.group_size`): an alias is rewritten to its canonical key as the recipe is read, so each knob keeps
+one definition and `config.toml` holds canonical keys only.
 """
 
 from __future__ import annotations
@@ -63,6 +67,57 @@ class Range:
                 return f"must be >= {self.lo}"
             return f"must be in [{self.lo}, {self.hi}{')' if self.open_hi else ']'}"
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """Another name for a knob, declared in a config class's `ALIASES` class attribute ({name: Alias}) and
+    resolved by `resolve_aliases` before the recipe is merged. `to`: the canonical key's dotted path below that
+    class ("rl.group_size"). `values`: the alias's values mapped to the canonical ones when the two vocabularies
+    differ (TRL's loss_type "dr_grpo" is rl.aggregation "drgrpo"); None = the value as is. `hint`: appended to
+    the error for a value outside `values` (why a value that looks alike is not offered)."""
+    to: str
+    values: dict | None = None
+    hint: str = ""
+
+    def canonical(self, name: str, value: Any) -> Any:
+        if self.values is None:
+            return value
+        try:
+            return self.values[value]
+        except (KeyError, TypeError):           # TypeError: an unhashable value (a list)
+            choices = ", ".join(_show(v) for v in self.values)
+            raise UserError(f"{name} = {_show(value)} (another name for {self.to}): choose one of {choices}"
+                            + (f"; {self.hint}" if self.hint else "")) from None
+
+
+def resolve_aliases(cls: type, data: dict, where: str = "config") -> dict:
+    """A copy of the (partial) recipe tree `data` for dataclass `cls` with every alias of `cls.ALIASES` (and of
+    the nested config classes) replaced by its canonical key. An alias and its canonical key (or two aliases of
+    one key) set together in `data` is a UserError: the recipe would say two things about one knob."""
+    out = {k: v for k, v in data.items() if k not in getattr(cls, "ALIASES", {})}
+    hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+    for key, value in out.items():              # nested sections may declare aliases of their own
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints.get(key)):
+            out[key] = resolve_aliases(hints[key], value, f"{where}.{key}" if where != "config" else key)
+    seen: dict[str, str] = {}
+    for name, alias in getattr(cls, "ALIASES", {}).items():
+        if name not in data:
+            continue
+        shown = f"{where}.{name}" if where != "config" else name
+        *path, last = alias.to.split(".")
+        node = out
+        for p in path:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"{shown}: {p!r} is a value in this recipe, not a section")
+        if last in node:
+            other = seen.get(alias.to, alias.to)
+            raise UserError(f"{shown} and {other} are the same knob ({shown} is another name for {alias.to}); "
+                            "set only one of them")
+        node[last] = alias.canonical(shown, data[name])
+        seen[alias.to] = shown
+    return out
 
 
 def validate(obj: Any, where: str = "config") -> None:
@@ -193,23 +248,25 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
 
 
 def merge(base: Any, data: dict, where: str = "config") -> Any:
-    """Return a copy of dataclass instance `base` with the fields in `data` replaced (recursively)."""
+    """Return a copy of dataclass instance `base` with the fields in `data` replaced (recursively); aliases in
+    `data` name their canonical fields."""
     tree = to_dict(base)
-
-    def deep_update(dst: dict, src: dict) -> None:
-        for k, v in src.items():
-            if isinstance(v, dict) and isinstance(dst.get(k), dict):
-                deep_update(dst[k], v)
-            else:
-                dst[k] = v
-
-    deep_update(tree, data)
+    _deep_update(tree, resolve_aliases(type(base), data, where))
     return from_dict(type(base), tree, where)
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
 
 
 def load_recipe(cls: type[T], path: str | Path | None = None, sets: list[str] | None = None,
                 base: T | None = None) -> T:
-    """Defaults (or `base`) ← TOML file at `path` ← `--set` overrides."""
+    """Defaults (or `base`) ← TOML file at `path` ← `--set` overrides. Aliases (`ALIASES`) are resolved in
+    the file and in the overrides separately, so `--set` overrides the file's value under either name."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -221,7 +278,9 @@ def load_recipe(cls: type[T], path: str | Path | None = None, sets: list[str] | 
             raise UserError(f"recipe {path} is not valid TOML: {e}") from None
         except ValueError:                      # an integer past Python's 4,300-digit conversion limit
             raise UserError(f"recipe {path} holds a number of more than {_MAX_DIGITS} digits; fix it") from None
-    apply_overrides(data, sets)
+    data = resolve_aliases(cls, data)
+    sets_tree = resolve_aliases(cls, apply_overrides({}, sets))
+    _deep_update(data, sets_tree)
     return merge(base if base is not None else cls(), data)
 
 

@@ -144,6 +144,55 @@ def test_policy_loss_gradient_matches_reference_derivative():
     torch.testing.assert_close(logp.grad, want, rtol=1e-12, atol=1e-14)
 
 
+def ref_gspo(logp, old, adv, mask, eps_low, eps_high):
+    """GSPO's objective (arXiv 2507.18071 §4.1), negated, sequence by sequence in float64:
+    s_i = exp(mean over the |y_i| response tokens of (log π − log π_old)), clipped per sequence,
+    loss = −(1/G) Σ_i min(s_i Â_i, clip(s_i, 1 − ε_low, 1 + ε_high) Â_i). Returns (loss, [s_i])."""
+    total, ratios = 0.0, []
+    for lp, o, a, m in zip(logp, old, adv, mask):
+        n = sum(m)
+        s = math.exp(sum((x - y) * k for x, y, k in zip(lp, o, m)) / n)
+        ratios.append(s)
+        total += -min(s * a, min(max(s, 1 - eps_low), 1 + eps_high) * a)
+    return total / len(logp), ratios
+
+
+def test_sequence_level_ratio_is_gspo():
+    """importance_sampling_level="sequence" with the "grpo" aggregation is GSPO's objective: its value against
+    the sequence-by-sequence float64 formula, its gradient against the paper's gradient analysis:
+    d loss / d logp_it = −s_i Â_i / (G |y_i|) for a sequence whose ratio is inside the clip range (or on the side the min ignores),
+    0 for a clipped one; and the clip is decided once per sequence."""
+    logp, old, _, mask = random_batch(21, B=8)
+    old = logp + 0.15 * (old - logp)                                # a spread of sequence ratios around the bounds
+    logp = logp.clone().requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 1.5, -1.5], dtype=torch.float64)
+    loss, stats = policy_loss(logp, old, adv, mask, eps_low=0.05, eps_high=0.05, aggregation="grpo",
+                              level="sequence")
+    want, s = ref_gspo(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.05, 0.05)
+    assert abs(loss.item() - want) < 1e-12
+    loss.backward()
+    lengths = mask.sum(1).tolist()
+    clipped = [(a > 0 and r > 1.05) or (a < 0 and r < 0.95) for a, r in zip(adv.tolist(), s)]
+    assert 0 < sum(clipped) < len(s)                                # both cases occur
+    for i, (a, r, n) in enumerate(zip(adv.tolist(), s, lengths)):
+        g = 0.0 if clipped[i] else -r * a / (len(s) * n)
+        torch.testing.assert_close(logp.grad[i], g * mask[i], rtol=1e-10, atol=1e-14)
+    # the clip fraction counts tokens of clipped sequences; token level would clip token by token instead
+    assert abs(stats["clip_frac"].item() - sum(n for n, c in zip(lengths, clipped) if c) / sum(lengths)) < 1e-12
+    token, _ = policy_loss(logp.detach(), old, adv, mask, eps_low=0.05, eps_high=0.05, aggregation="grpo")
+    assert abs(token.item() - want) > 1e-3
+
+
+def test_sequence_level_equals_token_level_for_one_token_sequences():
+    logp, old, _, _ = random_batch(4, T=1)
+    adv = torch.randn(logp.shape[0], dtype=torch.float64)
+    mask = torch.ones_like(logp)
+    for agg in ("grpo", "dapo", "drgrpo"):
+        a, _ = policy_loss(logp, old, adv, mask, aggregation=agg, max_len=3, level="sequence")
+        b, _ = policy_loss(logp, old, adv, mask, aggregation=agg, max_len=3, level="token")
+        assert abs(a.item() - b.item()) < 1e-14
+
+
 def test_kl_k3_nonnegative_and_unbiased():
     # k3 = r - log r - 1 with r = π_ref/π_θ; E_{x~π_θ}[k3] = KL(π_θ || π_ref) exactly, checked on a small
     # categorical in float64 by enumerating outcomes.
@@ -302,7 +351,7 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(monkeypatch):
 
     calls = iter(range(10**6))
     monkeypatch.setattr(trainer, "generate", fake_generate)
-    monkeypatch.setattr(trainer, "encode_prompt", lambda tok, q, template: [5, 6] if q == "good" else [7])
+    monkeypatch.setattr(trainer, "encode_prompt", lambda tok, q, template, system="": [5, 6] if q == "good" else [7])
     monkeypatch.setattr(trainer, "compute_rewards",
                         lambda rc, p, text, n: {"total": float(next(calls) % 2) if p.prompt == "good" else 0.5})
 

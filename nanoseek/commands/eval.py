@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-problems", type=int, default=100, help="problems to evaluate (0 = all of --data)")
     parser.add_argument("--json", default=None, help="write the full result (per-problem records too) here")
     parser.add_argument("--template", default=None, choices=["r1_zero", "chat", "plain"], help="default r1_zero")
+    parser.add_argument("--system-prompt", default="", help="a system turn before each question (--template chat)")
     parser.add_argument("--answer-format", default="answer_tag", choices=list(ANSWER_FORMATS),
                         help="where the final answer must be: <answer> tags, \\boxed{}, or GSM8K's '####' line")
     parser.add_argument("--temperature", type=float, default=None, help="default 0.6")
@@ -60,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_checkpoint(args.checkpoint, resolve_device(args.device), inference=True)
     console = Console()
     rewards = RewardConfig(answer_format=args.answer_format)
-    result = evaluate(model, tokenizer, problems, cfg, progress=True, rewards=rewards)
+    result = evaluate(model, tokenizer, problems, cfg, progress=True, rewards=rewards, system_prompt=args.system_prompt)
     result["checkpoint"] = str(args.checkpoint)
-    result["config"] = {**dataclasses.asdict(cfg), "answer_format": rewards.answer_format}
+    result["config"] = {**dataclasses.asdict(cfg), "answer_format": rewards.answer_format,
+                        "system_prompt": args.system_prompt}
     console.print(f"{args.checkpoint}: {len(problems)} problems, {cfg.samples} samples each")
     console.print(Markdown(markdown_table(result)))
     if args.json:

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from nanoseek.errors import UserError
-from nanoseek.rl.grpo import AGGREGATIONS, GRPOConfig, group_advantages
+from nanoseek.recipe import Alias
+from nanoseek.rl.grpo import AGGREGATIONS, RATIO_LEVELS, GRPOConfig, group_advantages
 from nanoseek.rl.ppo import PPOConfig, ValueModel, gae, terminal_rewards, value_loss, whiten
 from nanoseek.run import autocast
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr
@@ -42,6 +43,9 @@ class RLCommonConfig:
     dynamic_sampling: bool = False  # DAPO: drop zero-variance groups and sample more prompts
     max_refill: int = 3             # extra rollout rounds allowed to refill dropped groups
     tis_cap: float = 0.0            # truncated importance sampling: weight tokens by min(π_old/π_sampler, cap); 0 = off
+    importance_sampling_level: str = "token"   # "token" (PPO/GRPO ratio per token) | "sequence" (GSPO, rl/grpo.py)
+    mask_truncated_completions: bool = False   # completions cut at max_new_tokens get no policy (nor PPO critic)
+                                               # loss; they still count in their group's advantages (TRL's knob)
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -54,8 +58,39 @@ class RLCommonConfig:
             raise UserError(f"rl clip bounds eps_low={self.eps_low}, eps_high={self.eps_high}: need 0 <= eps_low < 1, eps_high >= 0")
         if self.beta < 0:
             raise UserError(f"rl.beta={self.beta} must be >= 0")
+        if self.importance_sampling_level not in RATIO_LEVELS:
+            raise UserError(f"rl.importance_sampling_level={self.importance_sampling_level!r}; choose one of "
+                            f"{', '.join(RATIO_LEVELS)}")
         if not self.tis_cap >= 0:                      # (NaN fails too)
             raise UserError(f"rl.tis_cap={self.tis_cap} must be >= 0 (0 = no importance-sampling correction)")
+
+
+# TRL's GRPOConfig names (trl.GRPOConfig, TRL's GRPOTrainer) for the knobs whose meaning is the same here: top-level
+# keys of a grpo/ppo recipe or `--set`, rewritten to the canonical key as the recipe is read (nanoseek.recipe.Alias).
+# docs/trl.md has the table with what differs and what TRL has that nanoseek does not. Not aliased on purpose:
+# loss_type "bnpo" (TRL: token mean per micro-batch, divided by the accumulation steps; "dapo" here is the token
+# mean over the whole step, TRL's "dapo"), and TRL's other loss types (cispo, sapo, luspo, vespo).
+TRL_GRPO_ALIASES = {
+    "num_generations": Alias("rl.group_size"),
+    "beta": Alias("rl.beta"),
+    "epsilon": Alias("rl.eps_low"),
+    "epsilon_high": Alias("rl.eps_high"),
+    "num_iterations": Alias("rl.mu"),
+    "loss_type": Alias("rl.aggregation", {"grpo": "grpo", "dapo": "dapo", "dr_grpo": "drgrpo"},
+                       hint="TRL's \"bnpo\" (a token mean per micro-batch) is not offered: \"dapo\" is the token "
+                            "mean over the whole step"),
+    "scale_rewards": Alias("grpo.scaling", {True: "group", False: "none", "group": "group", "batch": "batch",
+                                            "none": "none"}),
+    "importance_sampling_level": Alias("rl.importance_sampling_level"),
+    "mask_truncated_completions": Alias("rl.mask_truncated_completions"),
+    "max_completion_length": Alias("sampling.max_new_tokens"),
+    "temperature": Alias("sampling.temperature"),
+    "top_p": Alias("sampling.top_p"),
+    "top_k": Alias("sampling.top_k"),
+    "learning_rate": Alias("optim.lr"),
+    "reward_funcs": Alias("rewards.functions"),
+    "reward_weights": Alias("rewards.weights"),
+}
 
 
 def response_slice(batch: dict) -> slice:

@@ -13,7 +13,9 @@ Variants that matter in practice, all selectable by config:
 - loss aggregation "grpo" (token mean per sequence, then mean over sequences), "dapo" (token mean over the
   whole batch, DAPO §3.3) or "drgrpo" (token sum / (batch × max_len), Dr. GRPO: no length bias);
 - dynamic sampling (DAPO §3.2): groups whose rewards are all equal have zero advantage and give no
-  gradient, so they are dropped and more prompts are sampled.
+  gradient, so they are dropped and more prompts are sampled;
+- the importance ratio per token (PPO, GRPO) or per sequence (GSPO, arXiv 2507.18071 §4.1: the geometric mean
+  of the token ratios, clipped as one number per sequence).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from nanoseek.errors import UserError
 
 SCALINGS = ("group", "batch", "none")
 AGGREGATIONS = ("grpo", "dapo", "drgrpo")
+RATIO_LEVELS = ("token", "sequence")
 
 
 @dataclass
@@ -106,15 +109,20 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
                 eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0,
                 ref_logp: Tensor | None = None, aggregation: str = "grpo", max_len: int | None = None,
                 n_seqs: int | None = None, n_tokens: float | None = None,
-                weight: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                weight: Tensor | None = None, level: str = "token") -> tuple[Tensor, dict[str, Tensor]]:
     """The clipped surrogate loss with an optional k3 KL penalty (DeepSeekMath eq. 3, negated).
 
     logp, old_logp, ref_logp, mask: [B, T] (log-probs of the sampled response tokens under π_θ, π_old,
     π_ref). advantages: [B] (GRPO, broadcast over tokens) or [B, T] (PPO/GAE). Per token:
         ρ = exp(logp - old_logp)
         ℓ = -w · min(ρ Â, clip(ρ, 1 - eps_low, 1 + eps_high) Â) + β KL_k3(π_θ, π_ref)
-    reduced with `aggregate`. weight: w [B, T], a detached per-token factor on the policy-gradient term only
-    (the truncated importance weight of `nanoseek.rl.tis`; the KL term is not weighted, as in TRL); None = 1. Returns (loss, stats) with detached stats: "clip_frac" (share of response
+    reduced with `aggregate`. level="sequence" replaces ρ by GSPO's sequence ratio (arXiv 2507.18071 §4.1)
+        s_i = (π_θ(y_i|x) / π_old(y_i|x))^(1/|y_i|) = exp(mean_t (logp_it - old_logp_it))
+    shared by every token of sequence i and clipped as one number; with aggregation "grpo" the loss is GSPO's
+    objective (§4.1), whose gradient weights each token's ∇log π by s_i Â_i / |y_i| (its gradient analysis).
+    weight: w [B, T], a detached per-token factor on the policy-gradient term only (the truncated importance
+    weight of `nanoseek.rl.tis`; the KL term is not weighted, as in TRL); None = 1.
+    Returns (loss, stats) with detached stats: "clip_frac" (share of response
     tokens where the clipped term is the active one), "clip_low" / "clip_high" (its tokens with ρ below /
     above 1), "kl" (mean k3 KL per token, when ref_logp is given),
     "ratio" (mean ρ).
@@ -123,7 +131,12 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     live = mask != 0                                                            # [B, T]
     # Padded slots hold arbitrary log-probs; exp of a > 88-nat gap is inf in fp32 and inf·0 = NaN (also in
     # the gradient), so they are set to 0 BEFORE any exp, not multiplied by the mask after it.
-    ratio = torch.exp(torch.where(live, logp - old_logp, 0.0))
+    log_ratio = torch.where(live, logp - old_logp, 0.0)                         # [B, T]
+    if level == "sequence":                                                     # GSPO: one ratio per sequence
+        log_ratio = log_ratio.sum(1, keepdim=True) / live.sum(1, keepdim=True).clamp(min=1)      # [B, 1]
+    elif level != "token":
+        raise ValueError(f"unknown importance sampling level {level!r}")
+    ratio = torch.exp(log_ratio).expand_as(logp)                                # [B, T]
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
     per_token = -torch.minimum(unclipped, clipped)

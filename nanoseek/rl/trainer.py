@@ -39,7 +39,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import ClassVar, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,7 +49,7 @@ from nanoseek.eval import PassAtKConfig, completion_records, evaluate
 from nanoseek.files import atomic_write_bytes, atomic_write_json, read_jsonl
 from nanoseek.hf import load_pretrained
 from nanoseek.parallel import Parallel, ParallelConfig, parallelize
-from nanoseek.rl.algorithms import GRPO, PPO, RLCommonConfig, response_slice
+from nanoseek.rl.algorithms import GRPO, PPO, TRL_GRPO_ALIASES, RLCommonConfig, response_slice
 from nanoseek.rl.grpo import GRPOConfig, policy_loss, token_entropy, token_logprobs, zero_variance_groups
 from nanoseek.rl.ppo import PPOConfig
 from nanoseek.rl.tis import logprob_gap, tis_weights
@@ -57,7 +57,7 @@ from nanoseek.run import (autocast, check_run_dir, export_final, join_ranks, loa
                           start_run)
 from nanoseek.run.checkpoint import load_trainer_state, save_checkpoint
 from nanoseek.sampling.reflection import reflects
-from nanoseek.sampling.rewards import RewardConfig, compute_rewards
+from nanoseek.sampling.rewards import RewardConfig, compute_rewards, load_reward_functions
 from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, left_pad, response_text, stop_token_ids
 from nanoseek.tasks import FAMILIES, TaskFamily, sample_problems
 from nanoseek.tasks.jsonl import load_jsonl_problems
@@ -89,6 +89,11 @@ class TaskConfig:
     difficulty: int | dict | None = None  # one level, or {family: level}; None = each family's default mix
     data: str = ""                  # a JSONL file of training problems instead of generated ones
     template: str = "r1_zero"       # prompt format for training rollouts: "r1_zero" | "chat" | "plain"
+    system_prompt: str = ""         # a system turn before each question (chat template), in rollouts and evaluation
+
+    def __post_init__(self) -> None:
+        if self.system_prompt and self.template != "chat":
+            raise UserError(f"tasks.system_prompt needs tasks.template = \"chat\", not {self.template!r}")
 
 
 @dataclass
@@ -113,6 +118,12 @@ class RLConfig:
     eval: RLEvalConfig = field(default_factory=RLEvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=50, keep_last=2))
     parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(dp_mode="ddp"))   # under torchrun
+    ALIASES: ClassVar[dict] = TRL_GRPO_ALIASES     # TRL's names for the same knobs (docs/trl.md)
+
+    def __post_init__(self) -> None:
+        if self.tasks.system_prompt and self.eval.problems and self.eval.template != "chat":
+            raise UserError(f"tasks.system_prompt is also used in evaluation, which needs eval.template = \"chat\", "
+                            f"not {self.eval.template!r}")
 
 
 class Sample(NamedTuple):
@@ -134,6 +145,7 @@ class Experience:
     completions: list[list[int]] = field(default_factory=list)
     logprobs: list[torch.Tensor] = field(default_factory=list)      # kept rows: the sampler's log π of each token
     rewards: list[dict[str, float]] = field(default_factory=list)   # kept rows: each component + "total"
+    truncated: list[bool] = field(default_factory=list)             # kept rows: cut at max_new_tokens
     sampled: list[Sample] = field(default_factory=list)              # all rows, G per group, contiguous
     n_groups_sampled: int = 0
     n_groups_zero_var: int = 0
@@ -160,8 +172,11 @@ def _problem_source(cfg: RLConfig, families: dict[str, TaskFamily]):
 
 def _reward_source(cfg: RLConfig, families: dict[str, TaskFamily]):
     """rewards(problem, completion text, n_tokens) -> {component: value, "total": weighted sum}, each problem
-    verified by its family in `families`."""
-    return lambda problem, text, n: compute_rewards(cfg.rewards, problem, text, n, families=families)
+    verified by its family in `families`, plus the user's reward functions (imported here: a bad name fails
+    before the run directory is written)."""
+    functions = load_reward_functions(cfg.rewards)
+    return lambda problem, text, n: compute_rewards(cfg.rewards, problem, text, n, families=families,
+                                                    functions=functions)
 
 
 def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn, reward_fn=None, rank: int = 0,
@@ -187,7 +202,8 @@ def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn, reward_fn=N
             problems = problems_fn(cfg.train.prompts, cfg.train.seed * 1_000_003 + step * 101)[rank::ranks]
         else:
             problems = problems_fn(need, cfg.train.seed * 1_000_003 + step * 101 + rnd + other)
-        prompts = [encode_prompt(tokenizer, p.prompt, cfg.tasks.template) for p in problems for _ in range(G)]
+        prompts = [encode_prompt(tokenizer, p.prompt, cfg.tasks.template, cfg.tasks.system_prompt)
+                   for p in problems for _ in range(G)]
         t0 = time.perf_counter()
         with autocast(device, cfg.train.precision):
             g = generate(model, prompts, cfg.sampling, stop, tokenizer.pad_id, gen)
@@ -209,6 +225,7 @@ def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn, reward_fn=N
             exp.completions += [comps[i] for i in rows]
             exp.logprobs += [g.logprobs[i, :len(comps[i])] for i in rows]
             exp.rewards += [rewards[i] for i in rows]
+            exp.truncated += [g.finish[i] == "length" for i in rows]
     return exp
 
 
@@ -293,7 +310,7 @@ def write_plots(run_dir: Path, records: list[dict]) -> None:
 def _eval_record(model, tokenizer, problems, cfg: RLConfig, run_dir: Path, step: int) -> dict:
     with autocast(next(model.parameters()).device, cfg.train.precision):
         # seeded by cfg.eval.seed, global RNG untouched; judged by the training reward's answer format
-        res = evaluate(model, tokenizer, problems, cfg.eval, rewards=cfg.rewards)
+        res = evaluate(model, tokenizer, problems, cfg.eval, rewards=cfg.rewards, system_prompt=cfg.tasks.system_prompt)
     atomic_write_json(run_dir / "eval" / f"step-{step}.json", res)
     K = res["samples"]
     rec = {"eval/pass@1": res["pass@1"]["mean"], f"eval/cons@{K}": res[f"cons@{K}"]["mean"],
@@ -386,6 +403,8 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
             t_train = time.perf_counter()
             N = len(exp.prompts)                              # (a data-parallel rank may have no groups)
             batch = make_batch(exp.prompts, exp.completions, tokenizer.pad_id, device, exp.logprobs) if N else None
+            if rc.mask_truncated_completions and N:           # TRL's knob: no loss on completions cut by length
+                batch["resp_mask"] = batch["resp_mask"] * ~torch.tensor(exp.truncated, device=device)[:, None]
             chunks = [slice(i, min(i + tc.micro_batch, N)) for i in range(0, N, tc.micro_batch)]
             counts = StepCounts.of(batch, n_kept, par.ctx)
 
@@ -435,7 +454,8 @@ class StepCounts:
         mine = [float(batch["resp_mask"].sum()), float(batch["mask"].sum())] if batch is not None else [0.0, 0.0]
         t = ctx.all_reduce(torch.tensor(mine, dtype=torch.float64), "sum", "dp")
         dp = ctx.cfg.dp
-        return cls(seqs=n_kept / dp, resp_tokens_per_rank=float(t[0]) / dp, resp_tokens=float(t[0]), tokens=float(t[1]))
+        resp = max(float(t[0]), 1.0)                 # 0 when rl.mask_truncated_completions masked every row
+        return cls(seqs=n_kept / dp, resp_tokens_per_rank=resp / dp, resp_tokens=resp, tokens=float(t[1]))
 
 
 def update_policy(model, optimizer, par, reference, batch: dict | None, chunks: list[slice], adv, counts: StepCounts,
@@ -477,7 +497,7 @@ def update_policy(model, optimizer, par, reference, batch: dict | None, chunks: 
                 logp, old_logp[ci], adv[c], mask[c], eps_low=rc.eps_low, eps_high=rc.eps_high,
                 beta=rc.beta, ref_logp=None if ref_logp is None else ref_logp[c], aggregation=rc.aggregation,
                 max_len=cfg.sampling.max_new_tokens, n_seqs=counts.seqs, n_tokens=counts.resp_tokens_per_rank,
-                weight=weights[ci])
+                weight=weights[ci], level=rc.importance_sampling_level)
             for r in par.reducers:
                 r.armed = ci == len(chunks) - 1               # average while the last chunk's backward runs
             loss.backward()
@@ -499,6 +519,12 @@ def update_policy(model, optimizer, par, reference, batch: dict | None, chunks: 
     return metrics, grad_norm
 
 
+def _nanmean(values: list[float]) -> float | None:
+    """Mean of the values that are not NaN (a user reward function's None), None if there are none."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else None
+
+
 def _rollout_metrics(exp: Experience, G: int, ctx) -> tuple[dict, int]:
     """(means over every completion sampled this step on every dp rank, refill rounds included; the kept rows
     of all ranks). Generation throughput is all ranks' tokens over the slowest rank's time.
@@ -517,7 +543,7 @@ def _rollout_metrics(exp: Experience, G: int, ctx) -> tuple[dict, int]:
     kept = sum(e[5] for e in everyone)
     n = len(sampled)
     correct = [s.rewards["accuracy"] >= 1.0 for s in sampled]
-    rec = {f"reward/{k}": sum(s.rewards[k] for s in sampled) / n for k in sampled[0].rewards}
+    rec = {f"reward/{k}": _nanmean([s.rewards[k] for s in sampled]) for k in sampled[0].rewards}
     rec["accuracy"] = sum(correct) / n
     for prefix, of in (("accuracy/", lambda s: s.family), ("accuracy/d", lambda s: s.difficulty)):
         groups: dict = {}

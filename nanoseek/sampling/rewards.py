@@ -15,6 +15,8 @@ string (the verifiers cap what they read; the format check only counts and finds
   accuracy reward to stop language mixing, at a small cost in accuracy).
 - overlong: DAPO's soft length penalty, eq. (13): 0 up to L_max - L_cache tokens, then linear down to -1 at
   L_max, -1 beyond; it tells truncated-by-length samples apart from wrong ones without a cliff.
+- user functions: any `module:function` with TRL's `reward_funcs` signature, `f(prompts, completions, **kwargs)
+  -> list[float | None]` (kwargs: the problem's data columns), weighted beside the rules; None = no opinion.
 
 The weighted sum is `compute_rewards(...)["total"]`. Defaults (R1-Zero): accuracy 1.0 dominates; format
 0.2 is enough signal to learn the template within a group (GRPO normalises by the group's std) but never
@@ -24,8 +26,12 @@ for R1's reasoning stage / long-output runs in the recipe).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import importlib
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from nanoseek.errors import UserError
 from nanoseek.tasks import FAMILIES, Problem, TaskFamily, get_family
@@ -96,6 +102,8 @@ class RewardConfig:
     starts_in_think: bool = False  # the prompt ends with "<think>", so completions start inside it
     answer_format: str = "answer_tag"  # where the final answer must be: "answer_tag" | "boxed" | "gsm8k" ("####")
     answer_fallback: bool = False  # lenient: without an answer in that format, score the last number
+    functions: list[str] = field(default_factory=list)  # user reward functions "module:function" (TRL reward_funcs)
+    weights: list[float] = field(default_factory=list)   # one weight per function; [] = 1.0 each
 
     def __post_init__(self) -> None:
         if self.answer_format not in ANSWER_FORMATS:
@@ -105,12 +113,81 @@ class RewardConfig:
         if self.max_tokens < 0 or not 0 <= self.cache_tokens <= self.max_tokens:
             raise UserError(f"rewards.max_tokens={self.max_tokens}, cache_tokens={self.cache_tokens}: need "
                             "0 <= cache_tokens <= max_tokens (max_tokens 0 turns the penalty off)")
+        for name in self.functions:
+            module, _, function = name.partition(":")
+            if not (module.strip() and function.strip()):
+                raise UserError(f"rewards.functions: {name!r} is not module:function, e.g. \"my_rewards:length_penalty\"")
+        if self.weights and len(self.weights) != len(self.functions):
+            raise UserError(f"rewards.weights has {len(self.weights)} values for {len(self.functions)} functions; "
+                            "give one weight per function (or none: 1.0 each)")
+
+
+RULES = ("accuracy", "format", "language", "overlong", "total")    # the keys compute_rewards always returns
+
+
+@dataclass(frozen=True)
+class RewardFunction:
+    """A user reward function, logged as reward/<name> and weighted by `weight` in the total."""
+    name: str
+    fn: Callable
+    weight: float
+
+
+def load_reward_functions(cfg: RewardConfig) -> list[RewardFunction]:
+    """Import `cfg.functions` ("module:function", the module found on PYTHONPATH or else in the current directory,
+    which the `nanoseek` script does not put on sys.path by itself). Runs before anything is
+    written: a module that does not import or a name that is not a function is a one-line UserError. Names are
+    the function names, so two functions (or a function and a rule reward) may not share one."""
+    if cfg.functions and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    out: list[RewardFunction] = []
+    for i, spec in enumerate(cfg.functions):
+        module_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name.strip())
+        except Exception as e:              # ImportError, or the module's own code failing as it is imported
+            raise UserError(f"rewards.functions: cannot import {module_name.strip()!r} for {spec!r} "
+                            f"({type(e).__name__}: {e}); put it on PYTHONPATH or in the current directory") from None
+        fn = getattr(module, attr.strip(), None)
+        if not callable(fn):
+            raise UserError(f"rewards.functions: {module_name.strip()!r} has no function {attr.strip()!r} ({spec!r})")
+        name = attr.strip()
+        if name in RULES or any(f.name == name for f in out):
+            raise UserError(f"rewards.functions: two rewards are named {name!r} ({spec!r}); rename the function")
+        out.append(RewardFunction(name, fn, cfg.weights[i] if cfg.weights else 1.0))
+    return out
+
+
+def problem_columns(problem: Problem) -> dict:
+    """The data columns a user reward function receives as keyword arguments (TRL passes every dataset column
+    but the prompt): a JSONL problem's record as it is in the file (GSM8K's `answer` is the whole "... #### 42"),
+    a generated problem's gold `answer` and worked `solution`."""
+    record = problem.meta.get("record")
+    if record is None:
+        return {"answer": problem.answer, "solution": problem.solution}
+    return {k: v for k, v in record.items() if k not in ("prompt", "prompts", "completion", "completions")}
+
+
+def call_reward_function(f: RewardFunction, problem: Problem, completion: str) -> float:
+    """f's score of one completion, TRL's call with batches of one: f(prompts=[prompt], completions=[completion],
+    **{column: [value]}). None (the function does not apply) is NaN: it adds nothing to the total."""
+    kwargs = {k: [v] for k, v in problem_columns(problem).items()}
+    out = f.fn(prompts=[problem.prompt], completions=[completion], **kwargs)
+    value = out[0] if isinstance(out, (list, tuple)) and len(out) == 1 else out
+    if value is None:
+        return math.nan
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    raise UserError(f"reward function {f.name!r} returned {str(out)[:60]}; return a list with one finite float "
+                    "(or None) per completion")
 
 
 def compute_rewards(cfg: RewardConfig, problem: Problem, completion: str, n_tokens: int,
-                    families: Mapping[str, TaskFamily] = FAMILIES) -> dict[str, float]:
+                    families: Mapping[str, TaskFamily] = FAMILIES,
+                    functions: Sequence[RewardFunction] = ()) -> dict[str, float]:
     """Each unweighted component and the weighted "total" for one completion of `n_tokens` tokens; the
-    accuracy by the problem's family in `families` (a run passes its own mapping when it adds families)."""
+    accuracy by the problem's family in `families` (a run passes its own mapping when it adds families).
+    `functions` (load_reward_functions) add one component each, NaN where a function returned None."""
     register = problem.meta.get("register", cfg.register)
     out = {
         # a completion that starts inside <think> has its answer only after a </think> it writes itself
@@ -122,4 +199,7 @@ def compute_rewards(cfg: RewardConfig, problem: Problem, completion: str, n_toke
     }
     out["total"] = (cfg.accuracy * out["accuracy"] + cfg.format * out["format"]
                     + cfg.language * out["language"] + cfg.overlong * out["overlong"])
+    for f in functions:
+        out[f.name] = call_reward_function(f, problem, completion)
+        out["total"] += 0.0 if math.isnan(out[f.name]) else f.weight * out[f.name]
     return out

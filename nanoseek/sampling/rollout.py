@@ -485,14 +485,19 @@ def _generate_dynamic(model, prompts, cfg: SamplingConfig, stop_ids, pad_id, gen
 TEMPLATES = ("r1_zero", "chat", "plain")
 
 
-def encode_prompt(tokenizer, question: str, template: str) -> list[int]:
+def encode_prompt(tokenizer, question: str, template: str, system: str = "") -> list[int]:
     """Token ids of the prompt for `question`, bos first:
       "r1_zero": the R1-Zero template (R1 report Table 1), ending in "<think>": the completion is the reasoning;
-      "chat":    the tokenizer's chat template with one user turn and the assistant header;
+      "chat":    the tokenizer's chat template with one user turn and the assistant header, after a system turn
+                 `system` when it is not empty (the template decides how a system turn is written);
       "plain":   the question as is (a base model continuing text).
     """
+    if system and template != "chat":
+        raise UserError(f"a system prompt needs the chat template, not {template!r}: set the template to \"chat\" "
+                        "or leave the system prompt empty")
     if template == "chat":
-        return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]))
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+        return tokenizer.encode(tokenizer.apply_chat_template(messages))
     if template == "r1_zero":
         text = r1_zero_prompt(question)
     elif template == "plain":

@@ -58,7 +58,8 @@ def _problem(obj, where: str) -> Problem:
         raise UserError(f"{where}: no answer; give 'answer' (\"#### 42\" as GSM8K, or plain) or a 'solution' "
                         "with \\boxed{...}")
     level = re.search(r"\d+", str(obj.get("level", "")))
-    meta = {"source": where, **{k: obj[k] for k in ("subject", "type") if k in obj}}
+    # the whole record rides along: user reward functions get its columns (sampling.rewards.problem_columns)
+    meta = {"source": where, **{k: obj[k] for k in ("subject", "type") if k in obj}, "record": obj}
     return Problem(family, question.strip(), gold, solution, int(level.group(0)) if level else 0, meta)
 
 

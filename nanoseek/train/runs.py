@@ -17,6 +17,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -30,7 +31,7 @@ from nanoseek.eval import PassAtKConfig, evaluate
 from nanoseek.hf import load_pretrained
 from nanoseek.model import build_model
 from nanoseek.parallel import ParallelConfig, parallelize
-from nanoseek.recipe import from_dict
+from nanoseek.recipe import Alias, from_dict
 from nanoseek.run import (check_run_dir, export_final, finished, join_ranks, load_init, rank0_first, seed_everything,
                           setup_torch, start_run)
 from nanoseek.sampling.rollout import encode_prompt
@@ -87,6 +88,7 @@ class SFTConfig:
     eval: TrainEvalConfig = field(default_factory=lambda: TrainEvalConfig(every=50, template="chat"))
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=50))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ALIASES: ClassVar[dict] = {"learning_rate": Alias("optim.lr")}   # TRL's SFTConfig name (docs/trl.md)
 
 
 # ---------------------------------------------------------------- model section
