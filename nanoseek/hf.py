@@ -209,7 +209,7 @@ def load_config(path: str | Path) -> ModelConfig | DenseConfig:
 
 
 def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32):
-    """Read a local HF directory (deepseek_v3 / deepseek_v2 / qwen2 / llama) into a nanoseek model.
+    """Read a local HF directory (deepseek_v3 / deepseek_v2 / qwen2 / qwen3 / llama) into a nanoseek model.
 
     Parameters are cast to `dtype`; buffers keep their own dtype (the router bias stays fp32).
     """
