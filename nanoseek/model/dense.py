@@ -23,6 +23,7 @@ from nanoseek.model.block import ModelOutput, cross_entropy
 from nanoseek.model.mla import attention_mask_for
 from nanoseek.model.moe import MLP
 from nanoseek.model.norm import RMSNorm
+from nanoseek.model.recompute import checkpointed, wants_checkpoint
 from nanoseek.model.rope import rope_frequencies
 
 
@@ -124,7 +125,14 @@ class DenseDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
+    checkpoint = False  # set by `set_activation_checkpointing`: recompute this block in the backward
+
     def forward(self, h, cos, sin, mask, cache, layer):
+        if wants_checkpoint(self, cache):
+            return checkpointed(self.block, h, cos, sin, mask, None, layer)
+        return self.block(h, cos, sin, mask, cache, layer)
+
+    def block(self, h, cos, sin, mask, cache, layer):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, layer)
         return h + self.mlp(self.post_attention_layernorm(h))
 

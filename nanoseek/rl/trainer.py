@@ -47,6 +47,7 @@ from nanoseek.errors import UserError
 from nanoseek.eval import PassAtKConfig, completion_records, evaluate
 from nanoseek.files import atomic_write_bytes, atomic_write_json, read_jsonl
 from nanoseek.hf import load_pretrained
+from nanoseek.model import set_activation_checkpointing
 from nanoseek.parallel import Parallel, ParallelConfig, parallelize
 from nanoseek.rl.algorithms import GRPO, PPO, RLCommonConfig, response_slice
 from nanoseek.rl.grpo import GRPOConfig, policy_loss, token_entropy, token_logprobs, zero_variance_groups
@@ -74,6 +75,7 @@ class RLTrainConfig:
     device: str = "auto"
     precision: str = "fp32"         # "fp32" | "bf16" (autocast)
     compile: bool | str = "auto"    # the update's forward compiled (trainer.compile_for_training); rollouts stay eager
+    activation_checkpointing: bool = False  # recompute decoder layers in the update's backward (model/recompute.py)
     seed: int = 0
     threads: int = 0                # torch CPU threads; 0 = torch's default
 
@@ -313,6 +315,7 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
     if ckpt is not None:
         model = load_pretrained(ckpt, device=str(device))
     model = compile_for_training(model.float().eval().requires_grad_(True), tc.compile, device, dynamic=None)
+    set_activation_checkpointing(model, tc.activation_checkpointing)
     critic = PPO(cfg.ppo, model, cfg.optim, rc.mu, tc.precision) if algo == "ppo" else None   # (state: below)
     with rank0_first(ctx):
         if main:
