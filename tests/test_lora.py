@@ -1,0 +1,94 @@
+"""LoRA adapters (nanoseek.train.lora) against PEFT: the adapter file PEFT loads onto the transformers model gives
+our logits, the merged export gives the adapter model's logits, and a LoRA SFT run changes only the adapters."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from nanoseek.cli import main
+from nanoseek.errors import UserError
+from nanoseek.hf import load_pretrained, save_pretrained
+from nanoseek.model import build_model
+from nanoseek.config import ModelConfig
+from nanoseek.train.lora import LoRAConfig, adapter_state, apply_lora, merge_lora, save_adapter
+
+peft = pytest.importorskip("peft")
+
+IDS = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    """A random Qwen3 checkpoint saved by transformers (head_dim 12 != hidden 32 / 4 heads)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("qwen3") / "hf"
+    hf = Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                      max_position_embeddings=128)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(path)
+    return path
+
+
+def randomise_adapters(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in adapter_state(model).values():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("targets", [None, ["q_proj", "v_proj", "down_proj"]])
+def test_adapter_loads_in_peft_with_equal_logits_and_merges(tmp_path, qwen3, targets):
+    cfg = LoRAConfig(r=4, alpha=8.0, **({"target_modules": targets} if targets else {}))
+    ours = apply_lora(load_pretrained(qwen3).eval(), cfg)
+    base = logits(ours)
+    assert torch.equal(base, logits(load_pretrained(qwen3).eval()))          # B = 0: starts at the base model
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    n_targets = 2 * len(cfg.target_modules)                                  # per layer
+    assert trainable == set(adapter_state(ours)) and len(trainable) == 2 * n_targets
+    randomise_adapters(ours)
+    adapted = logits(ours)
+    assert (adapted - base).abs().max() > 1e-2
+
+    save_adapter(ours, tmp_path / "adapter", base_model=str(qwen3))
+    stored = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight" in stored
+    assert stored["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
+    assert stored["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"].shape == (48, 4)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
+
+    hf = AutoModelForCausalLM.from_pretrained(qwen3).eval()
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    loaded = {k for k in peft_model.state_dict() if "lora_" in k}
+    assert len(loaded) == len(stored)                                        # every adapter attached
+    ref = logits(peft_model)
+    assert (ref - adapted).abs().max() <= 1e-5
+
+    merged = merge_lora(ours)
+    assert not adapter_state(merged) and type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert (logits(merged) - ref).abs().max() <= 1e-5
+    save_pretrained(merged, tmp_path / "merged")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (logits(back) - ref).abs().max() <= 1e-5
+    assert (logits(peft_model.merge_and_unload()) - logits(back)).abs().max() <= 1e-5
+
+
+def test_bad_lora_settings_are_user_errors():
+    with pytest.raises(UserError, match="'qkv_proj' is not a projection"):
+        LoRAConfig(r=4, target_modules=["qkv_proj"])
+    with pytest.raises(UserError, match="lora supports dense models"):
+        apply_lora(build_model(ModelConfig()), LoRAConfig(r=4))
+    model = build_model(ModelConfig())
+    assert apply_lora(model, LoRAConfig()) is model and not adapter_state(model)     # r = 0: off
