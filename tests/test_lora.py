@@ -92,3 +92,67 @@ def test_bad_lora_settings_are_user_errors():
         apply_lora(build_model(ModelConfig()), LoRAConfig(r=4))
     model = build_model(ModelConfig())
     assert apply_lora(model, LoRAConfig()) is model and not adapter_state(model)     # r = 0: off
+
+
+@pytest.fixture(scope="module")
+def qwen3_init(tmp_path_factory):
+    """A random Qwen3 checkpoint with a tokenizer that fits it, and chat JSONL to fine-tune on."""
+    from nanoseek.tokenizer import Tokenizer
+
+    path = tmp_path_factory.mktemp("qwen3_init")
+    tok = Tokenizer.train([f"{a} + {b} = {a + b}" for a in range(40) for b in range(40)], vocab_size=300)
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                 max_position_embeddings=256)).save_pretrained(path / "model")
+    tok.save(path / "model" / "tokenizer")
+    (path / "traces.jsonl").write_text("".join(json.dumps({"prompt": f"{a} + 1?", "response": f"{a + 1}"}) + "\n"
+                                               for a in range(40)))
+    return path
+
+
+def lora_sft(init, out, steps, *extra):
+    main(["sft", "--init", str(init / "model"), "--out", str(out), "--no-progress",
+          "--set", f"data.path=\"{init / 'traces.jsonl'}\"", "--set", "eval.problems=0", "--set", "lora.r=4",
+          "--set", f"train.steps={steps}", "--set", "train.batch_size=4", "--set", "train.seq_len=64",
+          "--set", "checkpoint.every=2", "--set", "optim.warmup_steps=1", "--set", "optim.lr=1e-2", *extra])
+
+
+def test_lora_sft_run_trains_only_the_adapter_and_exports_it(tmp_path, qwen3_init):
+    from nanoseek.train.lora import resume_adapter
+
+    lora_sft(qwen3_init, tmp_path / "run", 4)
+    run, init = tmp_path / "run", qwen3_init / "model"
+    # the checkpoint's base is --init, bit for bit; the adapters moved
+    base = load_file(init / "model.safetensors")
+    ckpt = load_file(run / "checkpoints" / "step-4" / "model.safetensors")
+    assert set(ckpt) == set(base) | {k for k in ckpt if ".lora_" in k} and len(ckpt) > len(base)
+    assert all(torch.equal(ckpt[k], base[k]) for k in base)
+    assert all(ckpt[k].abs().max() > 0 for k in ckpt if ".lora_B." in k)
+
+    # nanoseek's model with the adapter == PEFT's == the merged final/
+    ours = resume_adapter(apply_lora(load_pretrained(init), LoRAConfig(r=4)), run / "checkpoints" / "step-4").eval()
+    peft_model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(init), run / "adapter").eval()
+    ids = IDS % 300
+    ref = logits(peft_model, ids)
+    assert (logits(ours, ids) - ref).abs().max() <= 1e-5
+    assert (logits(ours, ids) - logits(load_pretrained(init), ids)).abs().max() > 1e-3      # it learned something
+    assert (logits(load_pretrained(run / "final"), ids) - ref).abs().max() <= 1e-5
+    final = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+    assert (logits(final, ids) - ref).abs().max() <= 1e-5
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(init)
+
+
+def test_lora_sft_resume_replays_the_uninterrupted_run(tmp_path, qwen3_init):
+    """Killed after step 2 (step-4, final/ and adapter/ gone): --resume rebuilds the model from --init plus
+    step-2's adapter tensors and ends with the uninterrupted run's adapter, bit for bit."""
+    import shutil
+
+    lora_sft(qwen3_init, tmp_path / "full", 4)
+    lora_sft(qwen3_init, tmp_path / "half", 4)
+    for d in ("checkpoints/step-4", "final", "adapter"):
+        shutil.rmtree(tmp_path / "half" / d)
+    lora_sft(qwen3_init, tmp_path / "half", 4, "--resume")
+    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "half" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
