@@ -156,3 +156,63 @@ def test_lora_sft_resume_replays_the_uninterrupted_run(tmp_path, qwen3_init):
     a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "half" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def dense_base(tmp_path_factory):
+    """A random Qwen3 model with a tokenizer trained on task solutions (conftest.make_base, dense)."""
+    from nanoseek.config import DenseConfig
+    from nanoseek.tasks import sample_problems
+    from nanoseek.tokenizer import Tokenizer, r1_zero_prompt
+
+    root = tmp_path_factory.mktemp("dense_base")
+    tok = Tokenizer.train([r1_zero_prompt(p.prompt) + p.completion()[len("<think>"):]
+                           for p in sample_problems("arithmetic", 50)], 300)
+    torch.manual_seed(0)
+    save_pretrained(build_model(DenseConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            head_dim=12, model_type="qwen3")), root / "base")
+    tok.save(root / "base" / "tokenizer")
+    return root / "base"
+
+
+def test_lora_grpo_trains_only_the_adapter_and_resumes(tmp_path, dense_base):
+    from dataclasses import replace
+
+    from nanoseek.files import read_jsonl
+    from nanoseek.rl.trainer import train_rl
+    from test_grpo import tiny_rl_config
+
+    def cfg(steps):
+        c = tiny_rl_config(dense_base, steps)
+        return replace(c, lora=LoRAConfig(r=4, alpha=8.0), checkpoint=replace(c.checkpoint, every=1))
+    train_rl(cfg(2), tmp_path / "full", progress=False)
+    full = read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    assert full[2]["kl"] > 0                                   # the adapter moved the policy off the reference
+    base = load_file(dense_base / "model.safetensors")
+    ckpt = load_file(tmp_path / "full" / "checkpoints" / "step-2" / "model.safetensors")
+    assert all(torch.equal(ckpt[k], base[k]) for k in base) and any(".lora_B." in k for k in ckpt)
+
+    peft_model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(dense_base),
+                                                tmp_path / "full" / "adapter").eval()
+    ids = IDS % 200
+    ref = logits(peft_model, ids)
+    assert (logits(load_pretrained(tmp_path / "full" / "final"), ids) - ref).abs().max() <= 1e-5
+    assert (logits(load_pretrained(dense_base), ids) - ref).abs().max() > 1e-4
+
+    train_rl(cfg(1), tmp_path / "part", progress=False)       # stop after step 1 and resume from its adapter
+    train_rl(cfg(2), tmp_path / "part", resume=True, progress=False)
+    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "part" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_lora_refuses_ppo(tmp_path, dense_base):
+    from dataclasses import replace
+
+    from nanoseek.rl.trainer import train_rl
+    from test_grpo import tiny_rl_config
+
+    with pytest.raises(UserError, match="not ppo"):
+        train_rl(replace(tiny_rl_config(dense_base, 1), lora=LoRAConfig(r=4)), tmp_path / "ppo", algo="ppo")
+    assert not (tmp_path / "ppo").exists()

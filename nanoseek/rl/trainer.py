@@ -62,6 +62,7 @@ from nanoseek.tasks import FAMILIES, TaskFamily, sample_problems
 from nanoseek.tasks.jsonl import load_jsonl_problems
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.logger import MetricsLogger
+from nanoseek.train.lora import LoRAConfig, apply_lora, finish_lora, resume_adapter
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
 from nanoseek.train.trainer import CheckpointConfig, NullLogger, compile_enabled, compile_for_training
 
@@ -113,6 +114,7 @@ class RLConfig:
     eval: RLEvalConfig = field(default_factory=RLEvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=50, keep_last=2))
     parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(dp_mode="ddp"))   # under torchrun
+    lora: LoRAConfig = field(default_factory=LoRAConfig)          # lora.r > 0: train adapters only (train/lora.py)
 
 
 @dataclass
@@ -303,6 +305,9 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
         if algo != "grpo" or pc.pp > 1 or pc.ep > 1 or pc.dp_mode == "fsdp":
             raise UserError(f"{algo} under torchrun: only grpo runs data parallel, with the policy replicated for "
                             "rollouts; set parallel.dp_mode=\"ddp\" (or \"hfreduce\") and parallel.ep=1, parallel.pp=1")
+    if cfg.lora.enabled and (algo != "grpo" or ctx is not None):
+        raise UserError(f"lora adapters train in one-process grpo runs, not {algo}{' under torchrun' if ctx else ''}; "
+                        "set lora.r=0")
     main = ctx is None or ctx.is_main
     model, tok_dir = load_init(tc.init, device)
     tokenizer = Tokenizer.load(tok_dir)
@@ -312,10 +317,14 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
     reference = None
     if rc.beta > 0:                                           # the k3 KL to the initial model; none at β = 0
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    if ckpt is not None:
+    if ckpt is not None and not cfg.lora.enabled:
         model = load_pretrained(ckpt, device=str(device))
     model = compile_for_training(model.float().eval().requires_grad_(True), tc.compile, device, dynamic=None)
     set_activation_checkpointing(model, tc.activation_checkpointing)
+    if cfg.lora.enabled:                                      # adapters only; the frozen base is --init
+        apply_lora(model, cfg.lora, tc.seed)
+        if ckpt is not None:
+            resume_adapter(model, ckpt)
     critic = PPO(cfg.ppo, model, cfg.optim, rc.mu, tc.precision) if algo == "ppo" else None   # (state: below)
     with rank0_first(ctx):
         if main:
@@ -386,6 +395,7 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
                 save_checkpoint(run_dir, done, model, {"optimizer": optimizer.state_dict(), **estimator.state_dict()},
                                 cfg.checkpoint.keep_last)
     if main:
+        model = finish_lora(model, run_dir, tc.init)          # LoRA: adapter/ in PEFT's format, merged final/
         export_final(run_dir, model, tokenizer)
     return model
 
