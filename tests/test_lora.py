@@ -185,7 +185,8 @@ def test_lora_grpo_trains_only_the_adapter_and_resumes(tmp_path, dense_base):
 
     def cfg(steps):
         c = tiny_rl_config(dense_base, steps)
-        return replace(c, lora=LoRAConfig(r=4, alpha=8.0), checkpoint=replace(c.checkpoint, every=1))
+        return replace(c, lora=LoRAConfig(r=4, alpha=8.0), checkpoint=replace(c.checkpoint, every=1),
+                       eval=replace(c.eval, problems=0))
     train_rl(cfg(2), tmp_path / "full", progress=False)
     full = read_jsonl(tmp_path / "full" / "metrics.jsonl")
     assert full[2]["kl"] > 0                                   # the adapter moved the policy off the reference
@@ -216,3 +217,19 @@ def test_lora_refuses_ppo(tmp_path, dense_base):
     with pytest.raises(UserError, match="not ppo"):
         train_rl(replace(tiny_rl_config(dense_base, 1), lora=LoRAConfig(r=4)), tmp_path / "ppo", algo="ppo")
     assert not (tmp_path / "ppo").exists()
+
+
+def test_lora_on_a_deepseek_model_exits_2_and_writes_nothing(tmp_path, base_checkpoint, capsys):
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"prompt": f"{a} + 1?", "response": f"{a + 1}"}) + "\n"
+                                                 for a in range(40)))
+    out = tmp_path / "run"
+    sft = ["sft", "--set", f"data.path=\"{tmp_path / 'chat.jsonl'}\"", "--set", "train.batch_size=2",
+           "--set", "eval.problems=0"]
+    for argv, error in [(sft + ["--set", "lora.r=4"], "lora supports dense models"),
+                        (["grpo", "--set", "lora.r=4"], "lora supports dense models"),
+                        (sft + ["--set", "lora.r=-1"], "lora.r"),
+                        (["grpo", "--set", "lora.target_modules=[\"qkv\"]"], "'qkv' is not a projection")]:
+        assert main(argv + ["--init", str(base_checkpoint), "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert error in err and "\n" not in err, err
+        assert not out.exists(), argv
