@@ -13,7 +13,7 @@ from nanoseek.errors import UserError
 from nanoseek.hf import load_pretrained, save_pretrained
 from nanoseek.model import build_model
 from nanoseek.config import ModelConfig
-from nanoseek.train.lora import LoRAConfig, adapter_state, apply_lora, merge_lora, save_adapter
+from nanoseek.train.lora import BaseModel, LoRAConfig, adapter_state, apply_lora, merge_lora, save_adapter
 
 peft = pytest.importorskip("peft")
 
@@ -60,6 +60,9 @@ def test_adapter_loads_in_peft_with_equal_logits_and_merges(tmp_path, qwen3, tar
     randomise_adapters(ours)
     adapted = logits(ours)
     assert (adapted - base).abs().max() > 1e-2
+
+    assert torch.equal(logits(BaseModel(ours)), base)                      # GRPO's reference: adapters off
+    assert torch.equal(logits(ours), adapted)                                # ... for that call only
 
     save_adapter(ours, tmp_path / "adapter", base_model=str(qwen3))
     stored = load_file(tmp_path / "adapter" / "adapter_model.safetensors")

@@ -62,7 +62,7 @@ from nanoseek.tasks import FAMILIES, TaskFamily, sample_problems
 from nanoseek.tasks.jsonl import load_jsonl_problems
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.logger import MetricsLogger
-from nanoseek.train.lora import LoRAConfig, apply_lora, finish_lora, resume_adapter
+from nanoseek.train.lora import BaseModel, LoRAConfig, apply_lora, finish_lora, resume_adapter
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
 from nanoseek.train.trainer import CheckpointConfig, NullLogger, compile_enabled, compile_for_training
 
@@ -315,7 +315,7 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
     tasks = task_families(families)                           # a bad tasks.data fails before the run dir exists
     problems_fn, reward_fn = _problem_source(cfg, tasks), _reward_source(cfg, tasks)
     reference = None
-    if rc.beta > 0:                                           # the k3 KL to the initial model; none at β = 0
+    if rc.beta > 0 and not cfg.lora.enabled:                  # the k3 KL to the initial model; none at β = 0
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     if ckpt is not None and not cfg.lora.enabled:
         model = load_pretrained(ckpt, device=str(device))
@@ -325,6 +325,7 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
         apply_lora(model, cfg.lora, tc.seed)
         if ckpt is not None:
             resume_adapter(model, ckpt)
+        reference = BaseModel(model) if rc.beta > 0 else None  # the initial model is the base: no copy
     critic = PPO(cfg.ppo, model, cfg.optim, rc.mu, tc.precision) if algo == "ppo" else None   # (state: below)
     with rank0_first(ctx):
         if main:

@@ -15,7 +15,8 @@ Run layout with `lora.r > 0`: `adapter/` (adapter_config.json + adapter_model.sa
 serves next to the base), `final/` (the adapter merged into the base, W += (α / r) B A: a plain model for
 `nanoseek eval`, later stages and transformers). The checkpoints `checkpoints/step-N` hold the base and the
 adapter tensors under their own names; the frozen base equals `--init`, so `--resume` rebuilds the model from
-`--init` plus the checkpoint's adapter tensors.
+`--init` plus the checkpoint's adapter tensors. GRPO's KL reference is `BaseModel(model)`: the same weights with
+the adapters switched off.
 """
 
 from __future__ import annotations
@@ -70,9 +71,32 @@ class LoRALinear(nn.Linear):
     lora_B: nn.Linear                 # [out, r]
     scaling: float
     lora_dropout: nn.Module
+    adapter_off = False               # set inside `BaseModel` calls: the frozen base alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        y = F.linear(x, self.weight, self.bias)
+        if self.adapter_off:
+            return y
+        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+
+class BaseModel:
+    """The frozen base under a LoRA model, called like a model: GRPO's KL reference (the initial policy, since
+    B starts at zero and the base never changes) without a second copy of the weights, as TRL does with PEFT's
+    `disable_adapter()`."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        layers = [m for m in self.model.modules() if isinstance(m, LoRALinear)]
+        for m in layers:
+            m.adapter_off = True
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for m in layers:
+                m.adapter_off = False
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
