@@ -115,10 +115,10 @@ def qwen3_init(tmp_path_factory):
 
 
 def lora_sft(init, out, steps, *extra):
-    main(["sft", "--init", str(init / "model"), "--out", str(out), "--no-progress",
+    assert main(["sft", "--init", str(init / "model"), "--out", str(out), "--no-progress",
           "--set", f"data.path=\"{init / 'traces.jsonl'}\"", "--set", "eval.problems=0", "--set", "lora.r=4",
           "--set", f"train.steps={steps}", "--set", "train.batch_size=4", "--set", "train.seq_len=64",
-          "--set", "checkpoint.every=2", "--set", "optim.warmup_steps=1", "--set", "optim.lr=1e-2", *extra])
+          "--set", "checkpoint.every=2", "--set", "optim.warmup_steps=1", "--set", "optim.lr=1e-2", *extra]) == 0
 
 
 def test_lora_sft_run_trains_only_the_adapter_and_exports_it(tmp_path, qwen3_init):
@@ -144,6 +144,15 @@ def test_lora_sft_run_trains_only_the_adapter_and_exports_it(tmp_path, qwen3_ini
     final = AutoModelForCausalLM.from_pretrained(run / "final").eval()
     assert (logits(final, ids) - ref).abs().max() <= 1e-5
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(init)
+
+
+def test_lora_sft_in_bf16_with_activation_checkpointing(tmp_path, qwen3_init):
+    """The three switches together: bf16 autocast, checkpointed layers, adapters (fp32 master copies)."""
+    lora_sft(qwen3_init, tmp_path / "run", 2, "--set", "train.precision=\"bf16\"",
+             "--set", "train.activation_checkpointing=true")
+    stored = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in stored.values())
+    assert all(t.abs().max() > 0 for k, t in stored.items() if ".lora_B." in k)
 
 
 def test_lora_sft_resume_replays_the_uninterrupted_run(tmp_path, qwen3_init):
