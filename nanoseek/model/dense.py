@@ -4,9 +4,10 @@ R1 §2.4 distils the MoE teacher into small dense models, so the student is the 
 already ships: grouped-query attention (GQA, n_kv < n_heads key/value heads shared by groups of query
 heads), SwiGLU MLP, pre-RMSNorm, RoPE on half-split pairs (`rotate_half`, as Llama / Qwen2 checkpoints
 are laid out — DeepSeek's MLA uses interleaved pairs instead), optional q/k/v bias (Qwen2), per-head q/k
-RMSNorm before RoPE (Qwen3) and optional tied embeddings. It speaks the same interface as `DeepseekV3ForCausalLM` (docs/INTERFACES.md): aligned
-labels, the same output fields (mtp_loss and balance_loss are zero), a preallocated KV cache for rollouts,
-and the hub layout `nanoseek.hf.save_pretrained` writes, so the trainer, the RL engine and `hf.py` never ask which one they hold.
+RMSNorm before RoPE (Qwen3) and optional tied embeddings. It speaks the same interface as
+`DeepseekV3ForCausalLM` (docs/INTERFACES.md): aligned labels, the same output fields (mtp_loss and
+balance_loss are zero), a preallocated KV cache for rollouts, and the hub layout `nanoseek.hf.save_pretrained`
+writes, so the trainer, the RL engine and `hf.py` never ask which one they hold.
 """
 
 from __future__ import annotations

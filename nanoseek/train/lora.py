@@ -1,5 +1,5 @@
 """LoRA adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", §4.1) for dense models,
-written in PEFT's adapter format so PEFT, vLLM and SGLang load them as they load any hub adapter.
+written in PEFT's adapter format: the files PEFT loads (tests/test_lora.py), and vLLM / SGLang read for LoRA serving.
 
 A targeted projection W [out, in] keeps its weight frozen and gains a rank-r update:
 
@@ -55,8 +55,8 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         bad = [m for m in self.target_modules if m not in PROJECTIONS]
         if bad or not self.target_modules:
-            raise UserError(f"lora.target_modules: {bad[0] if bad else 'empty'!r} is not a projection; choose from "
-                            f"{', '.join(PROJECTIONS)}")
+            what = f"{bad[0]!r} is not a projection" if bad else "the list is empty"
+            raise UserError(f"lora.target_modules: {what}; choose from {', '.join(PROJECTIONS)}")
 
     @property
     def enabled(self) -> bool:
