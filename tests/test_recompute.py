@@ -111,3 +111,27 @@ def test_bf16_checkpointed_training_of_a_dense_model(tmp_path):
         losses[precision] = [r["loss"] for r in read_jsonl(tmp_path / precision / "metrics.jsonl")]
     assert losses["bf16"][0] == pytest.approx(losses["fp32"][0], rel=2e-2)
     assert losses["bf16"][-1] < losses["bf16"][0] - 0.2
+
+
+def test_grpo_update_with_checkpointing_equals_the_plain_one(tmp_path, base_checkpoint, monkeypatch):
+    """`train.activation_checkpointing` of the RL config reaches the policy update: the checkpointed layers run
+    there, and the step's weights equal the plain run's."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    import nanoseek.model.block as block
+    from nanoseek.rl.trainer import train_rl
+    from test_grpo import tiny_rl_config
+
+    calls = []
+    plain = block.checkpointed
+    monkeypatch.setattr(block, "checkpointed", lambda *a: calls.append(1) or plain(*a))
+    for on in (False, True):
+        cfg = tiny_rl_config(base_checkpoint, 1)
+        cfg = replace(cfg, train=replace(cfg.train, activation_checkpointing=on), eval=replace(cfg.eval, problems=0))
+        train_rl(cfg, tmp_path / str(on), progress=False)
+        assert bool(calls) == on
+    a, b = (load_file(tmp_path / str(on) / "final" / "model.safetensors") for on in (False, True))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    assert any(not torch.equal(a[k], t) for k, t in load_file(base_checkpoint / "model.safetensors").items())
