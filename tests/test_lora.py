@@ -155,6 +155,18 @@ def test_lora_sft_in_bf16_with_activation_checkpointing(tmp_path, qwen3_init):
     assert all(t.abs().max() > 0 for k, t in stored.items() if ".lora_B." in k)
 
 
+def test_lora_distill_writes_the_students_adapter(tmp_path, qwen3_init):
+    """distill's SFT section takes the same [lora] (as `sft.lora`): the student's adapter lands in sft/adapter."""
+    assert main(["distill", "--init", str(qwen3_init / "model"), "--data", str(qwen3_init / "traces.jsonl"),
+                 "--out", str(tmp_path / "run"), "--no-progress", "--set", "epochs=0", "--set", "sft.lora.r=4",
+                 "--set", "sft.eval.problems=0", "--set", "sft.train.steps=2", "--set", "sft.train.batch_size=4",
+                 "--set", "sft.train.seq_len=64"]) == 0
+    peft_model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(qwen3_init / "model"),
+                                                tmp_path / "run" / "sft" / "adapter").eval()
+    ids = IDS % 300
+    assert (logits(load_pretrained(tmp_path / "run" / "sft" / "final"), ids) - logits(peft_model, ids)).abs().max() <= 1e-5
+
+
 def test_lora_sft_resume_replays_the_uninterrupted_run(tmp_path, qwen3_init):
     """Killed after step 2 (step-4, final/ and adapter/ gone): --resume rebuilds the model from --init plus
     step-2's adapter tensors and ends with the uninterrupted run's adapter, bit for bit."""
