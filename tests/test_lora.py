@@ -132,6 +132,8 @@ def test_lora_sft_run_trains_only_the_adapter_and_exports_it(tmp_path, qwen3_ini
     assert set(ckpt) == set(base) | {k for k in ckpt if ".lora_" in k} and len(ckpt) > len(base)
     assert all(torch.equal(ckpt[k], base[k]) for k in base)
     assert all(ckpt[k].abs().max() > 0 for k in ckpt if ".lora_B." in k)
+    with pytest.raises(UserError, match="checkpoint of a LoRA run"):
+        load_pretrained(run / "checkpoints" / "step-4")
 
     # nanoseek's model with the adapter == PEFT's == the merged final/
     ours = resume_adapter(apply_lora(load_pretrained(init), LoRAConfig(r=4)), run / "checkpoints" / "step-4").eval()
