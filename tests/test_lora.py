@@ -254,6 +254,7 @@ def test_lora_on_a_deepseek_model_exits_2_and_writes_nothing(tmp_path, base_chec
     for argv, error in [(sft + ["--set", "lora.r=4"], "lora supports dense models"),
                         (["grpo", "--set", "lora.r=4"], "lora supports dense models"),
                         (sft + ["--set", "lora.r=-1"], "lora.r"),
+                        (sft + ["--set", "lora.r=4", "--set", "train.precision=fp8"], "not fp8"),
                         (["grpo", "--set", "lora.target_modules=[\"qkv\"]"], "'qkv' is not a projection")]:
         assert main(argv + ["--init", str(base_checkpoint), "--out", str(out)]) == 2, argv
         err = capsys.readouterr().err.strip()

@@ -113,8 +113,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
         if name.rsplit(".", 1)[-1] not in cfg.target_modules:
             continue
         if type(m) is not nn.Linear:
-            raise UserError(f"lora: {name} is a {type(m).__name__}, not a plain Linear (train.precision=fp8?); "
-                            "LoRA runs in fp32 or bf16")
+            raise UserError(f"lora: {name} is a {type(m).__name__}, not a plain Linear; apply LoRA to the model "
+                            "as loaded")
         w = m.weight
         m.__class__ = LoRALinear
         a = torch.empty(cfg.r, m.in_features)

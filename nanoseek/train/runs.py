@@ -222,6 +222,8 @@ def sft(cfg: SFTConfig, out: str | Path, resume: bool = False, progress: bool = 
         ctx.cfg.check_model(model.config)
         if cfg.lora.enabled:
             raise UserError("lora under torchrun is not supported; run LoRA SFT as one process or set lora.r=0")
+    if cfg.lora.enabled and tc.precision == "fp8":      # FP8 GEMMs would take the rank-r adapters too
+        raise UserError("lora trains with train.precision fp32 or bf16, not fp8")
     apply_lora(model, cfg.lora, tc.seed)           # a model LoRA does not support fails here, before the run dir
     resume_from = check_run_dir(out, cfg, resume)
     if finished(out, resume_from, tc.steps):
