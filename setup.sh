@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install nanoseek (editable) into the current Python, reusing an installed torch.
 #   ./setup.sh        runtime dependencies
-#   ./setup.sh test   plus the test extra (pytest, transformers)
+#   ./setup.sh test   plus the test extra (pytest, transformers, peft)
 # An installed torch >= 2.10 (CPU or CUDA) is kept as is. Without one we ask for the pinned CPU build,
 # because an open-ended torch requirement would pull several GB of CUDA wheels.
 set -euo pipefail

@@ -1,6 +1,6 @@
 """nanoseek: the DeepSeek-V3 / DeepSeek-R1 training system, end to end, in compact PyTorch.
 
-`load_pretrained(path)` loads a local Hugging Face directory (deepseek_v3 / qwen2 / llama) as a nanoseek model.
+`load_pretrained(path)` loads a local Hugging Face directory (deepseek_v3 / qwen2 / qwen3 / llama) as a nanoseek model.
 """
 
 from nanoseek.config import DenseConfig, ModelConfig

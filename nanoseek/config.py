@@ -2,7 +2,7 @@
 
 `ModelConfig` mirrors transformers' `DeepseekV3Config` (and the hub's config.json) field for field, so
 `config.json` round-trips: `ModelConfig.from_hf_dict(json.load(...))` then `.to_hf_dict()`. `DenseConfig`
-does the same for Llama/Qwen2-style decoders (distillation students and user checkpoints).
+does the same for Llama/Qwen2/Qwen3-style decoders (distillation students and user checkpoints).
 
 One dial sets the size: `ModelConfig.preset(name)` with `tiny` (CPU default), `small` (one GPU, the
 reference shape of docs/DESIGN.md §8), `deepseek-v2-lite` and `deepseek-v3` (the real 671B shape, for
@@ -139,7 +139,7 @@ class ModelConfig:
         d = dict(d)
         mt = d.get("model_type", "deepseek_v3")
         if mt not in ("deepseek_v3", "deepseek_v2"):
-            raise UserError(f"config model_type {mt!r} is not a DeepSeek model; use DenseConfig for llama/qwen2")
+            raise UserError(f"config model_type {mt!r} is not a DeepSeek model; use DenseConfig for llama/qwen2/qwen3")
         _check_rope_tables(d)
         rp = d.pop("rope_parameters", None)          # transformers >= 5 folds theta + scaling together
         if rp:
@@ -192,7 +192,11 @@ class ModelConfig:
 
 @dataclass
 class DenseConfig:
-    """Llama / Qwen2-style dense decoder (GQA, SwiGLU, RMSNorm, RoPE with half-split pairs)."""
+    """Llama / Qwen2 / Qwen3-style dense decoder (GQA, SwiGLU, RMSNorm, RoPE with half-split pairs).
+
+    The three differ only in the attention's extras: Qwen2 has q/k/v biases; Qwen3 has none but RMS-normalises
+    each head of q and k before RoPE (`q_norm` / `k_norm`, [head_dim] gains), and its head_dim is its own
+    field (Qwen3-0.6B: 16 heads x 128 = 2048 > hidden 1024)."""
 
     vocab_size: int = 1024
     hidden_size: int = 128
@@ -205,9 +209,9 @@ class DenseConfig:
     rope_scaling: dict | None = None
     max_position_embeddings: int = 512
     rms_norm_eps: float = 1e-6
-    attention_bias: bool = False          # Qwen2: bias on q/k/v projections
+    attention_bias: bool = False          # Qwen2: bias on q/k/v projections (Llama / Qwen3: on q/k/v/o when true)
     tie_word_embeddings: bool = False
-    model_type: str = "llama"             # "llama" or "qwen2"
+    model_type: str = "llama"             # "llama", "qwen2" or "qwen3" (per-head q/k RMSNorm)
 
     def __post_init__(self) -> None:
         if self.model_type == "qwen2":
@@ -216,12 +220,17 @@ class DenseConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         def bad(msg: str) -> None:
             raise UserError(f"dense model config: {msg}")
-        if self.model_type not in ("llama", "qwen2"):
-            bad(f"model_type must be 'llama' or 'qwen2', got {self.model_type!r}")
+        if self.model_type not in DENSE_TYPES:
+            bad(f"model_type must be one of {', '.join(DENSE_TYPES)}, got {self.model_type!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             bad(f"num_attention_heads={self.num_attention_heads} must be divisible by num_key_value_heads={self.num_key_value_heads}")
         if self.head_dim % 2:
             bad(f"head_dim must be even for rotary pairs, got {self.head_dim}")
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3: RMSNorm over head_dim on every query and key head, before RoPE."""
+        return self.model_type == "qwen3"
 
     def replace(self, **changes: Any) -> "DenseConfig":
         return dataclasses.replace(self, **changes)
@@ -230,8 +239,8 @@ class DenseConfig:
     def from_hf_dict(cls, d: dict) -> "DenseConfig":
         d = dict(d)
         mt = d.get("model_type")
-        if mt not in ("llama", "qwen2"):
-            raise UserError(f"config model_type {mt!r} is not supported; supported: deepseek_v3, deepseek_v2, qwen2, llama")
+        if mt not in DENSE_TYPES:
+            raise UserError(f"config model_type {mt!r} is not supported; supported: {SUPPORTED}")
         _check_rope_tables(d)
         rp = d.pop("rope_parameters", None)
         if rp:
@@ -240,6 +249,8 @@ class DenseConfig:
                 d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
         if d.get("num_key_value_heads") is None:
             d["num_key_value_heads"] = d.get("num_attention_heads")
+        if mt == "qwen3" and d.get("head_dim") is None:
+            d["head_dim"] = 128                      # Qwen3Config's default, not hidden_size // heads
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in fields}
         kw["model_type"] = mt
@@ -254,7 +265,7 @@ class DenseConfig:
     def to_hf_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d.update(
-            architectures=["LlamaForCausalLM" if self.model_type == "llama" else "Qwen2ForCausalLM"],
+            architectures=[DENSE_TYPES[self.model_type]],
             hidden_act="silu",
             torch_dtype="float32",
         )
@@ -265,16 +276,20 @@ class DenseConfig:
         return d
 
 
+DENSE_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED = "deepseek_v3, deepseek_v2, " + ", ".join(DENSE_TYPES)
+
+
 def config_from_hf_dict(d: dict) -> ModelConfig | DenseConfig:
-    """Dispatch on model_type: DeepSeek → ModelConfig, llama/qwen2 → DenseConfig."""
+    """Dispatch on model_type: DeepSeek → ModelConfig, llama/qwen2/qwen3 → DenseConfig."""
     if not isinstance(d, dict):
         raise UserError("config.json must hold a JSON object")
     mt = d.get("model_type")
     if mt in ("deepseek_v3", "deepseek_v2"):
         return ModelConfig.from_hf_dict(d)
-    if mt in ("llama", "qwen2"):
+    if mt in DENSE_TYPES:
         return DenseConfig.from_hf_dict(d)
-    raise UserError(f"config model_type {mt!r} is not supported; supported: deepseek_v3, deepseek_v2, qwen2, llama")
+    raise UserError(f"config model_type {mt!r} is not supported; supported: {SUPPORTED}")
 
 
 _EXPECTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object"}

@@ -209,7 +209,7 @@ def load_config(path: str | Path) -> ModelConfig | DenseConfig:
 
 
 def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32):
-    """Read a local HF directory (deepseek_v3 / deepseek_v2 / qwen2 / llama) into a nanoseek model.
+    """Read a local HF directory (deepseek_v3 / deepseek_v2 / qwen2 / qwen3 / llama) into a nanoseek model.
 
     Parameters are cast to `dtype`; buffers keep their own dtype (the router bias stays fp32).
     """
@@ -245,6 +245,9 @@ def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype = torch.f
             raise UserError(f"{path}: tensor {_to_hub_name(key, cfg)!r} has shape {tuple(state[key].shape)}, "
                             f"config.json implies {tuple(ref.shape)}; the checkpoint and config do not match")
     extra = sorted(set(state) - set(expected))
+    if extra and all(".lora_A." in k or ".lora_B." in k for k in extra):
+        raise UserError(f"{path} holds LoRA adapter tensors ({extra[0]!r}): it is a checkpoint of a LoRA run; load "
+                        "the run's final/ (adapter merged) or its adapter/ with PEFT, or --resume the run")
     if extra:
         raise UserError(f"{path}: unexpected tensor {_to_hub_name(extra[0], cfg)!r} (and {len(extra) - 1} more) "
                         f"for model_type {cfg.model_type}; check config.json (layers, experts, MTP depth)")

@@ -1,9 +1,10 @@
-"""Dense Llama/Qwen2 student: logits against transformers, padding, KV-cache decoding, loss, errors."""
+"""Dense Llama/Qwen2/Qwen3 student: logits against transformers, padding, KV-cache decoding, loss, errors."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 from nanoseek.config import DenseConfig
 from nanoseek.errors import UserError
@@ -16,16 +17,22 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 LINEAR = {"rope_type": "linear", "factor": 2.0}
 
 
+HF = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+      "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+
+
 def tiny(model_type="llama", tied=False, rope=None, **over):
     kw = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, tie_word_embeddings=tied, rope_theta=10000.0, max_position_embeddings=256)
     kw.update(over)
-    hf_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if model_type == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    hf_cls, model_cls = HF[model_type]
     hf = model_cls(hf_cls(**kw, rope_parameters={"rope_theta": 10000.0, **rope} if rope else None)).eval()
     with torch.no_grad():                       # transformers initialises biases to zero: make them count
         for name, p in hf.named_parameters():
             if name.endswith(".bias"):
                 p.normal_(std=0.1)
+            if name.endswith(("q_norm.weight", "k_norm.weight")):   # Qwen3's per-head gains, away from 1
+                p.uniform_(0.5, 1.5)
     ours = DenseForCausalLM(DenseConfig(**kw, model_type=model_type, rope_scaling=rope)).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)
     return hf, ours
@@ -43,10 +50,10 @@ def left_padded(B=3, T=12, vocab=97, seed=0):
 
 @pytest.mark.parametrize("model_type,tied,rope", [
     ("llama", False, None), ("llama", True, LLAMA3), ("llama", False, LINEAR), ("qwen2", False, None),
-    ("qwen2", True, YARN)])
+    ("qwen2", True, YARN), ("qwen3", False, None), ("qwen3", True, YARN)])
 def test_logits_match_transformers(model_type, tied, rope):
     torch.manual_seed(0)
-    hf, ours = tiny(model_type, tied, rope)
+    hf, ours = tiny(model_type, tied, rope, **({"head_dim": 24} if model_type == "qwen3" else {}))
     assert (ours.model.layers[0].self_attn.q_proj.bias is not None) == (model_type == "qwen2")
     if tied:
         assert ours.lm_head.weight is ours.model.embed_tokens.weight
@@ -89,6 +96,27 @@ def test_cache_decoding_matches_full_forward():
         assert (step[:, 0] - full[[2, 0], P]).abs().max() <= 1e-5
         with pytest.raises(UserError, match="KV cache holds 16"):
             model(ids, cache=cache)
+
+
+def test_qwen3_cache_decoding_matches_transformers():
+    """Qwen3's q/k norm runs on the new tokens only, before RoPE and the cache: decoding one token at a time
+    from a prefill gives transformers' full-sequence logits (head_dim 24 != hidden 64 / 4 heads)."""
+    torch.manual_seed(0)
+    hf, model = tiny("qwen3", head_dim=24)
+    assert model.model.layers[0].self_attn.q_norm.weight.shape == (24,)
+    assert model.model.layers[0].self_attn.q_proj.bias is None
+    ids, mask, pos = left_padded(B=3, T=14)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, position_ids=pos).logits
+        cache = model.new_cache(3, 16)
+        assert cache.k.shape == (2, 3, 2, 16, 24)
+        P = 8
+        steps = [model(ids[:, :P], attention_mask=mask[:, :P], position_ids=pos[:, :P], cache=cache).logits]
+        for t in range(P, 14):
+            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                               cache=cache).logits)
+    real = mask.bool()
+    assert (torch.cat(steps, dim=1)[real] - ref[real]).abs().max() <= 1e-5
 
 
 def test_loss_and_output_fields():

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config,
-                          DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 from nanoseek import load_pretrained
 from nanoseek.config import ModelConfig
@@ -209,17 +210,27 @@ def test_deepseek_v2_parity_both_ways(tmp_path):
     assert (logits(back) - ref).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("model_type,tied", [("qwen2", False), ("qwen2", True), ("llama", False), ("llama", True)])
-def test_dense_parity_both_ways(tmp_path, model_type, tied):
+DENSE = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+         "llama": (LlamaConfig, LlamaForCausalLM)}
+
+
+@pytest.mark.parametrize("model_type,tied,extra", [
+    ("qwen2", False, {}), ("qwen2", True, {}), ("llama", False, {}), ("llama", True, {}),
+    ("llama", False, {"attention_bias": True}),                  # Llama's o_proj takes the bias too
+    ("qwen3", False, {"head_dim": 12}),                          # 4 heads x 12 = 48 != hidden 32
+    ("qwen3", True, {"head_dim": 8, "attention_bias": True})])
+def test_dense_parity_both_ways(tmp_path, model_type, tied, extra):
     torch.manual_seed(0)
     kw = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, tie_word_embeddings=tied)
-    cfg_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if model_type == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+              num_key_value_heads=2, tie_word_embeddings=tied, **extra)
+    cfg_cls, model_cls = DENSE[model_type]
     hf = model_cls(cfg_cls(**kw)).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if name.endswith(".bias"):          # qwen2's q/k/v bias, nonzero
                 p.normal_(std=0.1)
+            if name.endswith("norm.weight"):    # gains (Qwen3's per-head q_norm / k_norm among them) away from 1
+                p.uniform_(0.5, 1.5)
     hf.save_pretrained(tmp_path / "hf")
     ours = load_pretrained(tmp_path / "hf")
     assert type(ours).__name__ == "DenseForCausalLM" and ours.config.model_type == model_type

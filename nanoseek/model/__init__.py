@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from nanoseek.config import DenseConfig, ModelConfig
 from nanoseek.model.deepseek import DeepseekV3ForCausalLM, ModelOutput
-from nanoseek.model.dense import DenseForCausalLM
+from nanoseek.model.block import DecoderLayer
+from nanoseek.model.dense import DenseDecoderLayer, DenseForCausalLM
 from nanoseek.model.mla import MLACache
 from nanoseek.model.moe import expert_loads, max_violation, moe_layers, update_router_biases
 
@@ -19,5 +20,15 @@ def build_model(cfg: ModelConfig | DenseConfig):
     return DeepseekV3ForCausalLM(cfg)
 
 
-__all__ = ["build_model", "DeepseekV3ForCausalLM", "DenseForCausalLM", "ModelOutput", "MLACache", "moe_layers", "expert_loads",
+def set_activation_checkpointing(model, on: bool = True):
+    """Checkpoint every decoder block of `model` (a dense model's layers; DeepSeek-V3's trunk layers and MTP
+    blocks) in forwards that a backward can follow: `train.activation_checkpointing` (nanoseek.model.recompute).
+    Returns the model."""
+    for m in model.modules():
+        if isinstance(m, (DecoderLayer, DenseDecoderLayer)):
+            m.checkpoint = on
+    return model
+
+
+__all__ = ["build_model", "set_activation_checkpointing", "DeepseekV3ForCausalLM", "DenseForCausalLM", "ModelOutput", "MLACache", "moe_layers", "expert_loads",
            "update_router_biases", "max_violation"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.mla import MLA, MLACache
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.norm import RMSNorm
+from nanoseek.model.recompute import checkpointed, wants_checkpoint
 
 
 @dataclass
@@ -42,13 +44,18 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     compiled = None     # set by `compile_blocks`: compiled `DecoderLayer.block` for the full-sequence path
+    checkpoint = False  # set by `set_activation_checkpointing`: recompute this block in the backward
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: MLACache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, H] -> (x [B, T, H], this layer's balance loss or None for a dense layer)."""
         if cache is None and self.compiled is not None:
-            return self.compiled(self, x, cos, sin, mask)
-        return self.block(x, cos, sin, mask, cache)
+            block = functools.partial(self.compiled, self)
+        else:
+            block = self.block
+        if wants_checkpoint(self, cache):
+            return checkpointed(block, x, cos, sin, mask)
+        return block(x, cos, sin, mask, cache)
 
     def block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
               cache: MLACache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

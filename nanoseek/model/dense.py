@@ -1,12 +1,13 @@
-"""Llama / Qwen2-style dense decoder: the distillation student and the shape of most user checkpoints.
+"""Llama / Qwen2 / Qwen3-style dense decoder: the distillation student and the shape of most user checkpoints.
 
 R1 §2.4 distils the MoE teacher into small dense models, so the student is the plain decoder everyone
 already ships: grouped-query attention (GQA, n_kv < n_heads key/value heads shared by groups of query
 heads), SwiGLU MLP, pre-RMSNorm, RoPE on half-split pairs (`rotate_half`, as Llama / Qwen2 checkpoints
-are laid out — DeepSeek's MLA uses interleaved pairs instead), optional q/k/v bias (Qwen2) and optional
-tied embeddings. It speaks the same interface as `DeepseekV3ForCausalLM` (docs/INTERFACES.md): aligned
-labels, the same output fields (mtp_loss and balance_loss are zero), a preallocated KV cache for rollouts,
-and the hub layout `nanoseek.hf.save_pretrained` writes, so the trainer, the RL engine and `hf.py` never ask which one they hold.
+are laid out — DeepSeek's MLA uses interleaved pairs instead), optional q/k/v bias (Qwen2), per-head q/k
+RMSNorm before RoPE (Qwen3) and optional tied embeddings. It speaks the same interface as
+`DeepseekV3ForCausalLM` (docs/INTERFACES.md): aligned labels, the same output fields (mtp_loss and
+balance_loss are zero), a preallocated KV cache for rollouts, and the hub layout `nanoseek.hf.save_pretrained`
+writes, so the trainer, the RL engine and `hf.py` never ask which one they hold.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from nanoseek.model.block import ModelOutput, cross_entropy
 from nanoseek.model.mla import attention_mask_for
 from nanoseek.model.moe import MLP
 from nanoseek.model.norm import RMSNorm
+from nanoseek.model.recompute import checkpointed, wants_checkpoint
 from nanoseek.model.rope import rope_frequencies
 
 
@@ -86,12 +88,21 @@ class DenseAttention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        # Llama and Qwen3 put attention_bias on o_proj too; Qwen2's o_proj never has one
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias and cfg.model_type != "qwen2")
+        if cfg.qk_norm:                 # Qwen3: one [head_dim] gain shared by all heads of q (of k)
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, mask, cache: DenseCache | None, layer: int):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, nh, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # [B, nkv, T, hd]
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)             # [B, T, nh, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)                # [B, T, nkv, hd]
+        if self.q_norm is not None:     # over each head's hd features, before RoPE (as Qwen3Attention)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                             # [B, nh | nkv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -115,7 +126,14 @@ class DenseDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
+    checkpoint = False  # set by `set_activation_checkpointing`: recompute this block in the backward
+
     def forward(self, h, cos, sin, mask, cache, layer):
+        if wants_checkpoint(self, cache):
+            return checkpointed(self.block, h, cos, sin, mask, None, layer)
+        return self.block(h, cos, sin, mask, cache, layer)
+
+    def block(self, h, cos, sin, mask, cache, layer):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, layer)
         return h + self.mlp(self.post_attention_layernorm(h))
 

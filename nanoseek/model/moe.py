@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.recompute import recomputing
 
 
 class MLP(nn.Module):
@@ -242,8 +243,8 @@ class MoE(nn.Module):
         flat_idx = idx.view(-1)                                                   # [N*K]
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
         counts.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))               # tokens per expert [E]
-        if self.training:
-            with torch.no_grad():
+        if self.training and not recomputing():                                  # once per token, not again
+            with torch.no_grad():                                                 # in a checkpoint's replay
                 self.gate.expert_load += counts
         if torch.is_autocast_enabled(x.device.type):                             # move rows in the GEMM dtype
             flat = flat.to(torch.get_autocast_dtype(x.device.type))

@@ -48,6 +48,7 @@ from nanoseek.errors import UserError
 from nanoseek.eval import PassAtKConfig, completion_records, evaluate
 from nanoseek.files import atomic_write_bytes, atomic_write_json, read_jsonl
 from nanoseek.hf import load_pretrained
+from nanoseek.model import set_activation_checkpointing
 from nanoseek.parallel import Parallel, ParallelConfig, parallelize
 from nanoseek.rl.algorithms import GRPO, PPO, TRL_GRPO_ALIASES, RLCommonConfig, response_slice
 from nanoseek.rl.grpo import GRPOConfig, policy_loss, token_entropy, token_logprobs, zero_variance_groups
@@ -63,6 +64,7 @@ from nanoseek.tasks import FAMILIES, TaskFamily, sample_problems
 from nanoseek.tasks.jsonl import load_jsonl_problems
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.logger import MetricsLogger
+from nanoseek.train.lora import BaseModel, LoRAConfig, apply_lora, finish_lora, resume_adapter
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
 from nanoseek.train.trainer import CheckpointConfig, NullLogger, compile_enabled, compile_for_training
 
@@ -76,6 +78,7 @@ class RLTrainConfig:
     device: str = "auto"
     precision: str = "fp32"         # "fp32" | "bf16" (autocast)
     compile: bool | str = "auto"    # the update's forward compiled (trainer.compile_for_training); rollouts stay eager
+    activation_checkpointing: bool = False  # recompute decoder layers in the update's backward (model/recompute.py)
     seed: int = 0
     threads: int = 0                # torch CPU threads; 0 = torch's default
 
@@ -118,6 +121,7 @@ class RLConfig:
     eval: RLEvalConfig = field(default_factory=RLEvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=50, keep_last=2))
     parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(dp_mode="ddp"))   # under torchrun
+    lora: LoRAConfig = field(default_factory=LoRAConfig)          # lora.r > 0: train adapters only (train/lora.py)
     ALIASES: ClassVar[dict] = TRL_GRPO_ALIASES     # TRL's names for the same knobs (docs/trl.md)
 
     def __post_init__(self) -> None:
@@ -351,6 +355,9 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
         if algo != "grpo" or pc.pp > 1 or pc.ep > 1 or pc.dp_mode == "fsdp":
             raise UserError(f"{algo} under torchrun: only grpo runs data parallel, with the policy replicated for "
                             "rollouts; set parallel.dp_mode=\"ddp\" (or \"hfreduce\") and parallel.ep=1, parallel.pp=1")
+    if cfg.lora.enabled and (algo != "grpo" or ctx is not None):
+        raise UserError(f"lora adapters train in one-process grpo runs, not {algo}{' under torchrun' if ctx else ''}; "
+                        "set lora.r=0")
     main = ctx is None or ctx.is_main
     model, tok_dir = load_init(tc.init, device)
     tokenizer = Tokenizer.load(tok_dir)
@@ -358,11 +365,17 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
     tasks = task_families(families)                           # a bad tasks.data fails before the run dir exists
     problems_fn, reward_fn = _problem_source(cfg, tasks), _reward_source(cfg, tasks)
     reference = None
-    if rc.beta > 0:                                           # the k3 KL to the initial model; none at β = 0
+    if rc.beta > 0 and not cfg.lora.enabled:                  # the k3 KL to the initial model; none at β = 0
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    if ckpt is not None:
+    if ckpt is not None and not cfg.lora.enabled:
         model = load_pretrained(ckpt, device=str(device))
     model = compile_for_training(model.float().eval().requires_grad_(True), tc.compile, device, dynamic=None)
+    set_activation_checkpointing(model, tc.activation_checkpointing)
+    if cfg.lora.enabled:                                      # adapters only; the frozen base is --init
+        apply_lora(model, cfg.lora, tc.seed)
+        if ckpt is not None:
+            resume_adapter(model, ckpt)
+        reference = BaseModel(model) if rc.beta > 0 else None  # the initial model is the base: no copy
     critic = PPO(cfg.ppo, model, cfg.optim, rc.mu, tc.precision) if algo == "ppo" else None   # (state: below)
     with rank0_first(ctx):
         if main:
@@ -435,6 +448,7 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
                 save_checkpoint(run_dir, done, model, {"optimizer": optimizer.state_dict(), **estimator.state_dict()},
                                 cfg.checkpoint.keep_last)
     if main:
+        model = finish_lora(model, run_dir, tc.init)          # LoRA: adapter/ in PEFT's format, merged final/
         export_final(run_dir, model, tokenizer)
     return model
 

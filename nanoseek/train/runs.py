@@ -37,6 +37,7 @@ from nanoseek.run import (check_run_dir, export_final, finished, join_ranks, loa
 from nanoseek.sampling.rollout import encode_prompt
 from nanoseek.tasks import sample_problems
 from nanoseek.tokenizer import Tokenizer, check_vocab_fits
+from nanoseek.train.lora import LoRAConfig, apply_lora, finish_lora, resume_adapter
 from nanoseek.train.optim import OptimConfig
 from nanoseek.train.trainer import CheckpointConfig, TrainEvalConfig, TrainConfig, prepare_model, train
 
@@ -88,6 +89,7 @@ class SFTConfig:
     eval: TrainEvalConfig = field(default_factory=lambda: TrainEvalConfig(every=50, template="chat"))
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=50))
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)             # lora.r > 0: train adapters only (train/lora.py)
     ALIASES: ClassVar[dict] = {"learning_rate": Alias("optim.lr")}   # TRL's SFTConfig name (docs/trl.md)
 
 
@@ -236,6 +238,11 @@ def sft(cfg: SFTConfig, out: str | Path, resume: bool = False, progress: bool = 
     evaluate = task_evaluator(cfg.eval, tok, model.config, tc.seed)
     if ctx is not None:
         ctx.cfg.check_model(model.config)
+        if cfg.lora.enabled:
+            raise UserError("lora under torchrun is not supported; run LoRA SFT as one process or set lora.r=0")
+    if cfg.lora.enabled and tc.precision == "fp8":      # FP8 GEMMs would take the rank-r adapters too
+        raise UserError("lora trains with train.precision fp32 or bf16, not fp8")
+    apply_lora(model, cfg.lora, tc.seed)           # a model LoRA does not support fails here, before the run dir
     resume_from = check_run_dir(out, cfg, resume)
     if finished(out, resume_from, tc.steps):
         return out / "final"
@@ -248,10 +255,10 @@ def sft(cfg: SFTConfig, out: str | Path, resume: bool = False, progress: bool = 
                   f"{train_data.stats['rows']} rows; {train_data.describe()} (data.truncation_mode="
                   f"{dc.truncation_mode}; details in {out / 'sft_data.json'})", file=sys.stderr)
     seed_everything(tc.seed)
-    if resume_from is not None:
-        model = load_pretrained(resume_from)
+    if resume_from is not None:                    # LoRA: the frozen base is --init, the adapter what was trained
+        model = resume_adapter(model, resume_from) if cfg.lora.enabled else load_pretrained(resume_from)
     model = prepare_model(model, tc, device)
     par = parallelize(model, ctx=ctx) if ctx is not None else None
     model = train(model, cfg, out, train_data, val_batches=val_batches, evaluate=evaluate,
                   resume_from=resume_from, par=par, description="sft", progress=progress)
-    return export_final(out, model, tok) if main else out / "final"
+    return export_final(out, finish_lora(model, out, cfg.init), tok) if main else out / "final"

@@ -30,6 +30,7 @@ import torch
 from nanoseek.errors import UserError
 from nanoseek.info import account
 from nanoseek.model.chunked_ce import chunked_cross_entropy
+from nanoseek.model import set_activation_checkpointing
 from nanoseek.model.deepseek import DeepseekV3ForCausalLM, compile_blocks
 from nanoseek.model.moe import expert_loads, max_violation, moe_layers, update_router_biases
 from nanoseek.parallel import Parallel
@@ -51,6 +52,8 @@ class TrainConfig:
     precision: str = "fp32"           # "fp32" | "bf16" (autocast) | "fp8" (nanoseek.train.fp8, V3 §3.3)
     compile: bool | str = "auto"      # regional torch.compile of the decoder blocks: "auto" = on CUDA only, true, false
     loss_chunk: int = 0               # rows per chunk of the cross-entropy (model/chunked_ce.py: no fp32 [N, V]); 0 = off
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward (model/recompute.py):
+                                      # ~1/3 more compute, activations of one layer at a time instead of all
     device: str = "auto"              # "auto" = cuda if available, else cpu
     seed: int = 0
     threads: int = 0                  # torch CPU threads; 0 = torch's default
@@ -107,7 +110,8 @@ class Batches(Protocol):
 
 
 def prepare_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """Move to the device, keep fp32 master weights, swap in FP8 linears when asked (V3 §3.3), then compile.
+    """Move to the device, keep fp32 master weights (bf16 and fp8 compute under autocast, for every model),
+    swap in FP8 linears when asked (V3 §3.3), compile, checkpoint activations when asked.
 
     FP8 comes first so the compiled graphs trace the FP8 GEMMs (opaque custom ops) rather than the plain
     Linears they replace.
@@ -116,6 +120,7 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device
     if cfg.precision == "fp8":
         model = convert_to_fp8(model) or model
     compile_for_training(model, cfg.compile, device)
+    set_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.loss_chunk:                             # replaces the (compiled or eager) whole-logits loss
         if not hasattr(model, "loss_fn"):
             raise UserError(f"train.loss_chunk supports DeepSeek-V3 models, not {type(model).__name__}; "
