@@ -21,7 +21,7 @@ from nanoseek.parallel.mesh import destroy
 from nanoseek.recipe import load_recipe
 from nanoseek.rl.trainer import RLConfig, train_rl
 from nanoseek.run import resolve_device
-from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, stop_token_ids
+from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, stop_conditions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +68,7 @@ def _generate(args, model, tok, sampling, gen) -> int:
         raise UserError(f"--samples {args.samples}: need at least 1")
     prompts = [p for p in args.prompt for _ in range(args.samples)]
     g = generate(model, [encode_prompt(tok, p, args.template) for p in prompts], sampling,
-                 _stops(tok, args.template), tok.pad_id, gen)
+                 _stops(tok, sampling, args.template), tok.pad_id, gen)
     for i, (p, c) in enumerate(zip(prompts, g.completions())):
         text = tok.decode(c, skip_special_tokens=True)
         if args.json:
@@ -78,10 +78,9 @@ def _generate(args, model, tok, sampling, gen) -> int:
     return 0
 
 
-def _stops(tok, template: str) -> list[int]:
-    """eos; under the R1-Zero template also </answer>, where the template's answer ends (when it is a token)."""
-    extra = ["</answer>"] if template == "r1_zero" and tok.token_id("</answer>") is not None else []
-    return stop_token_ids(tok, extra)
+def _stops(tok, sampling: SamplingConfig, template: str):
+    """eos and `sampling.stop`; under the R1-Zero template also </answer>, where the template's answer ends."""
+    return stop_conditions(tok, sampling.stop + (["</answer>"] if template == "r1_zero" else []))
 
 
 class ThinkingPrinter:
@@ -156,7 +155,7 @@ def _chat(args, model, tok, sampling, gen) -> int:
             console.print(f"\n[red]the conversation is too long for the model ({max_pos} positions); /reset[/]")
             messages.pop()
             continue
-        g = generate(model, [prompt], sampling, _stops(tok, args.template), tok.pad_id, gen, on_token=printer)
+        g = generate(model, [prompt], sampling, _stops(tok, sampling, args.template), tok.pad_id, gen, on_token=printer)
         console.print()
         reply = tok.decode(g.completions()[0], skip_special_tokens=True)
         messages.append({"role": "assistant", "content": reply})

@@ -35,7 +35,7 @@ from nanoseek.r1.general import general_records
 from nanoseek.run import resolve_device
 from nanoseek.sampling import rollout
 from nanoseek.sampling.rewards import RewardConfig, compute_rewards
-from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, response_text, stop_token_ids
+from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, response_text, stop_conditions
 from nanoseek.tasks.problems import load_problems
 from nanoseek.train.optim import OptimConfig
 from nanoseek.train.runs import SFTConfig, SFTDataConfig, sft
@@ -83,7 +83,7 @@ def sample_traces(model, tok, problems: list, tc: TraceConfig, progress: bool = 
         raise UserError("traces.samples and traces.batch_size must be >= 1")
     device = next(model.parameters()).device
     sampling = tc.sampling
-    stop = stop_token_ids(tok, sampling.stop)
+    stop = stop_conditions(tok, sampling.stop)
     gen = torch.Generator(device=device).manual_seed(tc.seed)
     rows = [i for i in range(len(problems)) for _ in range(tc.samples)]
     prompts = [encode_prompt(tok, p.prompt, tc.template) for p in problems]

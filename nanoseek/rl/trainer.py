@@ -56,7 +56,7 @@ from nanoseek.run import (autocast, check_run_dir, export_final, join_ranks, loa
                           start_run)
 from nanoseek.run.checkpoint import load_trainer_state, save_checkpoint
 from nanoseek.sampling.rewards import RewardConfig, compute_rewards
-from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, left_pad, response_text, stop_token_ids
+from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, left_pad, response_text, stop_conditions
 from nanoseek.tasks import FAMILIES, TaskFamily, sample_problems
 from nanoseek.tasks.jsonl import load_jsonl_problems
 from nanoseek.tokenizer import Tokenizer
@@ -163,7 +163,7 @@ def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn, reward_fn=N
     G = cfg.rl.group_size
     want = len(range(rank, cfg.train.prompts, ranks))                 # this rank's share of the prompts
     device = next(model.parameters()).device
-    stop = stop_token_ids(tokenizer, cfg.sampling.stop)
+    stop = stop_conditions(tokenizer, cfg.sampling.stop)
     other = rank * 1_000_000_007                                      # 0 on one process
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step + other)
     exp = Experience()
