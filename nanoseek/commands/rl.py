@@ -20,7 +20,7 @@ from nanoseek.hf import load_checkpoint
 from nanoseek.parallel.mesh import destroy
 from nanoseek.recipe import load_recipe
 from nanoseek.rl.trainer import RLConfig, train_rl
-from nanoseek.run import resolve_device
+from nanoseek.run import resolve_device, undo_failed_start
 from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, stop_conditions
 
 
@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--out", required=True, help="run directory")
         parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+        parser.add_argument("--data", default=None, help="JSONL of training problems (sets tasks.data)")
+        parser.add_argument("--eval-data", default=None, help="JSONL of test problems to evaluate on (sets eval.data)")
         return
     parser.add_argument("--checkpoint", required=True, help="model directory (HF format) with a tokenizer")
     parser.add_argument("--template", default="plain" if command == "generate" else "chat",
@@ -163,14 +165,16 @@ def _chat(args, model, tok, sampling, gen) -> int:
 
 def _train(args) -> int:
     out = Path(args.out)
+    sets = args.sets + flag_sets(args, {"data": "tasks.data", "eval_data": "eval.data"})
     if args.resume and args.recipe is None and (out / "config.toml").is_file():
-        cfg = load_recipe(RLConfig, out / "config.toml", args.sets)   # --resume: the run's own config (+ --set)
+        cfg = load_recipe(RLConfig, out / "config.toml", sets)        # --resume: the run's own config (+ --set)
     else:
-        cfg = load_recipe(RLConfig, args.recipe, args.sets)
+        cfg = load_recipe(RLConfig, args.recipe, sets)
     if args.init:
         cfg.train.init = args.init
     try:
-        train_rl(cfg, out, algo=args.command, resume=args.resume, progress=not args.no_progress)
+        with undo_failed_start(out):                          # bad input found late leaves no half-started run
+            train_rl(cfg, out, algo=args.command, resume=args.resume, progress=not args.no_progress)
     finally:
         destroy()                                             # leave the process group (torchrun runs)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -32,6 +32,7 @@ ranks' rollouts, and writes checkpoints, which are single-process files any layo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 import random
@@ -52,13 +53,14 @@ from nanoseek.rl.algorithms import GRPO, PPO, RLCommonConfig, response_slice
 from nanoseek.rl.grpo import GRPOConfig, policy_loss, token_entropy, token_logprobs, zero_variance_groups
 from nanoseek.rl.ppo import PPOConfig
 from nanoseek.rl.tis import logprob_gap, tis_weights
-from nanoseek.run import (autocast, check_run_dir, export_final, join_ranks, load_init, rank0_first, resolve_device,
-                          start_run)
+from nanoseek.run import (autocast, check_run_dir, checkpoint_dtype, export_final, join_ranks, load_init, rank0_first,
+                          resolve_device, start_run)
 from nanoseek.run.checkpoint import load_trainer_state, save_checkpoint
 from nanoseek.sampling.rewards import RewardConfig, compute_rewards
 from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, left_pad, response_text, stop_conditions
 from nanoseek.tasks import FAMILIES, TaskFamily, sample_problems
 from nanoseek.tasks.jsonl import load_jsonl_problems
+from nanoseek.tasks.problems import load_problems
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.logger import MetricsLogger
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
@@ -91,10 +93,16 @@ class TaskConfig:
 
 @dataclass
 class RLEvalConfig(PassAtKConfig):
+    """Evaluation during RL. It decodes and judges as the rollouts do: the run's sampling.stop (eval.sampling
+    sets the rest: temperature, top-p, max_new_tokens), the run's answer format, and tasks.template unless
+    eval.template names another."""
     every: int = 25                 # evaluate every N steps and after the last; 0 = only after the last
-    problems: int = 64              # held-out TEST-split problems of the training tasks (0 = no eval)
+    problems: int = 64              # held-out problems (0 = no eval): the first N of `data`, else TEST-split
+                                    # problems of the training task families (none when training on tasks.data)
+    data: str = ""                  # a JSONL of test problems (GSM8K / MATH / question-answer, as tasks.data)
     at_start: bool = True           # also evaluate the initial model, logged as step 0
     samples: int = 4
+    template: str = ""              # "" = tasks.template
 
 
 @dataclass
@@ -258,10 +266,41 @@ def write_plots(run_dir: Path, records: list[dict]) -> None:
         atomic_write_bytes(run_dir / "plots" / f"{name}.png", buf.getvalue())
 
 
+def eval_settings(cfg: RLConfig) -> RLEvalConfig:
+    """cfg.eval as evaluation reads it: the run's stop strings and (unless eval.template is set) its template."""
+    return dataclasses.replace(cfg.eval, template=cfg.eval.template or cfg.tasks.template,
+                               sampling=dataclasses.replace(cfg.eval.sampling, stop=list(cfg.sampling.stop)))
+
+
+def eval_problems(cfg: RLConfig) -> list:
+    """The held-out problems of evaluation during RL: eval.data's, else the TEST split of the rule-verified
+    training families; none when the run trains on tasks.data without an eval.data (its families' test split
+    says nothing about the user's problems)."""
+    ec = cfg.eval
+    if not ec.problems:
+        return []
+    if ec.data:
+        return load_problems([], ec.data, ec.problems, "test", ec.seed)
+    if cfg.tasks.data:
+        return []
+    return sample_problems([n for n in cfg.tasks.names if n in FAMILIES], ec.problems, split="test", seed=ec.seed,
+                           difficulty=cfg.tasks.difficulty)
+
+
+def _check_prompts(model, tokenizer, problems: list, template: str, budget: int, what: str) -> None:
+    """Encode the problems' prompts now (a bad template or chat template fails here, before the run directory
+    is written) and check the longest plus `budget` new tokens fits the model's positions."""
+    longest = max(len(encode_prompt(tokenizer, p.prompt, template)) for p in problems)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and longest + budget > max_pos:
+        raise UserError(f"{what} prompts reach {longest} tokens + {budget} new tokens > the model's "
+                        f"max_position_embeddings={max_pos}; lower the max_new_tokens or use shorter problems")
+
+
 def _eval_record(model, tokenizer, problems, cfg: RLConfig, run_dir: Path, step: int) -> dict:
     with autocast(next(model.parameters()).device, cfg.train.precision):
         # seeded by cfg.eval.seed, global RNG untouched; judged by the training reward's answer format
-        res = evaluate(model, tokenizer, problems, cfg.eval, rewards=cfg.rewards)
+        res = evaluate(model, tokenizer, problems, eval_settings(cfg), rewards=cfg.rewards)
     atomic_write_json(run_dir / "eval" / f"step-{step}.json", res)
     K = res["samples"]
     rec = {"eval/pass@1": res["pass@1"]["mean"], f"eval/cons@{K}": res[f"cons@{K}"]["mean"],
@@ -307,6 +346,14 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
     ckpt = check_run_dir(run_dir, cfg, resume)
     tasks = task_families(families)                           # a bad tasks.data fails before the run dir exists
     problems_fn, reward_fn = _problem_source(cfg, tasks), _reward_source(cfg, tasks)
+    # everything else a step or an evaluation reads is checked before the run directory is written too
+    stop_conditions(tokenizer, cfg.sampling.stop)
+    _check_prompts(model, tokenizer, problems_fn(cfg.train.prompts, cfg.train.seed), cfg.tasks.template,
+                   cfg.sampling.max_new_tokens, "training")
+    test_problems = eval_problems(cfg) if main else []
+    if test_problems:
+        _check_prompts(model, tokenizer, test_problems, eval_settings(cfg).template,
+                       cfg.eval.sampling.max_new_tokens, "eval")
     reference = None
     if rc.beta > 0:                                           # the k3 KL to the initial model; none at β = 0
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -327,17 +374,13 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
         optimizer.load_state_dict(state["optimizer"])
         estimator.load_state_dict(state)
         start = int(state["step"])
-    eval_problems = []
-    if cfg.eval.problems:                                     # rule-verified families only: eval scores by rule
-        eval_problems = sample_problems([n for n in cfg.tasks.names if n in FAMILIES], cfg.eval.problems,
-                                        split="test", seed=cfg.eval.seed, difficulty=cfg.tasks.difficulty)
     G = rc.group_size
 
     logger = MetricsLogger(run_dir, tc.steps, start, description=algo, progress=progress,
                            show=("reward/total", "accuracy", "response_length", "eval/pass@1")) if main else NullLogger()
     with logger as log:
-        if start == 0 and eval_problems and cfg.eval.at_start and main:
-            log.log(0, _eval_record(model, tokenizer, eval_problems, cfg, run_dir, 0))
+        if start == 0 and test_problems and cfg.eval.at_start and main:
+            log.log(0, _eval_record(model, tokenizer, test_problems, cfg, run_dir, 0))
         for step in range(start, tc.steps):
             t_step = time.perf_counter()
             lr = wsd_lr(step, tc.steps, cfg.optim)
@@ -374,8 +417,8 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
                        step_time=time.perf_counter() - t_step)
 
             done = step + 1
-            if main and eval_problems and (done == tc.steps or (cfg.eval.every and done % cfg.eval.every == 0)):
-                rec.update(_eval_record(model, tokenizer, eval_problems, cfg, run_dir, done))
+            if main and test_problems and (done == tc.steps or (cfg.eval.every and done % cfg.eval.every == 0)):
+                rec.update(_eval_record(model, tokenizer, test_problems, cfg, run_dir, done))
             log.log(done, rec)
             if main and (done == tc.steps or cfg.checkpoint.due(done, tc.steps)):
                 write_plots(run_dir, read_jsonl(log.path))
@@ -383,7 +426,7 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
                 save_checkpoint(run_dir, done, model, {"optimizer": optimizer.state_dict(), **estimator.state_dict()},
                                 cfg.checkpoint.keep_last)
     if main:
-        export_final(run_dir, model, tokenizer)
+        export_final(run_dir, model, tokenizer, checkpoint_dtype(tc.init))
     return model
 
 

@@ -71,7 +71,9 @@ class TrainEvalConfig:
     every: int = 100                  # evaluate every N steps (and after the last); 0 = only after the last
     val_batches: int = 4              # held-out batches for the validation loss
     tasks: list[str] = field(default_factory=lambda: ["arithmetic", "countdown", "linear"])
-    problems: int = 48                # held-out TEST-split problems for pass@1 (0 = skip)
+    data: str = ""                    # a JSONL of test problems (GSM8K / MATH / question-answer) instead of `tasks`
+    problems: int = 48                # held-out problems for pass@1: the first N of `data`, else TEST-split ones
+                                      # of `tasks` (none for SFT on a user's data.path without `data`); 0 = skip
     difficulty: int | dict | None = None  # task level of those problems (one, or {family: level}); None = default mixes
     samples: int = 1                  # samples per problem for pass@1
     # the R1 report's evaluation sampling: temperature 0.6, top-p 0.95

@@ -1,0 +1,146 @@
+"""Any Hugging Face checkpoint and tokenizer (issue 20): a random-weight Qwen2 with a ChatML tokenizer that has
+no R1 tags (so "</answer>" is several tokens) runs the commands with their default stops, a failed start
+leaves its run directory empty, and the exports serve in transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek.cli import main
+
+GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def gsm8k_file(root: Path, n: int = 6) -> Path:
+    if not GSM8K.is_file():
+        pytest.skip(f"{GSM8K} is not here")
+    path = root / "gsm8k.jsonl"
+    path.write_text("".join(GSM8K.read_text(encoding="utf-8").splitlines(keepends=True)[:n]), encoding="utf-8")
+    return path
+
+
+def chatml_qwen2(root: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A random-weight Qwen2 saved by transformers, with a byte-level BPE tokenizer whose only added tokens are
+    ChatML's (eos "<|endoftext|>", as Qwen2.5 base; the template ends a turn with "<|im_end|>")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    texts = [json.loads(line)["question"] for line in gsm8k_file(root, 64).read_text().splitlines()]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                           show_progress=False))
+    out = root / "qwen2"
+    out.mkdir()
+    backend.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "chat_template": CHATML}))
+    eot = backend.token_to_id("<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=False)
+    Qwen2ForCausalLM(cfg).to(dtype).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    return chatml_qwen2(tmp_path_factory.mktemp("qwen2"))
+
+
+def test_eval_runs_on_a_tokenizer_without_answer_tags(qwen2, tmp_path):
+    """The default sampling.stop ["</answer>"] is three-plus tokens here: matched on the text, no error."""
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(qwen2)
+    assert tok.token_id("</answer>") is None and tok.eos_ids == [tok.token_id("<|endoftext|>"),
+                                                                tok.token_id("<|im_end|>")]
+    data = gsm8k_file(tmp_path)
+    assert main(["eval", "--checkpoint", str(qwen2), "--data", str(data), "--n-problems", "3", "--samples", "2",
+                 "--max-new-tokens", "8", "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["n_problems"] == 3
+
+
+def _served_export(final: Path, tmp_path: Path) -> None:
+    """final/ as transformers serves it: bf16 weights (the init's dtype) with logits equal to nanoseek's,
+    special-token ids in config.json, generation_config.json whose eos ids stop `generate()` at <|im_end|>,
+    and the chat template in the tokenizer."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from nanoseek.hf import load_pretrained
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(final)
+    end, eot = tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")
+    config = json.loads((final / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+    assert (config["eos_token_id"], config["pad_token_id"]) == (eot, eot) and "bos_token_id" not in config
+    with safe_open(str(final / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert GenerationConfig.from_pretrained(final).eos_token_id == [eot, end]
+
+    hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 6 times 7?"}]))])
+    ours = load_pretrained(final).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
+    hf_tok = AutoTokenizer.from_pretrained(final)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == tok.apply_chat_template(msgs)
+    # a model that says <|im_end|> first: generate() stops there instead of running to max_new_tokens
+    hf.lm_head.register_forward_hook(lambda m, args, out: out.index_fill(-1, torch.tensor([end]), 1e4))
+    out = hf.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out[0, ids.shape[1]:].tolist() == [end]
+
+
+def test_failed_grpo_start_leaves_nothing_and_the_fixed_rerun_exports_a_servable_model(tmp_path, capsys):
+    """Bad input found by a grpo start (a bad stop string, a missing eval file) leaves the run directory as it
+    was (absent, or empty when the user made it), so the rerun with the fix needs no cleanup; the run on a
+    bf16 Qwen2 with a ChatML tokenizer, GSM8K data and GSM8K evaluation then exports a model transformers
+    serves."""
+    qwen2 = chatml_qwen2(tmp_path, torch.bfloat16)
+    data, out = gsm8k_file(tmp_path), tmp_path / "run"
+    args = ["grpo", "--init", str(qwen2), "--out", str(out), "--data", str(data), "--no-progress",
+            "--set", "train.steps=1", "--set", "train.prompts=2", "--set", "rl.group_size=2",
+            "--set", "sampling.max_new_tokens=6", "--set", 'tasks.template="chat"', "--set", "eval.problems=2",
+            "--set", "eval.samples=1", "--set", "eval.sampling.max_new_tokens=6"]
+    assert main(args + ["--eval-data", str(data), "--set", 'sampling.stop=["</answer>", ""]']) == 2
+    assert "empty string" in capsys.readouterr().err and not out.exists()
+    out.mkdir()
+    assert main(args + ["--eval-data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err and out.is_dir() and not any(out.iterdir())
+    assert main(args + ["--eval-data", str(data)]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["step"] == 0 and "eval/pass@1" in metrics[0]          # the step-0 evaluation on GSM8K
+    evaluated = json.loads((out / "eval" / "step-0.json").read_text())["per_problem"]
+    assert [q["prompt"] for q in evaluated] == [json.loads(x)["question"] for x in data.read_text().splitlines()[:2]]
+    _served_export(out / "final", tmp_path)
+
+
+def test_failed_sft_start_leaves_nothing_and_the_fixed_rerun_exports_a_servable_model(tmp_path, capsys):
+    qwen2 = chatml_qwen2(tmp_path, torch.bfloat16)
+    data, out = gsm8k_file(tmp_path, 24), tmp_path / "sft"
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"prompt": r["question"], "response": r["answer"]}) + "\n"
+                            for r in map(json.loads, data.read_text().splitlines())))
+    args = ["sft", "--init", str(qwen2), "--out", str(out), "--data", str(chat), "--eval-data", str(data),
+            "--no-progress", "--set", "train.steps=1", "--set", "train.batch_size=2", "--set", "train.seq_len=512",
+            "--set", "eval.problems=2", "--set", "eval.sampling.max_new_tokens=6"]
+    assert main(args + ["--set", 'eval.sampling.stop=[""]']) == 2
+    assert "empty string" in capsys.readouterr().err and not out.exists()
+    assert main(args) == 0
+    _served_export(out / "final", tmp_path)
