@@ -144,3 +144,51 @@ def test_failed_sft_start_leaves_nothing_and_the_fixed_rerun_exports_a_servable_
     assert "empty string" in capsys.readouterr().err and not out.exists()
     assert main(args) == 0
     _served_export(out / "final", tmp_path)
+
+
+def test_rejection_mixes_general_examples_into_user_data_only_when_asked(tmp_path, monkeypatch):
+    """R1's 1 : 3 general : reasoning mix applies to nanoseek's task problems; on the user's traces.data the
+    canned general examples come in only with an explicit general_ratio."""
+    from nanoseek.r1 import rejection
+    from nanoseek.r1.rejection import RejectionConfig, TraceConfig, build_rejection_data
+
+    kept = [{"prompt": f"q{i}", "response": "<think>r</think> <answer>1</answer>", "family": "x", "answer": "1"}
+            for i in range(6)]
+    monkeypatch.setattr(rejection, "teacher_traces", lambda *a, **k: (list(kept), {"sampled": 6, "correct": 6}))
+
+    def general(name, **cfg):
+        _, stats = build_rejection_data(RejectionConfig(init="m", **cfg), tmp_path / name, progress=False)
+        return stats["general"]
+
+    assert general("tasks") == 2                                                # R1's ratio on our tasks
+    assert general("user", traces=TraceConfig(data="mine.jsonl")) == 0
+    assert general("asked", traces=TraceConfig(data="mine.jsonl"), general_ratio=0.5) == 3
+
+
+def test_a_start_that_fails_late_is_undone_but_a_run_with_a_checkpoint_is_kept(tmp_path):
+    """undo_failed_start deletes what the failed attempt created (out itself when it made it) and keeps what was
+    there before; once the attempt wrote a checkpoint nothing is deleted (it can be resumed)."""
+    from nanoseek.errors import UserError
+    from nanoseek.run import undo_failed_start
+
+    out = tmp_path / "run"
+    with pytest.raises(UserError), undo_failed_start(out):
+        (out / "tb").mkdir(parents=True)
+        (out / "config.toml").write_text("x")
+        raise UserError("late")
+    assert not out.exists()
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's")
+    with pytest.raises(UserError), undo_failed_start(out):
+        (out / "metrics.jsonl").write_text("{}")
+        raise UserError("late")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    with pytest.raises(UserError), undo_failed_start(out):
+        (out / "checkpoints" / "step-5" / "trainer_state").mkdir(parents=True)
+        (out / "checkpoints" / "step-5" / "trainer_state" / "state.json").write_text("{}")
+        raise UserError("late")
+    assert (out / "checkpoints").is_dir()
+    with pytest.raises(ValueError), undo_failed_start(tmp_path / "other"):   # not bad input: a bug, kept to debug
+        (tmp_path / "other").mkdir()
+        raise ValueError("bug")
+    assert (tmp_path / "other").is_dir()

@@ -126,7 +126,8 @@ def stop_conditions(tokenizer, stop: list[str]) -> Stops:
     """The stops of a run: every end-of-sequence id of `tokenizer` (`Tokenizer.eos_ids`: eos, the checkpoint's
     generation_config.json eos ids, the chat template's end-of-turn token) plus each string of `stop`, as one
     token where the tokenizer has it as one, else matched on the decoded text (`Stops`)."""
-    ids, strings = list(tokenizer.eos_ids), []
+    ids = list(getattr(tokenizer, "eos_ids", None) or [tokenizer.eos_id])     # (any object with an eos_id works)
+    strings = []
     for s in stop:
         if not s:
             raise UserError("sampling.stop holds an empty string; remove it")
