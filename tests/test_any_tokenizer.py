@@ -192,3 +192,26 @@ def test_a_start_that_fails_late_is_undone_but_a_run_with_a_checkpoint_is_kept(t
         (tmp_path / "other").mkdir()
         raise ValueError("bug")
     assert (tmp_path / "other").is_dir()
+
+
+def test_data_stages_sample_and_fine_tune_on_any_tokenizer(qwen2, tmp_path):
+    """rejection, distill and coldstart sample (default stops: "</answer>" as text) and fine-tune the Qwen2;
+    their SFT's exports keep the init's eos ids. A random model solves nothing, so traces.min_kept tops the
+    data up with GSM8K's worked solutions."""
+    data = gsm8k_file(tmp_path)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"prompt": r["question"], "response": r["answer"]}) + "\n"
+                            for r in map(json.loads, data.read_text().splitlines())))
+    sample = ["--set", "traces.prompts=3", "--set", "traces.samples=2", "--set", "traces.sampling.max_new_tokens=8",
+              "--set", "traces.min_kept=3"]
+    train = ["--set", "sft.train.seq_len=512", "--set", "sft.train.batch_size=2", "--set", "epochs=0",
+             "--set", "sft.train.steps=1", "--no-progress"]
+    runs = {"rejection": ["--init", str(qwen2), "--base", str(qwen2), "--data", str(data), *sample],
+            "distill": ["--teacher", str(qwen2), "--init", str(qwen2), "--set", f'traces.data="{data}"', *sample],
+            "coldstart": ["--init", str(qwen2), "--data", str(chat)]}
+    for command, args in runs.items():
+        assert main([command, "--out", str(tmp_path / command), *args, *train]) == 0, command
+        final = tmp_path / command / "sft" / "final"
+        assert json.loads((final / "generation_config.json").read_text())["eos_token_id"] == [0, 2], command
+    stats = json.loads((tmp_path / "rejection" / "stats.json").read_text())
+    assert stats["general"] == 0 and stats["worked_fallback"] == 3

@@ -346,6 +346,13 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
     ckpt = check_run_dir(run_dir, cfg, resume)
     tasks = task_families(families)                           # a bad tasks.data fails before the run dir exists
     problems_fn, reward_fn = _problem_source(cfg, tasks), _reward_source(cfg, tasks)
+    reference = None
+    if rc.beta > 0:                                           # the k3 KL to the initial model; none at β = 0
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    if ckpt is not None:
+        model = load_pretrained(ckpt, device=str(device))
+    model = compile_for_training(model.float().eval().requires_grad_(True), tc.compile, device, dynamic=None)
+    critic = PPO(cfg.ppo, model, cfg.optim, rc.mu, tc.precision) if algo == "ppo" else None   # (state: below)
     # everything else a step or an evaluation reads is checked before the run directory is written too
     stop_conditions(tokenizer, cfg.sampling.stop)
     _check_prompts(model, tokenizer, problems_fn(cfg.train.prompts, cfg.train.seed), cfg.tasks.template,
@@ -354,13 +361,6 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
     if test_problems:
         _check_prompts(model, tokenizer, test_problems, eval_settings(cfg).template,
                        cfg.eval.sampling.max_new_tokens, "eval")
-    reference = None
-    if rc.beta > 0:                                           # the k3 KL to the initial model; none at β = 0
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-    if ckpt is not None:
-        model = load_pretrained(ckpt, device=str(device))
-    model = compile_for_training(model.float().eval().requires_grad_(True), tc.compile, device, dynamic=None)
-    critic = PPO(cfg.ppo, model, cfg.optim, rc.mu, tc.precision) if algo == "ppo" else None   # (state: below)
     with rank0_first(ctx):
         if main:
             start_run(run_dir, cfg, tokenizer)
