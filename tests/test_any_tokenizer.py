@@ -215,3 +215,26 @@ def test_data_stages_sample_and_fine_tune_on_any_tokenizer(qwen2, tmp_path):
         assert json.loads((final / "generation_config.json").read_text())["eos_token_id"] == [0, 2], command
     stats = json.loads((tmp_path / "rejection" / "stats.json").read_text())
     assert stats["general"] == 0 and stats["worked_fallback"] == 3
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_stop_string_spelled_by_several_bpe_tokens_cuts_the_greedy_decode(qwen2, decode):
+    """With the real byte-level BPE: a stop string taken from the middle of the uncut greedy text (spanning
+    token boundaries) ends each row at the first token whose prefix text holds it, tokens equal to the uncut
+    decode up to there."""
+    from nanoseek.hf import load_checkpoint
+    from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, stop_conditions
+
+    model, tok = load_checkpoint(qwen2)
+    prompts = [encode_prompt(tok, q, "chat") for q in ("How many eggs?", "What is 3 + 4?", "Add 12 and 30.")]
+    cfg = SamplingConfig(max_new_tokens=24, greedy=True, stop=[], decode=decode)
+    uncut = generate(model, prompts, cfg, [], tok.pad_id).completions()
+    text = tok.decode(uncut[0])
+    string = text[len(tok.decode(uncut[0][:6])):len(tok.decode(uncut[0][:9]))]     # tokens 6..8 of row 0
+    stops = stop_conditions(tok, [string])
+    assert stops.strings == (string,)
+    g = generate(model, prompts, cfg, stops, tok.pad_id)
+    for row, got, finish in zip(uncut, g.completions(), g.finish):
+        k = next((k for k in range(1, len(row) + 1) if string in tok.decode(row[:k])), len(row))
+        assert got == row[:k] and finish == ("stop" if string in tok.decode(row) else "length")
+    assert g.finish[0] == "stop" and len(g.completions()[0]) == 9
