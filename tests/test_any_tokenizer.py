@@ -238,3 +238,21 @@ def test_stop_string_spelled_by_several_bpe_tokens_cuts_the_greedy_decode(qwen2,
         k = next((k for k in range(1, len(row) + 1) if string in tok.decode(row[:k])), len(row))
         assert got == row[:k] and finish == ("stop" if string in tok.decode(row) else "length")
     assert g.finish[0] == "stop" and len(g.completions()[0]) == 9
+
+
+def test_rl_evaluation_decodes_and_judges_as_the_rollouts(tmp_path):
+    """Evaluation during RL reads the run's sampling.stop and tasks.template (eval.template overrides it), its
+    problems come from eval.data, and a run on tasks.data without eval.data evaluates nothing rather than
+    nanoseek's arithmetic."""
+    from nanoseek.rl.trainer import RLConfig, RLEvalConfig, TaskConfig, eval_problems, eval_settings
+    from nanoseek.sampling.rollout import SamplingConfig
+
+    data = gsm8k_file(tmp_path)
+    cfg = RLConfig(tasks=TaskConfig(data=str(data), template="chat"), sampling=SamplingConfig(stop=["####"]),
+                   eval=RLEvalConfig(problems=2))
+    ec = eval_settings(cfg)
+    assert ec.sampling.stop == ["####"] and ec.template == "chat" and ec.sampling.temperature == 0.6
+    assert eval_problems(cfg) == []
+    cfg.eval.data, cfg.eval.template = str(data), "plain"
+    assert [p.answer for p in eval_problems(cfg)] == ["18", "3"] and eval_settings(cfg).template == "plain"
+    assert {p.family for p in eval_problems(RLConfig(eval=RLEvalConfig(problems=3)))} == {"arithmetic"}

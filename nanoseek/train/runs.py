@@ -30,6 +30,7 @@ from nanoseek.parallel import ParallelConfig, parallelize
 from nanoseek.recipe import from_dict
 from nanoseek.run import (check_run_dir, checkpoint_dtype, export_final, finished, join_ranks, load_init, rank0_first,
                           seed_everything, setup_torch, start_run)
+from nanoseek.sampling.rewards import RewardConfig
 from nanoseek.sampling.rollout import encode_prompt, stop_conditions
 from nanoseek.tasks import sample_problems
 from nanoseek.tasks.problems import load_problems
@@ -105,6 +106,7 @@ def task_evaluator(ec: TrainEvalConfig, tok, model_cfg, seed: int, user_data: bo
 
     problems = load_problems(ec.tasks, ec.data, ec.problems, "test", seed, ec.difficulty)
     stop_conditions(tok, ec.sampling.stop)
+    rewards = RewardConfig(answer_format=ec.answer_format)
     longest = max(len(encode_prompt(tok, p.prompt, ec.template)) for p in problems)
     budget = ec.sampling.max_new_tokens
     if longest + budget > model_cfg.max_position_embeddings:
@@ -114,7 +116,7 @@ def task_evaluator(ec: TrainEvalConfig, tok, model_cfg, seed: int, user_data: bo
     sampling = PassAtKConfig(samples=ec.samples, sampling=ec.sampling, greedy=False, template=ec.template, seed=seed)
 
     def run(model) -> dict:
-        result = evaluate(model, tok, problems, sampling)
+        result = evaluate(model, tok, problems, sampling, rewards=rewards)
         out = {"pass@1": result["pass@1"]["mean"], "format": result["format"]["mean"]}
         if ec.samples > 1:                          # the headroom RL can use: pass@K well above pass@1
             out[f"pass@{ec.samples}"] = result["pass@k"][str(ec.samples)]["mean"]

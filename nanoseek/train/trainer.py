@@ -37,6 +37,7 @@ from nanoseek.recipe import Range
 from nanoseek.run import autocast
 from nanoseek.run.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from nanoseek.sampling.rollout import SamplingConfig
+from nanoseek.tasks.base import ANSWER_FORMATS
 from nanoseek.train.fp8 import convert_to_fp8
 from nanoseek.train.logger import MetricsLogger
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
@@ -79,7 +80,12 @@ class TrainEvalConfig:
     # the R1 report's evaluation sampling: temperature 0.6, top-p 0.95
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95))
     template: str = "r1_zero"         # prompt format (nanoseek.sampling.rollout.encode_prompt): r1_zero | chat | plain
+    answer_format: str = "answer_tag"  # where the answer is judged: answer_tag | boxed | gsm8k (nanoseek.sampling.rewards)
     CHECKS: ClassVar[dict] = {"samples": Range(1)}
+
+    def __post_init__(self) -> None:
+        if self.answer_format not in ANSWER_FORMATS:
+            raise UserError(f"eval.answer_format={self.answer_format!r}; choose one of {', '.join(ANSWER_FORMATS)}")
 
 
 @dataclass
