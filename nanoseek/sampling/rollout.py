@@ -12,7 +12,10 @@ so generation is its own engine rather than a loop around `model(...)`:
 - the log-prob returned for each sampled token is log softmax(logits) at temperature 1, i.e. log π_θ(token)
   of the unmodified policy, whatever temperature / top-p / top-k the token was drawn with. That is the
   quantity the GRPO ratio and the KL use (the trainer recomputes it with a training forward; the two agree
-  to rounding), not the log-prob under the truncated sampling distribution.
+  to rounding), not the log-prob under the truncated sampling distribution;
+- a row ends at an eos id, a one-token stop string (both checked on the device) or a stop string this
+  tokenizer spells with several tokens (matched on the host on the decoded tail, the row then cut right
+  after the token that completes it), so any tokenizer runs the default stops (`Stops`, `stop_conditions`).
 
 Decoding modes (`SamplingConfig.decode`):
 - "dynamic": eager; each step attends over the filled slots only, finished rows are dropped (`compact_at`)
@@ -76,10 +79,11 @@ class SamplingConfig:
 
 @dataclass
 class Generation:
-    tokens: Tensor          # [B, N] long: sampled ids, the stop token included, pad_id after the end
+    tokens: Tensor          # [B, N] long: sampled ids, the stop token (or a stop string's last one) included,
+                            # pad_id after the end
     logprobs: Tensor        # [B, N] fp32: log π_θ(token) at temperature 1; 0 after the end
     lengths: Tensor         # [B] long: generated tokens per row (stop token included)
-    finish: list[str]       # per row: "stop" (a stop token was sampled) or "length" (max_new_tokens hit)
+    finish: list[str]       # per row: "stop" (a stop token or string ended it) or "length" (max_new_tokens hit)
 
     def completions(self) -> list[list[int]]:
         return [self.tokens[i, :n].tolist() for i, n in enumerate(self.lengths.tolist())]
