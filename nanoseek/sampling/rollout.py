@@ -105,7 +105,7 @@ class Stops:
     decode: Callable[[list[int]], str] | None = field(default=None, compare=False)
 
     @cached_property
-    def _window(self) -> int:
+    def window(self) -> int:
         # every token decodes to at least one byte, so the tokens that spell a string of b UTF-8 bytes are among
         # the last b of the row; a few more in front keep a leading partial character or space out of the match
         return max(len(s.encode("utf-8")) for s in self.strings) + 4
@@ -116,7 +116,7 @@ class Stops:
         tokens before it were searched already)."""
         if not self.strings or len(tokens) <= start:
             return None
-        w = self._window
+        w = self.window
         if not any(s in self.decode(tokens[max(0, start + 1 - w):]) for s in self.strings):
             return None
         for k in range(start, len(tokens)):                     # the first token that completes a string
@@ -458,13 +458,15 @@ def _cut_at_strings(dec: StaticDecoder, busy: list[int], searched: list[int], st
     """At a check: search the tokens each busy row generated since the last check for a stop string; a row
     where one ends is cut right after its last token (its count `ngen` set there, so the output and the
     log-probs end there) and marked done. Returns those rows. One more host read (the rows' histories)."""
-    state = torch.cat([dec.ngen[:, None], dec.hist_tok], 1)[busy].tolist()     # [len(busy), 1 + N]
+    # only the columns a search can read: from the window before the earliest unsearched token
+    lo = max(0, min(searched[b] for b in busy) + 1 - stops.window)
+    state = torch.cat([dec.ngen[:, None], dec.hist_tok[:, lo:]], 1)[busy].tolist()   # [len(busy), 1 + N - lo]
     cut = {}
-    for b, (n, *hist) in zip(busy, state):
-        end = stops.string_end(hist[:n], searched[b])
+    for b, (n, *tail) in zip(busy, state):
+        end = stops.string_end(tail[:n - lo], searched[b] - lo)
         searched[b] = n
         if end is not None:
-            cut[b] = end
+            cut[b] = lo + end
     if cut:
         rows = torch.tensor(list(cut), device=dec.ngen.device)
         dec.ngen[rows] = torch.tensor(list(cut.values()), device=dec.ngen.device)
