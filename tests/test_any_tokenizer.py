@@ -5,7 +5,6 @@ leaves its run directory empty, and the exports serve in transformers."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
