@@ -27,31 +27,42 @@ def gsm8k_file(root: Path, n: int = 6) -> Path:
     return path
 
 
-def chatml_qwen2(root: Path, dtype: torch.dtype = torch.float32) -> Path:
+LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+          "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def chatml_qwen2(root: Path, dtype: torch.dtype = torch.float32, llama: bool = False) -> Path:
     """A random-weight Qwen2 saved by transformers, with a byte-level BPE tokenizer whose only added tokens are
-    ChatML's (eos "<|endoftext|>", as Qwen2.5 base; the template ends a turn with "<|im_end|>")."""
+    ChatML's (eos "<|endoftext|>", as Qwen2.5 base; the template ends a turn with "<|im_end|>"). llama: a Llama
+    with Llama 3's template and special tokens instead (bos <|begin_of_text|>, eos <|end_of_text|>, turns
+    ending in <|eot_id|>)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     texts = [json.loads(line)["question"] for line in gsm8k_file(root, 64).read_text().splitlines()]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400,
+                                                           special_tokens=LLAMA3_SPECIALS if llama else SPECIALS,
                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                            show_progress=False))
-    out = root / "qwen2"
+    out = root / ("llama" if llama else "qwen2")
     out.mkdir()
     backend.save(str(out / "tokenizer.json"))
+    bos, eos = ("<|begin_of_text|>", "<|end_of_text|>") if llama else (None, "<|endoftext|>")
     (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "chat_template": CHATML}))
-    eot = backend.token_to_id("<|endoftext|>")
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": eos,
+        "chat_template": LLAMA3 if llama else CHATML}))
+    eot = backend.token_to_id(eos)
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=False)
-    Qwen2ForCausalLM(cfg).to(dtype).save_pretrained(out)
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if llama else (Qwen2Config, Qwen2ForCausalLM)
+    cfg = config_cls(vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                     bos_token_id=backend.token_to_id(bos) if bos else eot, eos_token_id=eot, tie_word_embeddings=False)
+    model_cls(cfg).to(dtype).save_pretrained(out)
     return out
 
 
@@ -71,6 +82,21 @@ def test_eval_runs_on_a_tokenizer_without_answer_tags(qwen2, tmp_path):
     assert main(["eval", "--checkpoint", str(qwen2), "--data", str(data), "--n-problems", "3", "--samples", "2",
                  "--max-new-tokens", "8", "--json", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["n_problems"] == 3
+
+
+def test_eval_and_grpo_run_on_a_llama_with_llama3_template(tmp_path):
+    """Llama 3's template: the turn ends in <|eot_id|>, which joins eos as a stop; eval and a default grpo
+    (R1-Zero template, arithmetic, "</answer>" as text) exit 0."""
+    from nanoseek.tokenizer import Tokenizer
+
+    llama = chatml_qwen2(tmp_path, llama=True)
+    tok = Tokenizer.load(llama)
+    assert tok.eos_ids == [tok.token_id("<|end_of_text|>"), tok.token_id("<|eot_id|>")]
+    assert main(["eval", "--checkpoint", str(llama), "--data", str(gsm8k_file(tmp_path)), "--n-problems", "2",
+                 "--samples", "1", "--max-new-tokens", "6", "--template", "chat"]) == 0
+    assert main(["grpo", "--init", str(llama), "--out", str(tmp_path / "run"), "--no-progress", "--set", "train.steps=1",
+                 "--set", "train.prompts=2", "--set", "rl.group_size=2", "--set", "sampling.max_new_tokens=6",
+                 "--set", "eval.problems=2", "--set", "eval.samples=1", "--set", "eval.sampling.max_new_tokens=6"]) == 0
 
 
 def _served_export(final: Path, tmp_path: Path) -> None:
