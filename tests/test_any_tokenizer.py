@@ -269,6 +269,7 @@ def test_rl_evaluation_decodes_and_judges_as_the_rollouts(tmp_path):
     """Evaluation during RL reads the run's sampling.stop and tasks.template (eval.template overrides it), its
     problems come from eval.data, and a run on tasks.data without eval.data evaluates nothing rather than
     nanoseek's arithmetic."""
+    from nanoseek.errors import UserError
     from nanoseek.rl.trainer import RLConfig, RLEvalConfig, TaskConfig, eval_problems, eval_settings
     from nanoseek.sampling.rollout import SamplingConfig
 
@@ -281,3 +282,5 @@ def test_rl_evaluation_decodes_and_judges_as_the_rollouts(tmp_path):
     cfg.eval.data, cfg.eval.template = str(data), "plain"
     assert [p.answer for p in eval_problems(cfg)] == ["18", "3"] and eval_settings(cfg).template == "plain"
     assert {p.family for p in eval_problems(RLConfig(eval=RLEvalConfig(problems=3)))} == {"arithmetic"}
+    with pytest.raises(UserError, match="set sampling.stop"):          # not silently ignored
+        RLConfig(eval=RLEvalConfig(sampling=SamplingConfig(stop=["\n\n"])))

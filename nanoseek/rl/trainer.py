@@ -120,6 +120,11 @@ class RLConfig:
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=50, keep_last=2))
     parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(dp_mode="ddp"))   # under torchrun
 
+    def __post_init__(self) -> None:
+        if self.eval.sampling.stop not in (self.sampling.stop, SamplingConfig().stop):
+            raise UserError(f"eval.sampling.stop={self.eval.sampling.stop}: evaluation during RL stops where the "
+                            f"rollouts stop; set sampling.stop instead")
+
 
 @dataclass
 class Experience:
