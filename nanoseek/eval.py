@@ -42,7 +42,7 @@ from nanoseek.recipe import Range
 from nanoseek.sampling import rollout
 from nanoseek.sampling.reflection import reflects
 from nanoseek.sampling.rewards import RewardConfig, accuracy_reward, format_reward, language_consistency
-from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, response_text, stop_token_ids
+from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, response_text, stop_conditions
 from nanoseek.tasks import get_family
 
 
@@ -230,7 +230,7 @@ def evaluate(model, tokenizer, problems: list, cfg=None, progress: bool = False,
         raise UserError(f"samples={K}: need at least one sample per problem")
     device = next(model.parameters()).device
     sampling = get("sampling")
-    stop = stop_token_ids(tokenizer, sampling.stop)
+    stop = stop_conditions(tokenizer, sampling.stop)
     prompts = [encode_prompt(tokenizer, p.prompt, template, system_prompt) for p in problems]
     gen = torch.Generator(device=device).manual_seed(get("seed"))
     was_training = model.training

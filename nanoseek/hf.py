@@ -272,8 +272,9 @@ def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype = torch.f
 
 
 def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
-                    max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """Write `model` as a hub-layout HF directory (config.json + safetensors), atomically."""
+                    max_shard_bytes: int = MAX_SHARD_BYTES, config_extra: dict | None = None) -> None:
+    """Write `model` as a hub-layout HF directory (config.json + safetensors), atomically. config_extra: keys
+    config.json carries beside the architecture (bos/eos/pad token ids: transformers reads them)."""
     cfg = model.config
     buffers = {_to_hub_name(name, cfg) for name, _ in model.named_buffers()}  # kept in their dtype (fp32 bias)
     tensors = {}
@@ -285,6 +286,7 @@ def save_pretrained(model, path: str | Path, dtype: torch.dtype | None = None,
     saved_dtype = dtype or model.lm_head.weight.dtype
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = hf["dtype"] = str(saved_dtype).removeprefix("torch.")
+    hf.update({k: v for k, v in (config_extra or {}).items() if v is not None})
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

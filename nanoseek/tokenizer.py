@@ -9,6 +9,7 @@
     tok.decode(ids, skip_special_tokens=False) -> str
     len(tok) == tok.vocab_size                         # max id + 1: the embedding rows a model needs
     tok.bos_id (may be None for user tokenizers), tok.eos_id, tok.pad_id (falls back to eos)
+    tok.eos_ids                                        # every id that ends a completion (generation config, template)
     tok.token_id("<think>") -> int | None              # None when the string is not one token
     tok.apply_chat_template(messages, add_generation_prompt=True, tools=None, **template_kwargs) -> str
     tok.render_chat_spans(messages, add_generation_prompt=False, tools=None) -> (text, [(start, end) of each
@@ -107,6 +108,8 @@ class Tokenizer:
     chat_template: str = CHAT_TEMPLATE
     source: str = "<trained>"        # where it was loaded from, for error messages
     extra_config: dict = field(default_factory=dict)  # other tokenizer_config.json keys, written back on save
+    generation_config: dict = field(default_factory=dict)  # the folder's generation_config.json (a checkpoint's),
+                                     # kept so its eos ids end completions and travel with the run's exports
 
     # ---- building ----
     @classmethod
@@ -164,8 +167,17 @@ class Tokenizer:
             if names[key] is not None and names[key] not in vocab:
                 raise UserError(f"{config_file}: {key} {names[key]!r} is not in the vocabulary of {file}; "
                                 f"fix {key} in tokenizer_config.json")
+        generation: dict = {}
+        generation_file = folder / "generation_config.json"
+        if generation_file.is_file():
+            try:
+                generation = json.loads(generation_file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"{generation_file} is not valid JSON ({e}); fix or delete it") from None
+            if not isinstance(generation, dict):
+                raise UserError(f"{generation_file} must hold a JSON object; fix or delete it")
         return cls(backend=backend, chat_template=template or CHAT_TEMPLATE, source=str(folder),
-                   extra_config=config, **names)
+                   extra_config=config, generation_config=generation, **names)
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json + tokenizer_config.json atomically (the directory appears complete or not at all)."""
@@ -175,6 +187,9 @@ class Tokenizer:
         with atomic_dir(path) as tmp:
             self.backend.save(str(tmp / "tokenizer.json"))
             (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            if self.generation_config:
+                (tmp / "generation_config.json").write_text(json.dumps(self.generation_config, indent=2) + "\n",
+                                                            encoding="utf-8")
 
     # ---- encoding ----
     def encode(self, text: str) -> list[int]:
@@ -213,6 +228,39 @@ class Tokenizer:
         if self.eos_token is None:
             raise UserError(f"tokenizer {self.source} has no eos token; set eos_token in its tokenizer_config.json")
         return self.token_id(self.eos_token)
+
+    @cached_property
+    def eos_ids(self) -> list[int]:
+        """Every token that ends a completion, eos first: eos, generation_config.json's eos_token_id (an int or
+        a list: Qwen2.5-Instruct lists <|im_end|> and <|endoftext|>), and the special token that closes an
+        assistant turn in the chat template (<|im_end|> in ChatML, <|eot_id|> in Llama 3), which a chat model
+        emits where a base tokenizer's eos would come."""
+        ids = [] if self.eos_token is None else [self.eos_id]
+        extra = self.generation_config.get("eos_token_id")
+        for i in (extra if isinstance(extra, list) else [extra]):
+            if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size:
+                ids.append(i)
+        end = self.end_of_turn_id
+        if end is not None:
+            ids.append(end)
+        if not ids:
+            raise UserError(f"tokenizer {self.source} has no eos token; set eos_token in its tokenizer_config.json")
+        return list(dict.fromkeys(ids))
+
+    @cached_property
+    def end_of_turn_id(self) -> int | None:
+        """The first special token the chat template writes after an assistant message's content (None when it
+        writes none or does not render a user + assistant exchange)."""
+        mark = "\x00nanoseek\x00"
+        try:
+            text = self.apply_chat_template([{"role": "user", "content": "1"}, {"role": "assistant", "content": mark}],
+                                            add_generation_prompt=False)
+        except UserError:
+            return None
+        if mark not in text:
+            return None
+        special = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        return next((i for i in self.encode(text[text.rindex(mark) + len(mark):]) if i in special), None)
 
     @property
     def pad_id(self) -> int:

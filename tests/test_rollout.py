@@ -403,3 +403,63 @@ def test_static_engine_streams_each_rows_tokens_in_order(max_batch):
                  on_token=lambda r, t: seen[r].append(t))
     assert [seen[i] for i in range(len(PROMPTS))] == g.completions()
     assert len(set(g.lengths.tolist())) > 1
+
+
+# ---------------------------------------------------------------- multi-token stop strings (issue 20)
+
+def _letters(ids):
+    """A toy decode: each id is one letter of seven, so a stop string spans several tokens and many ids spell it."""
+    return "".join("abcdefg"[i % 7] for i in ids)
+
+
+@pytest.mark.parametrize("decode,max_batch", [("dynamic", 0), ("static", 0), ("static", 2)])
+def test_multi_token_stop_string_cuts_the_uncut_decode_after_the_string(decode, max_batch):
+    """Greedy decoding with a stop string the tokenizer spells with several tokens gives exactly the tokens
+    (and log-probs) of the uncut decode up to and including the token that completes the string, finish
+    "stop"; rows that never spell it run to max_new_tokens. The static engine finds the strings at its
+    checks (every 16 steps), so 20 tokens cover a cut before and after a check."""
+    from nanoseek.sampling.rollout import Stops
+
+    model = make_model("dense")
+    n = 20
+    cfg = SamplingConfig(max_new_tokens=n, greedy=True, stop=[], decode=decode, max_batch=max_batch)
+    uncut = generate(model, SHARED, cfg, [], pad_id=0)
+    rows = uncut.completions()
+    assert all(len(r) == n for r in rows)
+    strings = ("bd", "efd")
+
+    def want_len(r):        # the independent reference: the shortest prefix whose text holds a string
+        return next((k for k in range(1, n + 1) if any(s in _letters(r[:k]) for s in strings)), None)
+
+    lengths = [want_len(r) for r in rows]
+    # rows never cut, cut before the first check, and cut after it (at the last token)
+    assert None in lengths and any(k and k < 16 for k in lengths) and n in lengths
+    g = generate(model, SHARED, cfg, Stops((), strings, _letters), pad_id=0)
+    for i, (r, k) in enumerate(zip(rows, lengths)):
+        k = k or n
+        assert g.completions()[i] == r[:k]
+        assert g.lengths[i] == k and g.finish[i] == ("stop" if want_len(r) else "length")
+        # (the cut rows leave the batch earlier, so other rows' matmuls differ in width: rounding only)
+        torch.testing.assert_close(g.logprobs[i, :k], uncut.logprobs[i, :k], atol=1e-5, rtol=1e-5)
+        assert torch.all(g.logprobs[i, k:] == 0)
+        assert torch.all(g.tokens[i, k:] == 0)
+
+
+def test_stop_conditions_split_single_tokens_from_strings(tmp_path):
+    """A stop string that is one token of the tokenizer is a device-side stop id, any other is matched on the
+    text; eos ids come from the tokenizer, its generation_config.json (an int or a list) and the chat
+    template's end-of-turn token."""
+    import json
+
+    from nanoseek.sampling.rollout import stop_conditions
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["some text 123 and more words"] * 20, vocab_size=300)
+    s = stop_conditions(tok, ["</answer>", "and more"])
+    assert s.ids == (tok.eos_id, tok.token_id("</answer>")) and s.strings == ("and more",)
+    assert s.string_end(tok.encode("x and more y"), 0) == len(tok.encode("x and more"))
+    tok.save(tmp_path / "t")
+    (tmp_path / "t" / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.eos_id, 7]}))
+    assert Tokenizer.load(tmp_path / "t").eos_ids == [tok.eos_id, 7]
+    with pytest.raises(UserError, match="empty string"):
+        stop_conditions(tok, [""])

@@ -20,8 +20,8 @@ from nanoseek.hf import load_checkpoint
 from nanoseek.parallel.mesh import destroy
 from nanoseek.recipe import load_recipe
 from nanoseek.rl.trainer import RLConfig, train_rl
-from nanoseek.run import resolve_device
-from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, stop_token_ids
+from nanoseek.run import resolve_device, undo_failed_start
+from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, stop_conditions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--out", required=True, help="run directory")
         parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+        parser.add_argument("--data", default=None, help="JSONL of training problems (sets tasks.data)")
+        parser.add_argument("--eval-data", default=None, help="JSONL of test problems to evaluate on (sets eval.data)")
         return
     parser.add_argument("--checkpoint", required=True, help="model directory (HF format) with a tokenizer")
     parser.add_argument("--template", default="plain" if command == "generate" else "chat",
@@ -68,7 +70,7 @@ def _generate(args, model, tok, sampling, gen) -> int:
         raise UserError(f"--samples {args.samples}: need at least 1")
     prompts = [p for p in args.prompt for _ in range(args.samples)]
     g = generate(model, [encode_prompt(tok, p, args.template) for p in prompts], sampling,
-                 _stops(tok, args.template), tok.pad_id, gen)
+                 _stops(tok, sampling, args.template), tok.pad_id, gen)
     for i, (p, c) in enumerate(zip(prompts, g.completions())):
         text = tok.decode(c, skip_special_tokens=True)
         if args.json:
@@ -78,10 +80,9 @@ def _generate(args, model, tok, sampling, gen) -> int:
     return 0
 
 
-def _stops(tok, template: str) -> list[int]:
-    """eos; under the R1-Zero template also </answer>, where the template's answer ends (when it is a token)."""
-    extra = ["</answer>"] if template == "r1_zero" and tok.token_id("</answer>") is not None else []
-    return stop_token_ids(tok, extra)
+def _stops(tok, sampling: SamplingConfig, template: str):
+    """eos and `sampling.stop`; under the R1-Zero template also </answer>, where the template's answer ends."""
+    return stop_conditions(tok, sampling.stop + (["</answer>"] if template == "r1_zero" else []))
 
 
 class ThinkingPrinter:
@@ -156,7 +157,7 @@ def _chat(args, model, tok, sampling, gen) -> int:
             console.print(f"\n[red]the conversation is too long for the model ({max_pos} positions); /reset[/]")
             messages.pop()
             continue
-        g = generate(model, [prompt], sampling, _stops(tok, args.template), tok.pad_id, gen, on_token=printer)
+        g = generate(model, [prompt], sampling, _stops(tok, sampling, args.template), tok.pad_id, gen, on_token=printer)
         console.print()
         reply = tok.decode(g.completions()[0], skip_special_tokens=True)
         messages.append({"role": "assistant", "content": reply})
@@ -164,14 +165,16 @@ def _chat(args, model, tok, sampling, gen) -> int:
 
 def _train(args) -> int:
     out = Path(args.out)
+    sets = args.sets + flag_sets(args, {"data": "tasks.data", "eval_data": "eval.data"})
     if args.resume and args.recipe is None and (out / "config.toml").is_file():
-        cfg = load_recipe(RLConfig, out / "config.toml", args.sets)   # --resume: the run's own config (+ --set)
+        cfg = load_recipe(RLConfig, out / "config.toml", sets)        # --resume: the run's own config (+ --set)
     else:
-        cfg = load_recipe(RLConfig, args.recipe, args.sets)
+        cfg = load_recipe(RLConfig, args.recipe, sets)
     if args.init:
         cfg.train.init = args.init
     try:
-        train_rl(cfg, out, algo=args.command, resume=args.resume, progress=not args.no_progress)
+        with undo_failed_start(out):                          # bad input found late leaves no half-started run
+            train_rl(cfg, out, algo=args.command, resume=args.resume, progress=not args.no_progress)
     finally:
         destroy()                                             # leave the process group (torchrun runs)
     if int(os.environ.get("RANK", "0")) == 0:

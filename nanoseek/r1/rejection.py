@@ -35,7 +35,7 @@ from nanoseek.r1.general import general_records
 from nanoseek.run import resolve_device
 from nanoseek.sampling import rollout
 from nanoseek.sampling.rewards import RewardConfig, compute_rewards
-from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, response_text, stop_token_ids
+from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, response_text, stop_conditions
 from nanoseek.tasks.problems import load_problems
 from nanoseek.train.optim import OptimConfig
 from nanoseek.train.runs import SFTConfig, SFTDataConfig, sft
@@ -83,7 +83,7 @@ def sample_traces(model, tok, problems: list, tc: TraceConfig, progress: bool = 
         raise UserError("traces.samples and traces.batch_size must be >= 1")
     device = next(model.parameters()).device
     sampling = tc.sampling
-    stop = stop_token_ids(tok, sampling.stop)
+    stop = stop_conditions(tok, sampling.stop)
     gen = torch.Generator(device=device).manual_seed(tc.seed)
     rows = [i for i in range(len(problems)) for _ in range(tc.samples)]
     prompts = [encode_prompt(tok, p.prompt, tc.template) for p in problems]
@@ -171,7 +171,9 @@ class RejectionConfig:
     init: str | None = None           # the model to sample (R1: the stage-2 reasoning-RL checkpoint)
     base: str | None = None           # the model to fine-tune on the result (R1: the base); None = data only
     traces: TraceConfig = field(default_factory=TraceConfig)
-    general_ratio: float = 1 / 3      # general examples per kept reasoning example (R1: 200K / 600K)
+    general_ratio: float | None = None  # general examples per kept reasoning example (R1: 200K / 600K = 1/3);
+                                      # None = 1/3 on task problems, 0 on the user's traces.data (nanoseek's canned
+                                      # general examples are not the user's; set a ratio to mix them in anyway)
     epochs: float = 2.0               # SFT passes over the mix (R1: 2); 0 = use sft.train.steps
     sft: SFTConfig = field(default_factory=default_sft_config)
 
@@ -185,7 +187,10 @@ def build_rejection_data(cfg: RejectionConfig, out: Path, progress: bool = True)
         if not records:
             raise UserError(f"rejection sampling kept none of {stats['sampled']} samples ({stats['correct']} correct); "
                             "sample more (traces.prompts, traces.samples) or train the model further")
-        general = general_records(round(cfg.general_ratio * len(records)), seed=cfg.traces.seed)
+        ratio = cfg.general_ratio if cfg.general_ratio is not None else (0.0 if cfg.traces.data else 1 / 3)
+        if ratio < 0:
+            raise UserError(f"general_ratio={ratio} must be >= 0")
+        general = general_records(round(ratio * len(records)), seed=cfg.traces.seed)
         stats.update(reasoning=len(records), general=len(general))
         mixed = records + general
         random.Random(cfg.traces.seed).shuffle(mixed)

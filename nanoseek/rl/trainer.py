@@ -32,6 +32,7 @@ ranks' rollouts, and writes checkpoints, which are single-process files any layo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 import random
@@ -54,14 +55,15 @@ from nanoseek.rl.algorithms import GRPO, PPO, TRL_GRPO_ALIASES, RLCommonConfig, 
 from nanoseek.rl.grpo import GRPOConfig, policy_loss, token_entropy, token_logprobs, zero_variance_groups
 from nanoseek.rl.ppo import PPOConfig
 from nanoseek.rl.tis import logprob_gap, tis_weights
-from nanoseek.run import (autocast, check_run_dir, export_final, join_ranks, load_init, rank0_first, resolve_device,
-                          start_run)
+from nanoseek.run import (autocast, check_run_dir, checkpoint_dtype, export_final, join_ranks, load_init, rank0_first,
+                          resolve_device, start_run)
 from nanoseek.run.checkpoint import load_trainer_state, save_checkpoint
 from nanoseek.sampling.reflection import reflects
 from nanoseek.sampling.rewards import RewardConfig, compute_rewards, load_reward_functions
-from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, left_pad, response_text, stop_token_ids
+from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, left_pad, response_text, stop_conditions
 from nanoseek.tasks import FAMILIES, TaskFamily, sample_problems
 from nanoseek.tasks.jsonl import load_jsonl_problems
+from nanoseek.tasks.problems import load_problems
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.logger import MetricsLogger
 from nanoseek.train.lora import BaseModel, LoRAConfig, apply_lora, finish_lora, resume_adapter
@@ -101,10 +103,16 @@ class TaskConfig:
 
 @dataclass
 class RLEvalConfig(PassAtKConfig):
+    """Evaluation during RL. It decodes and judges as the rollouts do: the run's sampling.stop (eval.sampling
+    sets the rest: temperature, top-p, max_new_tokens), the run's answer format, and tasks.template unless
+    eval.template names another."""
     every: int = 25                 # evaluate every N steps and after the last; 0 = only after the last
-    problems: int = 64              # held-out TEST-split problems of the training tasks (0 = no eval)
+    problems: int = 64              # held-out problems (0 = no eval): the first N of `data`, else TEST-split
+                                    # problems of the training task families (none when training on tasks.data)
+    data: str = ""                  # a JSONL of test problems (GSM8K / MATH / question-answer, as tasks.data)
     at_start: bool = True           # also evaluate the initial model, logged as step 0
     samples: int = 4
+    template: str = ""              # "" = tasks.template
 
 
 @dataclass
@@ -125,9 +133,13 @@ class RLConfig:
     ALIASES: ClassVar[dict] = TRL_GRPO_ALIASES     # TRL's names for the same knobs (docs/trl.md)
 
     def __post_init__(self) -> None:
-        if self.tasks.system_prompt and self.eval.problems and self.eval.template != "chat":
+        template = self.eval.template or self.tasks.template
+        if self.tasks.system_prompt and self.eval.problems and template != "chat":
             raise UserError(f"tasks.system_prompt is also used in evaluation, which needs eval.template = \"chat\", "
-                            f"not {self.eval.template!r}")
+                            f"not {template!r}")
+        if self.eval.sampling.stop not in (self.sampling.stop, SamplingConfig().stop):
+            raise UserError(f"eval.sampling.stop={self.eval.sampling.stop}: evaluation during RL stops where the "
+                            f"rollouts stop; set sampling.stop instead")
 
 
 class Sample(NamedTuple):
@@ -194,7 +206,7 @@ def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn, reward_fn=N
     G = cfg.rl.group_size
     want = len(range(rank, cfg.train.prompts, ranks))                 # this rank's share of the prompts
     device = next(model.parameters()).device
-    stop = stop_token_ids(tokenizer, cfg.sampling.stop)
+    stop = stop_conditions(tokenizer, cfg.sampling.stop)
     other = rank * 1_000_000_007                                      # 0 on one process
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step + other)
     exp = Experience()
@@ -311,10 +323,42 @@ def write_plots(run_dir: Path, records: list[dict]) -> None:
         atomic_write_bytes(run_dir / "plots" / f"{name}.png", buf.getvalue())
 
 
+def eval_settings(cfg: RLConfig) -> RLEvalConfig:
+    """cfg.eval as evaluation reads it: the run's stop strings and (unless eval.template is set) its template."""
+    return dataclasses.replace(cfg.eval, template=cfg.eval.template or cfg.tasks.template,
+                               sampling=dataclasses.replace(cfg.eval.sampling, stop=list(cfg.sampling.stop)))
+
+
+def eval_problems(cfg: RLConfig) -> list:
+    """The held-out problems of evaluation during RL: eval.data's, else the TEST split of the rule-verified
+    training families; none when the run trains on tasks.data without an eval.data (its families' test split
+    says nothing about the user's problems)."""
+    ec = cfg.eval
+    if not ec.problems:
+        return []
+    if ec.data:
+        return load_problems([], ec.data, ec.problems, "test", ec.seed)
+    if cfg.tasks.data:
+        return []
+    return sample_problems([n for n in cfg.tasks.names if n in FAMILIES], ec.problems, split="test", seed=ec.seed,
+                           difficulty=cfg.tasks.difficulty)
+
+
+def _check_prompts(model, tokenizer, problems: list, template: str, budget: int, what: str) -> None:
+    """Encode the problems' prompts now (a bad template or chat template fails here, before the run directory
+    is written) and check the longest plus `budget` new tokens fits the model's positions."""
+    longest = max(len(encode_prompt(tokenizer, p.prompt, template)) for p in problems)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and longest + budget > max_pos:
+        raise UserError(f"{what} prompts reach {longest} tokens + {budget} new tokens > the model's "
+                        f"max_position_embeddings={max_pos}; lower the max_new_tokens or use shorter problems")
+
+
 def _eval_record(model, tokenizer, problems, cfg: RLConfig, run_dir: Path, step: int) -> dict:
     with autocast(next(model.parameters()).device, cfg.train.precision):
         # seeded by cfg.eval.seed, global RNG untouched; judged by the training reward's answer format
-        res = evaluate(model, tokenizer, problems, cfg.eval, rewards=cfg.rewards, system_prompt=cfg.tasks.system_prompt)
+        res = evaluate(model, tokenizer, problems, eval_settings(cfg), rewards=cfg.rewards,
+                       system_prompt=cfg.tasks.system_prompt)
     atomic_write_json(run_dir / "eval" / f"step-{step}.json", res)
     K = res["samples"]
     rec = {"eval/pass@1": res["pass@1"]["mean"], f"eval/cons@{K}": res[f"cons@{K}"]["mean"],
@@ -377,6 +421,14 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
             resume_adapter(model, ckpt)
         reference = BaseModel(model) if rc.beta > 0 else None  # the initial model is the base: no copy
     critic = PPO(cfg.ppo, model, cfg.optim, rc.mu, tc.precision) if algo == "ppo" else None   # (state: below)
+    # everything else a step or an evaluation reads is checked before the run directory is written too
+    stop_conditions(tokenizer, cfg.sampling.stop)
+    _check_prompts(model, tokenizer, problems_fn(cfg.train.prompts, cfg.train.seed), cfg.tasks.template,
+                   cfg.sampling.max_new_tokens, "training")
+    test_problems = eval_problems(cfg) if main else []
+    if test_problems:
+        _check_prompts(model, tokenizer, test_problems, eval_settings(cfg).template,
+                       cfg.eval.sampling.max_new_tokens, "eval")
     with rank0_first(ctx):
         if main:
             start_run(run_dir, cfg, tokenizer)
@@ -390,17 +442,13 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
         optimizer.load_state_dict(state["optimizer"])
         estimator.load_state_dict(state)
         start = int(state["step"])
-    eval_problems = []
-    if cfg.eval.problems:                                     # rule-verified families only: eval scores by rule
-        eval_problems = sample_problems([n for n in cfg.tasks.names if n in FAMILIES], cfg.eval.problems,
-                                        split="test", seed=cfg.eval.seed, difficulty=cfg.tasks.difficulty)
     G = rc.group_size
 
     logger = MetricsLogger(run_dir, tc.steps, start, description=algo, progress=progress,
                            show=("reward/total", "accuracy", "response_length", "eval/pass@1")) if main else NullLogger()
     with logger as log:
-        if start == 0 and eval_problems and cfg.eval.at_start and main:
-            log.log(0, _eval_record(model, tokenizer, eval_problems, cfg, run_dir, 0))
+        if start == 0 and test_problems and cfg.eval.at_start and main:
+            log.log(0, _eval_record(model, tokenizer, test_problems, cfg, run_dir, 0))
         for step in range(start, tc.steps):
             t_step = time.perf_counter()
             lr = wsd_lr(step, tc.steps, cfg.optim)
@@ -439,8 +487,8 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
                        step_time=time.perf_counter() - t_step)
 
             done = step + 1
-            if main and eval_problems and (done == tc.steps or (cfg.eval.every and done % cfg.eval.every == 0)):
-                rec.update(_eval_record(model, tokenizer, eval_problems, cfg, run_dir, done))
+            if main and test_problems and (done == tc.steps or (cfg.eval.every and done % cfg.eval.every == 0)):
+                rec.update(_eval_record(model, tokenizer, test_problems, cfg, run_dir, done))
             log.log(done, rec)
             if main and (done == tc.steps or cfg.checkpoint.due(done, tc.steps)):
                 write_plots(run_dir, read_jsonl(log.path))
@@ -449,7 +497,7 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
                                 cfg.checkpoint.keep_last)
     if main:
         model = finish_lora(model, run_dir, tc.init)          # LoRA: adapter/ in PEFT's format, merged final/
-        export_final(run_dir, model, tokenizer)
+        export_final(run_dir, model, tokenizer, checkpoint_dtype(tc.init))
     return model
 
 

@@ -7,6 +7,9 @@ final/ (HF model + tokenizer, loadable with `load_pretrained`).
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shutil
 import tomllib
 from pathlib import Path
@@ -14,7 +17,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.errors import UserError
-from nanoseek.files import atomic_dir, atomic_write_text, check_run_target, clean_stale_tmp, read_jsonl
+from nanoseek.files import atomic_dir, atomic_write_json, atomic_write_text, check_run_target, clean_stale_tmp, read_jsonl
 from nanoseek.hf import find_tokenizer, load_pretrained, save_pretrained
 from nanoseek.recipe import to_toml
 from nanoseek.run.checkpoint import latest_checkpoint
@@ -73,12 +76,61 @@ def start_run(out: Path, cfg, tok) -> None:
         tok.save(out / "tokenizer")
 
 
-def export_final(out: Path, model, tok) -> Path:
-    """`final/`: the HF model and its tokenizer, loadable with `load_pretrained` and `nanoseek eval`."""
+@contextlib.contextmanager
+def undo_failed_start(out: str | os.PathLike):
+    """Leave `out` as it was when the block fails on bad input (a UserError) before the run wrote a checkpoint:
+    what this attempt created in it (config.toml, tokenizer/, tb/, metrics.jsonl, eval/) is deleted, and `out`
+    itself when the attempt created it, so the rerun with the fix needs no cleanup and no --resume. Entries
+    that were there before are kept; a run that wrote a checkpoint is kept whole (it can be resumed)."""
+    out = Path(out)
+    existed = out.exists()
+    before = set(out.iterdir()) if out.is_dir() else set()
+    ckpt = latest_checkpoint(out) if out.is_dir() else None
+    try:
+        yield
+    except UserError:
+        if out.is_dir() and latest_checkpoint(out) == ckpt:
+            if not existed:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for p in set(out.iterdir()) - before:
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
+        raise
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_dtype(path: str | os.PathLike | None) -> torch.dtype | None:
+    """The dtype an HF checkpoint's config.json records (`dtype`, or the older `torch_dtype`), None when it
+    records none: a run from a bf16 checkpoint exports bf16, not its fp32 training copy."""
+    if not path or not (Path(path) / "config.json").is_file():
+        return None
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return DTYPES.get(cfg.get("dtype") or cfg.get("torch_dtype"))
+
+
+def export_final(out: Path, model, tok, dtype: torch.dtype | None = None) -> Path:
+    """`final/`: the HF model and its tokenizer, loadable with `load_pretrained`, `nanoseek eval` and
+    transformers, and servable as is: config.json carries the tokenizer's bos/eos/pad ids, generation_config.json
+    (the init checkpoint's, when it had one) lists every eos id (`Tokenizer.eos_ids`: the chat template's end of
+    turn such as <|im_end|> included, so `generate()` stops there), the chat template travels in
+    tokenizer_config.json, and the weights are written in `dtype` (`checkpoint_dtype` of the init; None = as
+    trained)."""
+    eos = tok.eos_ids
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": eos[0], "pad_token_id": tok.pad_id}
+    generation = {**tok.generation_config, **ids, "eos_token_id": eos if len(eos) > 1 else eos[0]}
     with atomic_dir(out / "final") as tmp:
-        save_pretrained(model, tmp)
+        save_pretrained(model, tmp, dtype=dtype, config_extra=ids)
         for f in (out / "tokenizer").iterdir():
             shutil.copy2(f, tmp / f.name)
+        atomic_write_json(tmp / "generation_config.json", generation)
     return out / "final"
 
 

@@ -12,7 +12,10 @@ so generation is its own engine rather than a loop around `model(...)`:
 - the log-prob returned for each sampled token is log softmax(logits) at temperature 1, i.e. log π_θ(token)
   of the unmodified policy, whatever temperature / top-p / top-k the token was drawn with. That is the
   quantity the GRPO ratio and the KL use (the trainer recomputes it with a training forward; the two agree
-  to rounding), not the log-prob under the truncated sampling distribution.
+  to rounding), not the log-prob under the truncated sampling distribution;
+- a row ends at an eos id, a one-token stop string (both checked on the device) or a stop string this
+  tokenizer spells with several tokens (matched on the host on the decoded tail, the row then cut right
+  after the token that completes it), so any tokenizer runs the default stops (`Stops`, `stop_conditions`).
 
 Decoding modes (`SamplingConfig.decode`):
 - "dynamic": eager; each step attends over the filled slots only, finished rows are dropped (`compact_at`)
@@ -35,6 +38,7 @@ import contextlib
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -51,7 +55,8 @@ class SamplingConfig:
     top_p: float = 1.0              # nucleus: keep the smallest set of tokens whose mass reaches top_p
     top_k: int = 0                  # keep the k most likely tokens; 0 = off
     greedy: bool = False            # argmax decoding (temperature / top-p / top-k ignored)
-    stop: list[str] = field(default_factory=lambda: ["</answer>"])  # stop tokens besides eos (single tokens)
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])  # stop strings besides eos (any tokenizer:
+                                    # one token is checked on the device, several are matched on the decoded text)
     compact_at: float = 0.5         # drop finished rows once this share of the live rows has stopped
     decode: str = "auto"            # "auto" | "dynamic" | "static" | "graph" | "compiled" (module docstring)
     max_batch: int = 0              # static/graph: rows decoded at once; more prompts wait for a finished row's
@@ -74,25 +79,69 @@ class SamplingConfig:
 
 @dataclass
 class Generation:
-    tokens: Tensor          # [B, N] long: sampled ids, the stop token included, pad_id after the end
+    tokens: Tensor          # [B, N] long: sampled ids, the stop token (or a stop string's last one) included,
+                            # pad_id after the end
     logprobs: Tensor        # [B, N] fp32: log π_θ(token) at temperature 1; 0 after the end
     lengths: Tensor         # [B] long: generated tokens per row (stop token included)
-    finish: list[str]       # per row: "stop" (a stop token was sampled) or "length" (max_new_tokens hit)
+    finish: list[str]       # per row: "stop" (a stop token or string ended it) or "length" (max_new_tokens hit)
 
     def completions(self) -> list[list[int]]:
         return [self.tokens[i, :n].tolist() for i, n in enumerate(self.lengths.tolist())]
 
 
-def stop_token_ids(tokenizer, stop: list[str]) -> list[int]:
-    """eos plus each stop string, which must be one token of `tokenizer`."""
-    ids = [tokenizer.eos_id]
+@dataclass(frozen=True)
+class Stops:
+    """What ends a row besides max_new_tokens.
+
+    ids: tokens checked on the device at every step (the fast path): the tokenizer's end-of-sequence ids and
+    the stop strings that are one token. strings: stop strings this tokenizer spells with several tokens
+    ("</answer>" for a tokenizer without R1 tags); they are matched on the host on the decoded tail of each
+    row (the dynamic engine every step, the static one at its `check_every` checks) and the row is cut right
+    after the token that completes the string, so tokens, log-probs and lengths end there as if the
+    string had been one stop token. decode(ids) -> str: the tokenizer's (special tokens kept as text).
+    """
+    ids: tuple[int, ...]
+    strings: tuple[str, ...] = ()
+    decode: Callable[[list[int]], str] | None = field(default=None, compare=False)
+
+    @cached_property
+    def window(self) -> int:
+        # every token decodes to at least one byte, so the tokens that spell a string of b UTF-8 bytes are among
+        # the last b of the row; a few more in front keep a leading partial character or space out of the match
+        return max(len(s.encode("utf-8")) for s in self.strings) + 4
+
+    def string_end(self, tokens: list[int], start: int) -> int | None:
+        """The length to cut `tokens` (one row's generated ids) to: 1 + the first index >= `start` at which
+        a stop string is complete in the decoded text; None when no string ends at or after `start` (the
+        tokens before it were searched already)."""
+        if not self.strings or len(tokens) <= start:
+            return None
+        w = self.window
+        if not any(s in self.decode(tokens[max(0, start + 1 - w):]) for s in self.strings):
+            return None
+        for k in range(start, len(tokens)):                     # the first token that completes a string
+            tail = self.decode(tokens[max(0, k + 1 - w):k + 1])
+            if any(s in tail for s in self.strings):
+                return k + 1
+        return None
+
+
+def stop_conditions(tokenizer, stop: list[str]) -> Stops:
+    """The stops of a run: every end-of-sequence id of `tokenizer` (`Tokenizer.eos_ids`: eos, the checkpoint's
+    generation_config.json eos ids, the chat template's end-of-turn token) plus each string of `stop`, as one
+    token where the tokenizer has it as one, else matched on the decoded text (`Stops`)."""
+    ids = list(getattr(tokenizer, "eos_ids", None) or [tokenizer.eos_id])     # (any object with an eos_id works)
+    strings = []
     for s in stop:
+        if not s:
+            raise UserError("sampling.stop holds an empty string; remove it")
         t = tokenizer.token_id(s)
         if t is None:
-            raise UserError(f"stop string {s!r} is not a single token of this tokenizer; remove it from "
-                            f"sampling.stop (stop strings must be tokens such as </answer>)")
-        ids.append(t)
-    return ids
+            strings.append(s)
+        else:
+            ids.append(t)
+    return Stops(tuple(dict.fromkeys(ids)), tuple(dict.fromkeys(strings)),
+                 lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
 
 
 def filtered_probs(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -344,21 +393,24 @@ def _bf16_on_cuda(model) -> bool:
                                                          and torch.get_autocast_dtype("cuda") == torch.bfloat16))
 
 
-def _generate_static(model, prompts, cfg: SamplingConfig, stop_ids, pad_id, generator, on_token,
+def _generate_static(model, prompts, cfg: SamplingConfig, stops: Stops, pad_id, generator, on_token,
                      mode: str, cache_dtype, device) -> Generation:
     """The static engine: up to `cfg.max_batch` rows decode at once; a finished row takes the next waiting
-    prompt at the next check (every `check_every` steps, the only host reads)."""
+    prompt at the next check (every `check_every` steps, the only host reads). Multi-token stop strings are
+    matched at the checks on the rows' new tokens (`_cut_at_strings`)."""
     R, N = len(prompts), cfg.max_new_tokens
     width = min(R, cfg.max_batch) if cfg.max_batch else R
     P = max(len(p) for p in prompts)
     S = -(-(P + N) // 64) * 64                                                  # slot bucket; S-1 is scratch
-    dec = _decoder(model, _bucket(width), S, N, cache_dtype, cfg, stop_ids, mode)
+    dec = _decoder(model, _bucket(width), S, N, cache_dtype, cfg, list(stops.ids), mode)
     out_tok = torch.full((R, N), pad_id, dtype=torch.long, device=device)
     out_logp = torch.zeros((R, N), dtype=torch.float32, device=device)
     lengths = torch.zeros(R, dtype=torch.long, device=device)
     dec.done.fill_(True)
     owner = [-1] * dec.B                        # request held by each cache row (-1 = free)
     left = [0] * dec.B                          # upper bound on each row's remaining steps
+    searched = [0] * dec.B                      # tokens of each row already searched for stop strings
+    string_stop = torch.zeros(R, dtype=torch.bool)   # requests cut at a stop string
     waiting = iter(range(R))
     check = 1 if on_token is not None else dec.check_every
     while True:
@@ -367,7 +419,7 @@ def _generate_static(model, prompts, cfg: SamplingConfig, stop_ids, pad_id, gene
         if take:
             dec.admit([b for b, _ in take], [prompts[r] for _, r in take], pad_id, generator)
             for b, r in take:
-                owner[b], left[b] = r, N - 1
+                owner[b], left[b], searched[b] = r, N - 1, 0
                 if on_token is not None:
                     on_token(r, int(dec.hist_tok[b, 0]))
         busy = [b for b in range(dec.B) if owner[b] >= 0]
@@ -384,6 +436,10 @@ def _generate_static(model, prompts, cfg: SamplingConfig, stop_ids, pad_id, gene
                         on_token(owner[b], toks[b])
         left = [max(0, x - n) for x in left]
         done = dec.done.tolist()                                                # the check: one host read
+        if stops.strings:
+            for b in _cut_at_strings(dec, busy, searched, stops):
+                done[b] = True
+                string_stop[owner[b]] = True
         fin = [b for b in busy if done[b] or left[b] <= 0]
         if fin:
             rows = torch.tensor(fin, device=device)
@@ -394,8 +450,28 @@ def _generate_static(model, prompts, cfg: SamplingConfig, stop_ids, pad_id, gene
             for b in fin:
                 owner[b] = -1
     last = out_tok.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
-    stopped = torch.isin(last, dec.stop) & (lengths > 0)
+    stopped = (torch.isin(last, dec.stop) & (lengths > 0)).cpu() | string_stop
     return Generation(out_tok, out_logp, lengths, ["stop" if s else "length" for s in stopped.tolist()])
+
+
+def _cut_at_strings(dec: StaticDecoder, busy: list[int], searched: list[int], stops: Stops) -> list[int]:
+    """At a check: search the tokens each busy row generated since the last check for a stop string; a row
+    where one ends is cut right after its last token (its count `ngen` set there, so the output and the
+    log-probs end there) and marked done. Returns those rows. One more host read (the rows' histories)."""
+    # only the columns a search can read: from the window before the earliest unsearched token
+    lo = max(0, min(searched[b] for b in busy) + 1 - stops.window)
+    state = torch.cat([dec.ngen[:, None], dec.hist_tok[:, lo:]], 1)[busy].tolist()   # [len(busy), 1 + N - lo]
+    cut = {}
+    for b, (n, *tail) in zip(busy, state):
+        end = stops.string_end(tail[:n - lo], searched[b] - lo)
+        searched[b] = n
+        if end is not None:
+            cut[b] = lo + end
+    if cut:
+        rows = torch.tensor(list(cut), device=dec.ngen.device)
+        dec.ngen[rows] = torch.tensor(list(cut.values()), device=dec.ngen.device)
+        dec.done[rows] = True
+    return list(cut)
 
 
 def _masked_hist(dec: StaticDecoder, rows: Tensor, fill, logp: bool = False) -> Tensor:
@@ -406,17 +482,19 @@ def _masked_hist(dec: StaticDecoder, rows: Tensor, fill, logp: bool = False) -> 
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, prompts: list[list[int]], cfg: SamplingConfig, stop_ids: list[int],
+def generate(model: torch.nn.Module, prompts: list[list[int]], cfg: SamplingConfig, stops: Stops | list[int],
              pad_id: int = 0, generator: torch.Generator | None = None,
              on_token: Callable[[int, int], None] | None = None) -> Generation:
     """Sample a completion for every prompt (token-id lists).
 
-    stop_ids: tokens that end a row (eos, `</answer>`, ...; see `stop_token_ids`). generator: for
+    stops: what ends a row (`stop_conditions(tokenizer, cfg.stop)`), or a list of stop token ids. generator: for
     reproducible sampling (on the model's device). on_token(row, token_id) is called for each new token
     of each unfinished row, in order (streaming for `nanoseek chat`). Identical prompts (a GRPO group's G
     samples) are prefilled once and their cache rows copied.
     """
     device = next(model.parameters()).device
+    if not isinstance(stops, Stops):
+        stops = Stops(tuple(stops))
     N = cfg.max_new_tokens
     mode = cfg.decode if cfg.decode != "auto" else ("graph" if _bf16_on_cuda(model) else "dynamic")
     if mode in ("graph", "compiled") and device.type != "cuda":
@@ -432,20 +510,22 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], cfg: SamplingConf
     # half the bytes and no per-step cast of the whole cache when the weights are fp32 masters)
     amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     if mode != "dynamic":
-        return _generate_static(model, prompts, cfg, stop_ids, pad_id, generator, on_token, mode,
+        return _generate_static(model, prompts, cfg, stops, pad_id, generator, on_token, mode,
                                 amp or model.lm_head.weight.dtype, device)
-    return _generate_dynamic(model, prompts, cfg, stop_ids, pad_id, generator, on_token, amp, device)
+    return _generate_dynamic(model, prompts, cfg, stops, pad_id, generator, on_token, amp, device)
 
 
-def _generate_dynamic(model, prompts, cfg: SamplingConfig, stop_ids, pad_id, generator, on_token, amp,
+def _generate_dynamic(model, prompts, cfg: SamplingConfig, stops: Stops, pad_id, generator, on_token, amp,
                       device) -> Generation:
     """Eager decoding over the filled slots, finished rows dropped (`compact_at`): the CPU engine, where a
-    host read per step costs nothing and shrinking the batch saves real compute."""
+    host read per step costs nothing and shrinking the batch saves real compute. Multi-token stop strings
+    are matched every step on each live row's decoded tail, so a row ends at the token that completes one."""
     B, N = len(prompts), cfg.max_new_tokens
     cache, logits, mask, pos, inv = _prefill(model, prompts, pad_id, amp, device, extra=N)
     if logits.shape[0] < B:                                                     # copy shared prompts' rows
         cache, logits, mask, pos = cache.select(inv), logits[inv], mask[inv], pos[inv]
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    stop = torch.tensor(sorted(set(stops.ids)), dtype=torch.long, device=device)
+    generated: list[list[int]] = [[] for _ in range(B)]     # host copies of the rows, for stop strings
 
     out_tok = torch.full((B, N), pad_id, dtype=torch.long, device=device)
     out_logp = torch.zeros((B, N), dtype=torch.float32, device=device)
@@ -459,6 +539,12 @@ def _generate_dynamic(model, prompts, cfg: SamplingConfig, stop_ids, pad_id, gen
         out_tok[rows, t] = torch.where(live, tok, out_tok[rows, t])
         out_logp[rows, t] = torch.where(live, logp, out_logp[rows, t])
         hit = live & torch.isin(tok, stop)
+        if stops.strings:
+            for i, (r, k, alive) in enumerate(zip(rows.tolist(), tok.tolist(), live.tolist())):
+                if alive:
+                    generated[r].append(k)
+                    if stops.string_end(generated[r], t) is not None:
+                        hit[i] = True
         lengths[rows] = torch.where(hit, t + 1, lengths[rows])
         stopped[rows] |= hit
         done |= hit

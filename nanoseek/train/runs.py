@@ -32,10 +32,12 @@ from nanoseek.hf import load_pretrained
 from nanoseek.model import build_model
 from nanoseek.parallel import ParallelConfig, parallelize
 from nanoseek.recipe import Alias, from_dict
-from nanoseek.run import (check_run_dir, export_final, finished, join_ranks, load_init, rank0_first, seed_everything,
-                          setup_torch, start_run)
-from nanoseek.sampling.rollout import encode_prompt
+from nanoseek.run import (check_run_dir, checkpoint_dtype, export_final, finished, join_ranks, load_init, rank0_first,
+                          seed_everything, setup_torch, start_run)
+from nanoseek.sampling.rewards import RewardConfig
+from nanoseek.sampling.rollout import encode_prompt, stop_conditions
 from nanoseek.tasks import sample_problems
+from nanoseek.tasks.problems import load_problems
 from nanoseek.tokenizer import Tokenizer, check_vocab_fits
 from nanoseek.train.lora import LoRAConfig, apply_lora, finish_lora, resume_adapter
 from nanoseek.train.optim import OptimConfig
@@ -110,14 +112,18 @@ def model_section(cfg: ModelConfig, preset: str) -> dict:
 
 # ---------------------------------------------------------------- evaluation during training
 
-def task_evaluator(ec: TrainEvalConfig, tok, model_cfg, seed: int):
-    """pass@1 (and pass@K for K > 1 samples) on held-out TEST-split task problems, sampled with the rollout
-    engine (R1 report settings).
-    Checked up front: the longest prompt plus max_new_tokens must fit the model's positions."""
-    if not ec.problems or not ec.tasks:
+def task_evaluator(ec: TrainEvalConfig, tok, model_cfg, seed: int, user_data: bool = False):
+    """pass@1 (and pass@K for K > 1 samples) on the first eval.problems of eval.data, else on held-out
+    TEST-split task problems (not when the run trains on `user_data`: nanoseek's synthetic tasks say nothing
+    about it), sampled with the rollout engine (R1 report settings).
+    Checked up front, before the run directory is written: the stop strings, the prompts' template, and the
+    longest prompt plus max_new_tokens against the model's positions."""
+    if not ec.problems or not (ec.data or (ec.tasks and not user_data)):
         return None
 
-    problems = sample_problems(ec.tasks, ec.problems, split="test", seed=seed, difficulty=ec.difficulty)
+    problems = load_problems(ec.tasks, ec.data, ec.problems, "test", seed, ec.difficulty)
+    stop_conditions(tok, ec.sampling.stop)
+    rewards = RewardConfig(answer_format=ec.answer_format)
     longest = max(len(encode_prompt(tok, p.prompt, ec.template)) for p in problems)
     budget = ec.sampling.max_new_tokens
     if longest + budget > model_cfg.max_position_embeddings:
@@ -127,7 +133,7 @@ def task_evaluator(ec: TrainEvalConfig, tok, model_cfg, seed: int):
     sampling = PassAtKConfig(samples=ec.samples, sampling=ec.sampling, greedy=False, template=ec.template, seed=seed)
 
     def run(model) -> dict:
-        result = evaluate(model, tok, problems, sampling)
+        result = evaluate(model, tok, problems, sampling, rewards=rewards)
         out = {"pass@1": result["pass@1"]["mean"], "format": result["format"]["mean"]}
         if ec.samples > 1:                          # the headroom RL can use: pass@K well above pass@1
             out[f"pass@{ec.samples}"] = result["pass@k"][str(ec.samples)]["mean"]
@@ -200,7 +206,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: bool = False, progres
     par = parallelize(model, ctx=ctx) if ctx is not None else None
     model = train(model, cfg, out, train_data, val_batches=val_batches, evaluate=evaluate, resume_from=resume_from,
                   par=par, description="pretrain", progress=progress)
-    return export_final(out, model, tok) if main else out / "final"
+    return export_final(out, model, tok, checkpoint_dtype(cfg.init)) if main else out / "final"
 
 
 # ---------------------------------------------------------------- SFT
@@ -235,7 +241,7 @@ def sft(cfg: SFTConfig, out: str | Path, resume: bool = False, progress: bool = 
         val = SFTDataset(records[:n_val], tok, tc.seq_len, 1, shuffle=False, **loss)
         val_batches = fixed_batches(val, cfg.eval.val_batches, tc.batch_size, len(val.examples))
         data_stats["val"] = val.stats
-    evaluate = task_evaluator(cfg.eval, tok, model.config, tc.seed)
+    evaluate = task_evaluator(cfg.eval, tok, model.config, tc.seed, user_data=bool(cfg.data.path))
     if ctx is not None:
         ctx.cfg.check_model(model.config)
         if cfg.lora.enabled:
@@ -261,4 +267,4 @@ def sft(cfg: SFTConfig, out: str | Path, resume: bool = False, progress: bool = 
     par = parallelize(model, ctx=ctx) if ctx is not None else None
     model = train(model, cfg, out, train_data, val_batches=val_batches, evaluate=evaluate,
                   resume_from=resume_from, par=par, description="sft", progress=progress)
-    return export_final(out, finish_lora(model, out, cfg.init), tok) if main else out / "final"
+    return export_final(out, finish_lora(model, out, cfg.init), tok, checkpoint_dtype(cfg.init)) if main else out / "final"

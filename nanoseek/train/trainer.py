@@ -38,6 +38,7 @@ from nanoseek.recipe import Range
 from nanoseek.run import autocast
 from nanoseek.run.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from nanoseek.sampling.rollout import SamplingConfig
+from nanoseek.tasks.base import ANSWER_FORMATS
 from nanoseek.train.fp8 import convert_to_fp8
 from nanoseek.train.logger import MetricsLogger
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
@@ -74,13 +75,20 @@ class TrainEvalConfig:
     every: int = 100                  # evaluate every N steps (and after the last); 0 = only after the last
     val_batches: int = 4              # held-out batches for the validation loss
     tasks: list[str] = field(default_factory=lambda: ["arithmetic", "countdown", "linear"])
-    problems: int = 48                # held-out TEST-split problems for pass@1 (0 = skip)
+    data: str = ""                    # a JSONL of test problems (GSM8K / MATH / question-answer) instead of `tasks`
+    problems: int = 48                # held-out problems for pass@1: the first N of `data`, else TEST-split ones
+                                      # of `tasks` (none for SFT on a user's data.path without `data`); 0 = skip
     difficulty: int | dict | None = None  # task level of those problems (one, or {family: level}); None = default mixes
     samples: int = 1                  # samples per problem for pass@1
     # the R1 report's evaluation sampling: temperature 0.6, top-p 0.95
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95))
     template: str = "r1_zero"         # prompt format (nanoseek.sampling.rollout.encode_prompt): r1_zero | chat | plain
+    answer_format: str = "answer_tag"  # where the answer is judged: answer_tag | boxed | gsm8k (nanoseek.sampling.rewards)
     CHECKS: ClassVar[dict] = {"samples": Range(1)}
+
+    def __post_init__(self) -> None:
+        if self.answer_format not in ANSWER_FORMATS:
+            raise UserError(f"eval.answer_format={self.answer_format!r}; choose one of {', '.join(ANSWER_FORMATS)}")
 
 
 @dataclass
