@@ -32,6 +32,8 @@ LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{
           "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
           "{% endif %}")
 FAMILIES = {
+    "qwen3": dict(specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], template=CHATML, bos=None,
+                  eos="<|im_end|>", pad="<|endoftext|>"),
     "qwen2": dict(specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], template=CHATML, bos=None,
                   eos="<|im_end|>", pad="<|endoftext|>"),
     "llama": dict(specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -50,7 +52,7 @@ def own_checkpoint(root: Path, model_type: str) -> Path:
     byte-level BPE tokenizer (trained on GSM8K text) with the family's special tokens and chat template."""
     from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
     from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
-                              Qwen2ForCausalLM)
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     fam = FAMILIES[model_type]
     texts = [r for line in gsm8k_lines(200) for r in json.loads(line).values()]
@@ -64,11 +66,13 @@ def own_checkpoint(root: Path, model_type: str) -> Path:
                                   pad_token=fam["pad"], chat_template=fam["template"])
     path = root / model_type
     tok.save_pretrained(path)
-    cfg_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if model_type == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    cfg_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+                          "llama": (LlamaConfig, LlamaForCausalLM)}[model_type]
     torch.manual_seed(0)
+    extra = {"head_dim": 16} if model_type == "qwen3" else {}      # Qwen3: head_dim != hidden / heads, q/k norms
     cfg = cfg_cls(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, **extra)
     model_cls(cfg).save_pretrained(path)
     return path
 
@@ -305,3 +309,52 @@ def test_sft_on_own_checkpoint(checkpoints, tmp_path, model_type):
     assert "lr = 1e-05" in (out / "config.toml").read_text()
     (rec,) = read_jsonl(out / "metrics.jsonl")
     assert rec["step"] == 1 and rec["loss"] > 0 and (out / "final" / "config.json").is_file()
+
+
+SFT_FORMATS = {
+    "messages": lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+    "prompt_response": lambda q, a: {"prompt": q, "response": a},
+    "prompt_completion": lambda q, a: {"prompt": q, "completion": a},
+}
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "llama"])
+def test_every_command_on_own_checkpoint(checkpoints, tmp_path, model_type):
+    """Issue 20's user, with default settings and tiny sizes: `eval --data`, `grpo --data`, `sft` on each of the
+    three record formats, `rejection`, `distill` and `coldstart` on a user's Qwen2 / Qwen3 / Llama (its own chat
+    template, no R1 tokens: the default "</answer>" stop is matched as text) each exit 0, and the SFT export loads
+    in transformers with nanoseek's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from nanoseek.hf import load_pretrained
+
+    ckpt = str(checkpoints[model_type])
+    records = [json.loads(line) for line in gsm8k_lines(6)]
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    small = ["--no-progress", "--set", "train.steps=1,train.device=cpu,train.threads=1"]
+    assert main(["eval", "--checkpoint", ckpt, "--data", str(data), "--n-problems", "2", "--samples", "2",
+                 "--max-new-tokens", "6", "--template", "chat"]) == 0
+    assert main(["grpo", "--init", ckpt, "--data", str(data), "--out", str(tmp_path / "grpo"), *small,
+                 "--set", "train.prompts=2,rl.group_size=2,sampling.max_new_tokens=6,tasks.template=chat"]) == 0
+    for name, make in SFT_FORMATS.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(make(r["question"], r["answer"])) + "\n" for r in records))
+        out = tmp_path / f"sft_{name}"
+        assert main(["sft", "--init", ckpt, "--data", str(path), "--out", str(out), *small,
+                     "--set", "train.batch_size=2,train.seq_len=512,data.val_examples=2,checkpoint.every=0"]) == 0, name
+    sample = ["--set", "traces.prompts=2", "--set", "traces.samples=2", "--set", "traces.sampling.max_new_tokens=6",
+              "--set", "traces.min_kept=2"]
+    train = ["--set", "sft.train.seq_len=512", "--set", "sft.train.batch_size=2", "--set", "epochs=0",
+             "--set", "sft.train.steps=1", "--no-progress"]
+    chat = tmp_path / "prompt_response.jsonl"
+    for command, args in {"rejection": ["--init", ckpt, "--base", ckpt, "--data", str(data), *sample],
+                          "distill": ["--teacher", ckpt, "--init", ckpt, "--set", f'traces.data="{data}"', *sample],
+                          "coldstart": ["--init", ckpt, "--data", str(chat)]}.items():
+        assert main([command, "--out", str(tmp_path / command), *args, *train]) == 0, command
+    final = tmp_path / "sft_messages" / "final"
+    assert json.loads((final / "config.json").read_text())["model_type"] == model_type
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, load_pretrained(final).eval()(ids).logits, atol=1e-4, rtol=1e-4)
