@@ -269,8 +269,9 @@ def test_system_prompt_in_the_chat_template(checkpoints):
         encode_prompt(tok, "What is 2 + 3?", "r1_zero", "Be brief.")
     with pytest.raises(UserError, match="tasks.system_prompt needs tasks.template"):
         load_recipe(RLConfig, None, ["tasks.system_prompt=hi"])
-    with pytest.raises(UserError, match="eval.template"):
-        load_recipe(RLConfig, None, ["tasks.system_prompt=hi", "tasks.template=chat"])
+    with pytest.raises(UserError, match="eval.template"):       # evaluation in another template than the rollouts
+        load_recipe(RLConfig, None, ["tasks.system_prompt=hi", "tasks.template=chat", "eval.template=r1_zero"])
+    assert load_recipe(RLConfig, None, ["tasks.system_prompt=hi", "tasks.template=chat"]).eval.template == ""
     assert load_recipe(RLConfig, None, ["tasks.system_prompt=hi", "tasks.template=chat",
                                         "eval.problems=0"]).tasks.system_prompt == "hi"
 
