@@ -85,6 +85,19 @@ def r1_zero_prompt(question: str) -> str:
     return R1_ZERO_TEMPLATE.format(prompt=question)
 
 
+def _json_object(path: Path) -> dict:
+    """The JSON object in `path` ({} when the file is absent); a UserError naming the file when it is not one."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); fix or delete it") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} must hold a JSON object; fix or delete it")
+    return value
+
+
 def check_vocab_fits(tok_vocab_size: int, model_vocab_size: int) -> None:
     if tok_vocab_size > model_vocab_size:
         raise UserError(f"tokenizer has {tok_vocab_size} tokens but the model's vocab_size is {model_vocab_size}; "
@@ -144,13 +157,8 @@ class Tokenizer:
         except Exception as e:  # the Rust side raises plain Exception on bad JSON / unknown models
             raise UserError(f"{file} is not a valid tokenizer.json ({str(e).splitlines()[0]}); "
                             f"re-save it with tokenizers or transformers") from None
-        config: dict = {}
         config_file = folder / "tokenizer_config.json"
-        if config_file.is_file():
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"{config_file} is not valid JSON ({e}); fix or delete it") from None
+        config = _json_object(config_file)
         template = config.pop("chat_template", None)
         if isinstance(template, list):  # older format: [{"name": "default", "template": ...}, ...]
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
@@ -167,17 +175,8 @@ class Tokenizer:
             if names[key] is not None and names[key] not in vocab:
                 raise UserError(f"{config_file}: {key} {names[key]!r} is not in the vocabulary of {file}; "
                                 f"fix {key} in tokenizer_config.json")
-        generation: dict = {}
-        generation_file = folder / "generation_config.json"
-        if generation_file.is_file():
-            try:
-                generation = json.loads(generation_file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"{generation_file} is not valid JSON ({e}); fix or delete it") from None
-            if not isinstance(generation, dict):
-                raise UserError(f"{generation_file} must hold a JSON object; fix or delete it")
         return cls(backend=backend, chat_template=template or CHAT_TEMPLATE, source=str(folder),
-                   extra_config=config, generation_config=generation, **names)
+                   extra_config=config, generation_config=_json_object(folder / "generation_config.json"), **names)
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json + tokenizer_config.json atomically (the directory appears complete or not at all)."""

@@ -34,6 +34,18 @@ def _slipped(value: int, rng: random.Random, lo: int = 0, hi: int | None = None)
     return value + 1 if hi is None or value + 1 <= hi else value - 1
 
 
+def _step(lines: list[str], line, value: int, check, check_on: bool, slip: bool, rng, hi: int | None = None) -> None:
+    """Append one step: line(v) writes it with value v, check(v) checks a written v by a second route (ending
+    ", not ..." when v is wrong). A slip writes a near value first, then its failing check and the redo."""
+    if slip:
+        wrong = _slipped(value, rng, hi=hi)
+        lines += [line(wrong), check(wrong), f"Wait, redo {line(value)}"]
+    else:
+        lines.append(line(value))
+        if check_on:
+            lines.append(check(value))
+
+
 def _add_steps(a: int, b: int, check: bool, slip: int | None, rng: random.Random | None) -> list[str]:
     lines = [f"Add {a} + {b} column by column from the right."]
     da, db, carry = _digits(a), _digits(b), 0
@@ -43,14 +55,8 @@ def _add_steps(a: int, b: int, check: bool, slip: int | None, rng: random.Random
         s = x + y + carry
         terms = f"{x} + {y}" + (f" + {carry}" if carry else "")
         again = f"{y} + {x}" + (f" + {carry}" if carry else "")      # the check adds in the other order
-        line = lambda v: f"column {k + 1}: {terms} = {v}, write {v % 10}, carry {v // 10}"  # noqa: E731
-        if slip == k:
-            wrong = _slipped(s, rng, hi=19)
-            lines += [line(wrong), f"check: {again} = {s}, not {wrong}", f"Wait, redo {line(s)}"]
-        else:
-            lines.append(line(s))
-            if check:
-                lines.append(f"check: {again} = {s}")
+        _step(lines, lambda v: f"column {k + 1}: {terms} = {v}, write {v % 10}, carry {v // 10}", s,
+              lambda v: f"check: {again} = {s}" + (f", not {v}" if v != s else ""), check, slip == k, rng, hi=19)
         carry = s // 10
     if carry:
         lines.append(f"write the last carry {carry}")
@@ -72,14 +78,9 @@ def _sub_steps(a: int, b: int, check: bool, slip: int | None, rng: random.Random
             borrow = 1
             line = lambda v: (f"column {k + 1}: {left} is below zero, so borrow ten: {x + 10} - {y} = "  # noqa: E731
                               f"{v}, write {v}, borrow 1")
-        d = top - y
-        if slip == k:                                               # the check adds back: d' + y is not top
-            wrong = _slipped(d, rng, hi=9)
-            lines += [line(wrong), f"check: {wrong} + {y} = {wrong + y}, not {top}", f"Wait, redo {line(d)}"]
-        else:
-            lines.append(line(d))
-            if check:
-                lines.append(f"check: {d} + {y} = {top}")
+        # the check adds the written digit back: d + y = top, or d' + y is not top
+        _step(lines, line, top - y, lambda v: f"check: {v} + {y} = {v + y}" + (f", not {top}" if v + y != top else ""),
+              check, slip == k, rng, hi=9)
     return lines
 
 
@@ -90,13 +91,9 @@ def _mul_steps(a: int, b: int, check: bool, slip: int | None, rng: random.Random
         p = a * d
         partials.append(p * 10**k)
         shift = f", shifted by {k}: {p * 10**k}" if k else ""
-        if slip == k:                                               # the check multiplies the other way round
-            wrong = _slipped(p, rng)
-            lines += [f"{a} * {d} = {wrong}", f"check: {d} * {a} = {p}, not {wrong}", f"Wait, redo {a} * {d} = {p}{shift}"]
-        else:
-            lines.append(f"{a} * {d} = {p}{shift}")
-            if check:
-                lines.append(f"check: {d} * {a} = {p}")
+        # the check multiplies the other way round
+        _step(lines, lambda v: f"{a} * {d} = {v}" + (shift if v == p else ""), p,
+              lambda v: f"check: {d} * {a} = {p}" + (f", not {v}" if v != p else ""), check, slip == k, rng)
     if len(partials) > 1:
         lines.append(f"Add the parts: {' + '.join(map(str, partials))} = {sum(partials)}")
     return lines
