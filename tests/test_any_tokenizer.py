@@ -11,26 +11,12 @@ import pytest
 import torch
 
 from nanoseek.cli import main
-
-GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
-
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
+from user_checkpoints import CHATML, LLAMA3, LLAMA3_SPECIALS, QWEN_SPECIALS, gsm8k_lines, user_checkpoint
 
 def gsm8k_file(root: Path, n: int = 6) -> Path:
-    if not GSM8K.is_file():
-        pytest.skip(f"{GSM8K} is not here")
     path = root / "gsm8k.jsonl"
-    path.write_text("".join(GSM8K.read_text(encoding="utf-8").splitlines(keepends=True)[:n]), encoding="utf-8")
+    path.write_text("".join(gsm8k_lines(n)), encoding="utf-8")
     return path
-
-
-LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-          "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
 def chatml_qwen2(root: Path, dtype: torch.dtype = torch.float32, llama: bool = False) -> Path:
@@ -38,32 +24,12 @@ def chatml_qwen2(root: Path, dtype: torch.dtype = torch.float32, llama: bool = F
     ChatML's (eos "<|endoftext|>", as Qwen2.5 base; the template ends a turn with "<|im_end|>"). llama: a Llama
     with Llama 3's template and special tokens instead (bos <|begin_of_text|>, eos <|end_of_text|>, turns
     ending in <|eot_id|>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    texts = [json.loads(line)["question"] for line in gsm8k_file(root, 64).read_text().splitlines()]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400,
-                                                           special_tokens=LLAMA3_SPECIALS if llama else SPECIALS,
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                           show_progress=False))
-    out = root / ("llama" if llama else "qwen2")
-    out.mkdir()
-    backend.save(str(out / "tokenizer.json"))
-    bos, eos = ("<|begin_of_text|>", "<|end_of_text|>") if llama else (None, "<|endoftext|>")
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": eos,
-        "chat_template": LLAMA3 if llama else CHATML}))
-    eot = backend.token_to_id(eos)
-    torch.manual_seed(0)
-    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if llama else (Qwen2Config, Qwen2ForCausalLM)
-    cfg = config_cls(vocab_size=backend.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                     bos_token_id=backend.token_to_id(bos) if bos else eot, eos_token_id=eot, tie_word_embeddings=False)
-    model_cls(cfg).to(dtype).save_pretrained(out)
-    return out
+    questions = [json.loads(line)["question"] for line in gsm8k_lines(64)]
+    if llama:
+        return user_checkpoint(root / "llama", "llama", template=LLAMA3, specials=LLAMA3_SPECIALS,
+                               bos="<|begin_of_text|>", eos="<|end_of_text|>", texts=questions, dtype=dtype, tie=False)
+    return user_checkpoint(root / "qwen2", "qwen2", template=CHATML, specials=QWEN_SPECIALS, eos="<|endoftext|>",
+                           texts=questions, dtype=dtype, tie=False)
 
 
 @pytest.fixture(scope="module")

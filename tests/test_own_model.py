@@ -5,7 +5,6 @@ function. Tiny sizes: seconds per run."""
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -17,64 +16,20 @@ from nanoseek.files import read_jsonl
 from nanoseek.recipe import load_recipe
 from nanoseek.rl.trainer import RLConfig
 from nanoseek.train.runs import SFTConfig
+from user_checkpoints import (CHATML_INSTRUCT, LLAMA3_INSTRUCT, LLAMA3_SPECIALS, QWEN_SPECIALS, gsm8k_lines,
+                              user_checkpoint)
 
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
-
-# Qwen2-Instruct's chat template (ChatML, a default system turn) and Llama-3-Instruct's, as on the hub.
-CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-          "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-          "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
-          "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
-          "{% endif %}")
-FAMILIES = {
-    "qwen3": dict(specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], template=CHATML, bos=None,
-                  eos="<|im_end|>", pad="<|endoftext|>"),
-    "qwen2": dict(specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], template=CHATML, bos=None,
-                  eos="<|im_end|>", pad="<|endoftext|>"),
-    "llama": dict(specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                            "<|eot_id|>"], template=LLAMA3, bos="<|begin_of_text|>", eos="<|eot_id|>",
+FAMILIES = {    # Qwen2/Qwen3-Instruct's ChatML (a default system turn) and Llama-3-Instruct's template, as on the hub
+    "qwen3": dict(specials=QWEN_SPECIALS, template=CHATML_INSTRUCT, eos="<|im_end|>", pad="<|endoftext|>"),
+    "qwen2": dict(specials=QWEN_SPECIALS, template=CHATML_INSTRUCT, eos="<|im_end|>", pad="<|endoftext|>"),
+    "llama": dict(specials=LLAMA3_SPECIALS, template=LLAMA3_INSTRUCT, bos="<|begin_of_text|>", eos="<|eot_id|>",
                   pad="<|end_of_text|>"),
 }
 
 
-def gsm8k_lines(n: int) -> list[str]:
-    with open(GSM8K, encoding="utf-8") as f:
-        return list(itertools.islice(f, n))
-
-
 def own_checkpoint(root: Path, model_type: str) -> Path:
-    """A directory as a user downloads it: config.json + model.safetensors written by transformers, and a
-    byte-level BPE tokenizer (trained on GSM8K text) with the family's special tokens and chat template."""
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
-    from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
-
-    fam = FAMILIES[model_type]
-    texts = [r for line in gsm8k_lines(200) for r in json.loads(line).values()]
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=fam["specials"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=fam["bos"], eos_token=fam["eos"],
-                                  pad_token=fam["pad"], chat_template=fam["template"])
-    path = root / model_type
-    tok.save_pretrained(path)
-    cfg_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-                          "llama": (LlamaConfig, LlamaForCausalLM)}[model_type]
-    torch.manual_seed(0)
-    extra = {"head_dim": 16} if model_type == "qwen3" else {}      # Qwen3: head_dim != hidden / heads, q/k norms
-    cfg = cfg_cls(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, **extra)
-    model_cls(cfg).save_pretrained(path)
-    return path
+    return user_checkpoint(root / model_type, model_type, **FAMILIES[model_type])
 
 
 @pytest.fixture(scope="module")
