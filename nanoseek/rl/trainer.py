@@ -344,10 +344,10 @@ def eval_problems(cfg: RLConfig) -> list:
                            difficulty=cfg.tasks.difficulty)
 
 
-def _check_prompts(model, tokenizer, problems: list, template: str, budget: int, what: str) -> None:
-    """Encode the problems' prompts now (a bad template or chat template fails here, before the run directory
-    is written) and check the longest plus `budget` new tokens fits the model's positions."""
-    longest = max(len(encode_prompt(tokenizer, p.prompt, template)) for p in problems)
+def _check_prompts(model, tokenizer, problems: list, template: str, system: str, budget: int, what: str) -> None:
+    """Encode the problems' prompts now, as the run will (a bad template or chat template fails here, before the
+    run directory is written) and check the longest plus `budget` new tokens fits the model's positions."""
+    longest = max(len(encode_prompt(tokenizer, p.prompt, template, system)) for p in problems)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and longest + budget > max_pos:
         raise UserError(f"{what} prompts reach {longest} tokens + {budget} new tokens > the model's "
@@ -424,10 +424,10 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
     # everything else a step or an evaluation reads is checked before the run directory is written too
     stop_conditions(tokenizer, cfg.sampling.stop)
     _check_prompts(model, tokenizer, problems_fn(cfg.train.prompts, cfg.train.seed), cfg.tasks.template,
-                   cfg.sampling.max_new_tokens, "training")
+                   cfg.tasks.system_prompt, cfg.sampling.max_new_tokens, "training")
     test_problems = eval_problems(cfg) if main else []
     if test_problems:
-        _check_prompts(model, tokenizer, test_problems, eval_settings(cfg).template,
+        _check_prompts(model, tokenizer, test_problems, eval_settings(cfg).template, cfg.tasks.system_prompt,
                        cfg.eval.sampling.max_new_tokens, "eval")
     with rank0_first(ctx):
         if main:
