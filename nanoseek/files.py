@@ -180,6 +180,18 @@ def _finish_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
+def link_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the tree `src` into the directory `dst`, hard-linking each file where the file system allows (else a
+    copy): for finished outputs nobody writes again — a stage's shards, a final model exported beside the run
+    (eight models of 3.6 GB each on the `small` preset) — the copy then costs neither time nor disk."""
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+    shutil.copytree(src, dst, dirs_exist_ok=True, copy_function=link)
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike):
     """Yield a temporary directory that replaces `path` only if the block finishes without error.

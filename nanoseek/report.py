@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from nanoseek.data import PackedDataset
 from nanoseek.eval import mean_ci, rate_ci
-from nanoseek.files import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from nanoseek.files import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, link_tree, read_jsonl
 from nanoseek.hf import load_pretrained
 from nanoseek.model import expert_loads, moe_layers
 from nanoseek.r1.coldstart import describe as coldstart_describe
@@ -300,7 +299,7 @@ def export_models(pipeline) -> dict[str, str]:
         dst = pipeline.run_dir / "export" / name
         if not dst.is_dir():
             with atomic_dir(dst) as tmp:
-                shutil.copytree(src, tmp, dirs_exist_ok=True)
+                link_tree(src, tmp)
         out[name] = str(dst)
     return out
 

@@ -447,3 +447,31 @@ def test_checkpoints_of_earlier_versions_still_resume(tmp_path):
     (ckpt / "trainer_state.pt").write_bytes(b"\x80\x04garbage")
     with pytest.raises(UserError, match="unreadable"):
         load_trainer_state(ckpt)
+
+
+def test_link_tree_links_finished_files_and_survives_a_replaced_source(tmp_path, monkeypatch):
+    """Exports and shard copies hard-link (no time, no disk); a later atomic rewrite of the source replaces its
+    directory, so the linked copy keeps the old content; where links fail (another file system) it copies."""
+    import os
+
+    from nanoseek import files
+    from nanoseek.files import atomic_dir, link_tree
+
+    with atomic_dir(tmp_path / "src") as d:
+        (d / "sub").mkdir()
+        (d / "sub" / "w.bin").write_bytes(b"weights")
+    with atomic_dir(tmp_path / "dst") as d:
+        link_tree(tmp_path / "src", d)
+    assert (tmp_path / "dst" / "sub" / "w.bin").read_bytes() == b"weights"
+    assert os.path.samefile(tmp_path / "src" / "sub" / "w.bin", tmp_path / "dst" / "sub" / "w.bin")
+    with atomic_dir(tmp_path / "src") as d:                     # the source is rewritten
+        (d / "sub").mkdir()
+        (d / "sub" / "w.bin").write_bytes(b"new")
+    assert (tmp_path / "dst" / "sub" / "w.bin").read_bytes() == b"weights"
+
+    def no_links(src, dst):
+        raise OSError("cross-device link")
+    monkeypatch.setattr(files.os, "link", no_links)
+    link_tree(tmp_path / "src", tmp_path / "copy")
+    assert (tmp_path / "copy" / "sub" / "w.bin").read_bytes() == b"new"
+    assert not os.path.samefile(tmp_path / "src" / "sub" / "w.bin", tmp_path / "copy" / "sub" / "w.bin")

@@ -188,6 +188,14 @@ def test_each_stage_applies_the_run_environment_to_its_own_section(tmp_path, mon
         (["countdown"], 1, ["countdown"], 3)
     assert received["05-rejection"].traces.tasks == received["09-distill"].traces.tasks == ["countdown"]
     assert r.student.pretrain.data.corpus.difficulty == {"countdown": 1}
+    # difficulty None (the small preset): the families' default mixes everywhere, the corpus too — not the
+    # level 2 of recipes/tiny.toml that the pretraining section starts from
+    mixed = load_pipeline_config("tiny", sets=["difficulty=\"none\""])
+    resolved = RunEnv.of(mixed).resolve(mixed)
+    assert mixed.pretrain.data.corpus.difficulty == {"arithmetic": 2, "countdown": 2, "linear": 2}
+    assert resolved.pretrain.data.corpus.difficulty is None is resolved.r1_zero.tasks.difficulty
+    small = load_pipeline_config("small")
+    assert RunEnv.of(small).apply(small.pretrain).data.corpus.difficulty is None
     with pytest.raises(TypeError, match="ComparisonConfig"):
         RunEnv.of(cfg).apply(cfg.eval)
 

@@ -1,5 +1,5 @@
-"""The pipeline's generic scheduler on toy jobs: needs are respected, never more than `workers` run at once, an
-exclusive job runs alone (on every worker's share), and a failing job stops the run with its error, stopping
+"""The pipeline's generic scheduler on toy jobs: needs are respected, never more than `workers` run at once (one light
+job beside them), an exclusive job runs alone (on every worker's share), and a failing job stops the run with its error, stopping
 the jobs still running. The toy processes import nothing of nanoseek (the scheduler is imported inside the tests)
 so that each spawned child starts in a fraction of a second."""
 
@@ -15,7 +15,9 @@ def _toy(out: str, name: str, seconds: float, exitcode: int, share: int) -> None
     """A spawned toy job: sleep, then record when it ran (from inside the process) and exit with `exitcode`."""
     t0 = time.time()
     time.sleep(seconds)
-    Path(out, f"{name}.json").write_text(json.dumps({"start": t0, "end": time.time(), "share": share}))
+    preloaded = "nanoseek.pipeline.scheduler" in sys.modules       # this module imports nothing of nanoseek
+    Path(out, f"{name}.json").write_text(json.dumps({"start": t0, "end": time.time(), "share": share,
+                                                     "preloaded": preloaded}))
     sys.exit(exitcode)
 
 
@@ -33,18 +35,22 @@ def test_process_jobs_respect_needs_workers_and_exclusive_jobs(tmp_path):
             "skip": Job(spawn=_process(tmp_path, "skip"))}
     started, finished, shown = [], [], []
     run_jobs(jobs, 2, done={"skip"}, on_start=lambda job, share: started.append((job, share)),
-             on_done=lambda job, s: finished.append(job), show=shown.append, poll=0.05)
+             on_done=lambda job, s: finished.append(job), show=shown.append, poll=0.05,
+             preload=("nanoseek.pipeline.scheduler",))
     ran = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert all(r["preloaded"] for r in ran.values())      # forked from a server that imported it once
     assert sorted(ran) == ["a", "b", "c", "d", "e", "f", "x"]                  # "skip" was done already
     assert sorted(finished) == sorted(ran) and sorted(j for j, _ in started) == sorted(ran)
     assert ran["d"]["start"] >= max(ran["a"]["end"], ran["b"]["end"])
     assert ran["x"]["start"] >= ran["c"]["end"] and ran["e"]["start"] >= ran["x"]["end"]
-    for job, r in ran.items():                                                  # at most 2 at any moment
-        assert sum(o["start"] <= r["start"] < o["end"] for o in ran.values()) <= 2, job
+    heavy = {j: r for j, r in ran.items() if j != "f"}
+    for job, r in heavy.items():                                                # at most 2 at any moment...
+        assert sum(o["start"] <= r["start"] < o["end"] for o in heavy.values()) <= 2, job
+    assert ran["f"]["start"] < min(ran["a"]["end"], ran["b"]["end"])           # ...and the light one beside them
     assert not [j for j, o in ran.items() if j != "x" and o["start"] < ran["x"]["end"] and ran["x"]["start"] < o["end"]]
     assert ran["x"]["share"] == 2 and ran["f"]["share"] == 1                    # alone: every worker's share
     assert [j for j, _ in started][:2] == ["a", "b"]                            # ready jobs start in `jobs` order
-    assert any(len(s) == 2 for s in shown) and not any(len(s) > 2 for s in shown)
+    assert any(len(s) == 3 for s in shown) and not any(len(s) > 3 for s in shown)
 
 
 def test_a_failing_process_stops_the_run_and_the_others(tmp_path):

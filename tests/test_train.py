@@ -348,3 +348,26 @@ def test_compiled_training_keeps_checkpoint_keys_and_losses(tmp_path, monkeypatc
     assert keys[0] == keys[1] and not any("_orig_mod" in k for k in keys[0])
     reloaded = load_pretrained(tmp_path / "c")
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), compiled.state_dict().values()))
+
+
+def test_validation_of_a_compiled_model_runs_eager(monkeypatch):
+    """The validation loss in eval mode without gradients would be a new compiled graph per block kind (~25 s
+    of compilation on the `small` model for a ~1 s forward): it runs eager, with the compiled model's loss."""
+    from nanoseek.model import moe as moe_mod
+    from nanoseek.model.deepseek import compile_blocks
+    from nanoseek.train.trainer import validation_loss
+    from test_model_speed import _masked_grouped_mm
+
+    monkeypatch.setattr(moe_mod, "grouped_mm", _masked_grouped_mm)
+    batches = [rows(n=2, t=8)]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    eager, compiled = micro_model(torch.float32), compile_blocks(micro_model(torch.float32), backend=backend)
+    forward_backward(compiled, batches, TrainConfig(device="cpu"), torch.device("cpu"))     # a training step
+    trained = len(graphs)
+    cpu = torch.device("cpu")
+    assert validation_loss(compiled, batches, cpu, "fp32") == pytest.approx(validation_loss(eager, batches, cpu, "fp32"), rel=1e-6)
+    assert trained and len(graphs) == trained and compiled.training

@@ -165,10 +165,11 @@ class RunEnv:
         return c if self.keep_checkpoints else dataclasses.replace(c, final=False)
 
     def _corpus(self, cc):
-        """The corpus practises the level everything else uses (one level → that level for every family)."""
+        """The corpus practises the level everything else uses (one level → that level for every family; None →
+        each family's default mix, as RL and evaluation then draw: a corpus left at its own recipe's level would
+        train a base on problems the rest of the run never asks)."""
         d = self.difficulty
         level = d if d is None or isinstance(d, dict) else {f: d for f in self.tasks}
-        level = level if level is not None else cc.difficulty
         return dataclasses.replace(cc, families=list(self.tasks), difficulty=level)
 
     def _traces(self, tc: TraceConfig) -> TraceConfig:

@@ -22,7 +22,8 @@ class Job:
     run: Callable[[], object] | None = None
     spawn: Callable[[int], tuple[Callable, tuple]] | None = None
     exclusive: bool = False           # runs alone: it waits for the running jobs, and none start beside it
-    light: bool = False               # short (seconds): does not count as company for a job that could run alone
+    light: bool = False               # short (seconds): does not count as company for a job that could run alone,
+                                      # and one may run beside `workers` others (an evaluation need not wait)
 
 
 class JobFailed(RuntimeError):
@@ -35,9 +36,11 @@ class JobFailed(RuntimeError):
 
 def run_jobs(jobs: dict[str, Job], workers: int, done: set[str] | None = None,
              on_start: Callable[[str, int], None] | None = None, on_done: Callable[[str, float], None] | None = None,
-             show: Callable[[dict[str, float]], None] | None = None, poll: float = 0.2) -> None:
-    """Run every job not in `done` after all its needs, up to `workers` at once; among the ready jobs the earlier
-    in `jobs` starts first, and an exclusive one that must wait holds back the ones after it. A job runs on its
+             show: Callable[[dict[str, float]], None] | None = None, poll: float = 0.2,
+             preload: tuple[str, ...] = ()) -> None:
+    """Run every job not in `done` after all its needs, up to `workers` at once and one `light` job beside them;
+    among the ready jobs the earlier in `jobs` starts first, and an exclusive one that must wait holds back the
+    ones after it. A job runs on its
     own (share = workers) when it is exclusive, or when no other job that is not light is running or ready.
     on_start(job, share) follows each start, on_done(job, seconds) each finish, show({job: start time}) refreshes
     the running processes' display every `poll` seconds. A failing job stops the run: a callable's exception
@@ -49,7 +52,7 @@ def run_jobs(jobs: dict[str, Job], workers: int, done: set[str] | None = None,
         raise ValueError(f"jobs need unknown jobs: {sorted(unknown)}")
     if unclear := [name for name, job in jobs.items() if (job.run is None) == (job.spawn is None)]:
         raise ValueError(f"jobs {unclear}: give each either `run` or `spawn`")
-    spawn = multiprocessing.get_context("spawn")
+    spawn = _processes(preload)
     running: dict[str, tuple] = {}             # job -> (process, start time)
     try:
         while len(done) < len(jobs):
@@ -64,11 +67,19 @@ def run_jobs(jobs: dict[str, Job], workers: int, done: set[str] | None = None,
                 if on_done:
                     on_done(name, time.time() - t0)
             ready = [j for j in jobs if j not in done and j not in running and set(jobs[j].needs) <= done]
-            ran_here = False
+            ran_here, waiting = False, False
             for name in ready:
                 job = jobs[name]
-                if len(running) >= workers or any(jobs[r].exclusive for r in running) or (job.exclusive and running):
+                if any(jobs[r].exclusive for r in running) or (job.exclusive and running):
                     break                      # an exclusive job waits for the others, none start ahead of it
+                heavy = sum(not jobs[r].light for r in running)
+                if job.light:                  # beside `workers` jobs, one light job more
+                    fits = len(running) < workers + 1
+                else:                          # a heavy job waits behind an earlier one that waits
+                    fits = not waiting and heavy < workers and len(running) < workers + 1
+                if not fits:
+                    waiting = waiting or not job.light
+                    continue
                 company = [j for j in [*running, *ready] if j != name and not jobs[j].light]
                 share = workers if job.exclusive or not (job.light or company) else 1
                 if job.run is not None:
@@ -101,6 +112,17 @@ def run_jobs(jobs: dict[str, Job], workers: int, done: set[str] | None = None,
             proc.terminate()
         for proc, _ in running.values():
             proc.join(30)
+
+
+def _processes(preload: tuple[str, ...]):
+    """A fork server that imported `preload` once (torch and the stages: ~3-5 s a job, 20 jobs a pipeline): each
+    job is a fork of it, started clean as a spawned process is (the server never touches CUDA or threads) but
+    without importing again. Spawn where there is no fork server (Windows)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(preload))
+    return ctx
 
 
 @dataclass

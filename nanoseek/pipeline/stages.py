@@ -47,7 +47,7 @@ from nanoseek.data.corpus import prepare_corpus
 from nanoseek.distill import distill
 from nanoseek.errors import UserError
 from nanoseek.eval import PassAtKConfig, evaluate
-from nanoseek.files import atomic_dir, atomic_write_json, atomic_write_text, mark_ours
+from nanoseek.files import atomic_dir, atomic_write_json, atomic_write_text, link_tree, mark_ours
 from nanoseek.hf import load_checkpoint, save_pretrained
 from nanoseek.model import build_model
 from nanoseek.pipeline.config import PipelineConfig, RunEnv
@@ -240,7 +240,8 @@ class Pipeline:
 
         try:
             with self._live() as show:
-                run_jobs(jobs, self.cfg.workers, done, on_start=started, on_done=finished, show=show)
+                run_jobs(jobs, self.cfg.workers, done, on_start=started, on_done=finished, show=show,
+                         preload=(__name__,))
         except JobFailed as e:
             log = self._log(e.job)
             if e.exitcode == 2:                        # bad input: the job's one-line error
@@ -317,7 +318,7 @@ class Pipeline:
         src = self.outputs["00-tokenizer"].get("data")
         if src and pc.data.corpus == self.env.apply(self.cfg.pretrain).data.corpus and not (run / "data").exists():
             with atomic_dir(run / "data") as tmp:
-                shutil.copytree(src, tmp, dirs_exist_ok=True)
+                link_tree(src, tmp)
 
     def pretrain(self, d: Path) -> dict:
         pc = self.env.apply(self.cfg.pretrain)
