@@ -330,3 +330,20 @@ def test_miniature_pipeline_runs_stages_concurrently(tmp_path):
     assert main(["pipeline", "--out", str(bad), "--no-progress", "--stop-after", "coldstart",
                  "--set", "coldstart.data.path=\"/nonexistent.jsonl\""] + [x for s in MINI for x in ("--set", s)]) == 2
     assert not (bad / "03-coldstart" / "done.json").exists() and (bad / "03-coldstart" / "stage.log").is_file()
+
+
+def test_cold_start_waits_for_r1_zero_only_when_it_takes_its_outputs(tmp_path):
+    """With use_r1_zero_outputs = false (the small preset) cold start runs beside R1-Zero: its stage needs only the
+    base, and running up to it does not train R1-Zero."""
+    from nanoseek.pipeline.config import load_pipeline_config
+    from nanoseek.pipeline.scheduler import needed
+    from nanoseek.pipeline.stages import Pipeline
+
+    def coldstart_needs(sets):
+        graph = Pipeline(load_pipeline_config("tiny", sets=sets), tmp_path, progress=False).graph()
+        return (next(st for st in graph if st.name == "03-coldstart").needs,
+                [st.name for st in needed(graph, "coldstart")])
+    assert coldstart_needs([]) == (("01-pretrain", "02-r1-zero"),
+                                   ["00-tokenizer", "01-pretrain", "02-r1-zero", "03-coldstart"])
+    assert coldstart_needs(["use_r1_zero_outputs=false"]) == (("01-pretrain",),
+                                                              ["00-tokenizer", "01-pretrain", "03-coldstart"])

@@ -154,7 +154,8 @@ class Pipeline:
             torch.set_num_threads(self.env.threads)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "config.toml", to_toml(resolved))
-        stages = needed(STAGES, stop_after) if stop_after else STAGES
+        graph = self.graph()
+        stages = needed(graph, stop_after) if stop_after else graph
         elapsed_file = self.run_dir / "elapsed.json"          # wall time of all attempts (stages overlap)
         spent = json.loads(elapsed_file.read_text())["wall_s"] if elapsed_file.is_file() else 0.0
         t0 = time.perf_counter()
@@ -168,6 +169,14 @@ class Pipeline:
         if stop_after:
             return self.outputs
         return write_report(self, console=self.console)
+
+    def graph(self) -> list[Stage]:
+        """STAGES as this config runs them: cold start needs R1-Zero only when it takes R1-Zero's outputs (else
+        the two run side by side)."""
+        if self.cfg.use_r1_zero_outputs:
+            return STAGES
+        return [dataclasses.replace(st, needs=tuple(n for n in st.needs if n != "02-r1-zero"))
+                if st.name == "03-coldstart" else st for st in STAGES]
 
     def finished(self, stage: Stage) -> bool:
         """Load a stage's outputs from its done.json when it finished (with the current config of `rerun_on`)."""
