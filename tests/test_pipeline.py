@@ -115,6 +115,8 @@ def test_configs_presets_and_bad_input(tmp_path):
     assert cfg.r1_zero.train.steps == 7
     with pytest.raises(UserError, match="unknown key"):
         load_pipeline_config("tiny", sets=["r1_zero.train.stepz=7"])
+    with pytest.raises(UserError, match="stage3_init='sft'; choose"):
+        load_pipeline_config("tiny", sets=['stage3_init="sft"'])
 
 
 def test_stages_skip_the_last_optimizer_checkpoint_unless_kept():
@@ -170,7 +172,7 @@ def test_each_stage_applies_the_run_environment_to_its_own_section(tmp_path, mon
             "03-coldstart": dataclasses.replace(r.coldstart, init=out("01-pretrain"),
                                                 data=dataclasses.replace(r.coldstart.data, r1_zero=out("02-r1-zero"))),
             "04-reasoning-rl": rl(r.reasoning_rl, out("03-coldstart")),
-            "05-rejection": dataclasses.replace(r.rejection, init=out("04-reasoning-rl"), base=out("01-pretrain")),
+            "05-rejection": dataclasses.replace(r.rejection, init=out("04-reasoning-rl"), base=out("04-reasoning-rl")),
             "07-all-rl": rl(r.all_rl.rl, out("05-rejection")),
             "09-distill": dataclasses.replace(r.distill, teacher=out("07-all-rl"), init=out("08-student-base")),
             "10-student-rl": rl(r.student_rl, out("08-student-base"))}
@@ -198,6 +200,10 @@ def test_each_stage_applies_the_run_environment_to_its_own_section(tmp_path, mon
     assert RunEnv.of(small).apply(small.pretrain).data.corpus.difficulty is None
     with pytest.raises(TypeError, match="ComparisonConfig"):
         RunEnv.of(cfg).apply(cfg.eval)
+    r1 = stages.Pipeline(load_pipeline_config("tiny", sets=['stage3_init="base"']), tmp_path, progress=False)
+    r1.outputs = pipe.outputs
+    r1.rejection(tmp_path / "r1")                                     # R1's stage 3: SFT from the base
+    assert received["r1"].base == out("01-pretrain") and received["r1"].init == out("04-reasoning-rl")
 
 
 # A miniature of the whole pipeline through the same --set overrides a user has: few steps, tiny sizes.

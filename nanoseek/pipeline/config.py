@@ -97,6 +97,9 @@ class PipelineConfig:
                                                                              per_prompt=1, seed=1))))
     use_r1_zero_outputs: bool = True  # cold start also takes R1-Zero's correct, readable outputs
     reasoning_rl: RLConfig = field(default_factory=lambda: _rl(20, "chat", language=0.3))
+    stage3_init: str = "reasoning_rl"  # the model stage 3's SFT starts from: "base" as R1 §2.3.3 (with its 800K
+                                      # samples), or stage 2's model: with hundreds of kept traces, an SFT from the
+                                      # base forgets what stages 1-2 taught (docs/experiments.md, issue 19)
     rejection: RejectionConfig = field(default_factory=lambda: RejectionConfig(
         traces=TraceConfig(prompts=512, samples=2, min_kept=512, seed=2)))
     reward_model: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(
@@ -107,6 +110,11 @@ class PipelineConfig:
     student_rl: RLConfig = field(default_factory=lambda: _rl(24, "r1_zero"))
     eval: ComparisonConfig = field(default_factory=ComparisonConfig)
     export: bool = True               # copy the final models to run_dir/export/<name>/ (HF format)
+
+    def __post_init__(self):
+        if self.stage3_init not in ("base", "reasoning_rl"):
+            raise UserError(f"stage3_init={self.stage3_init!r}; choose \"base\" (R1's choice) or \"reasoning_rl\" "
+                            "(stage 2's model)")
 
 
 def load_pipeline_config(preset: str = "tiny", recipe: str | None = None, sets: list[str] | None = None) -> PipelineConfig:

@@ -5,7 +5,8 @@
     02-r1-zero        GRPO from the base, accuracy + format rewards, R1-Zero template        (R1 §2.2)
     03-coldstart      stage 1: readable long-CoT data (worked solutions + clean R1-Zero outputs), SFT from base
     04-reasoning-rl   stage 2: GRPO with accuracy + format + language consistency             (R1 §2.3.2)
-    05-rejection      stage 3: K samples/prompt from stage 2, filter, dedupe, + general data, SFT from BASE
+    05-rejection      stage 3: K samples/prompt from stage 2, filter, dedupe, + general data, SFT (from stage 2's
+                      model; R1 fine-tunes the base, `stage3_init = "base"`)
     06-reward-model   Bradley-Terry reward model on generated preference pairs, from the cold-start SFT model
     07-all-rl         stage 4: GRPO, rule rewards on reasoning prompts, the reward model on general ones
     08-student-base   a Llama/Qwen2-style dense student pretrained (cheaply) on the same corpus
@@ -354,8 +355,9 @@ class Pipeline:
         return self._grpo(self.env.apply(self.cfg.reasoning_rl), self.out("03-coldstart"), d)
 
     def rejection(self, d: Path) -> dict:
+        start = "01-pretrain" if self.cfg.stage3_init == "base" else "04-reasoning-rl"
         rc = dataclasses.replace(self.env.apply(self.cfg.rejection), init=self.out("04-reasoning-rl"),
-                                 base=self.out("01-pretrain"))
+                                 base=self.out(start))
         return rejection(rc, d, progress=self.progress)
 
     def reward_model(self, d: Path) -> dict:
