@@ -352,8 +352,8 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(monkeypatch):
     calls = iter(range(10**6))
     monkeypatch.setattr(trainer, "generate", fake_generate)
     monkeypatch.setattr(trainer, "encode_prompt", lambda tok, q, template, system="": [5, 6] if q == "good" else [7])
-    monkeypatch.setattr(trainer, "compute_rewards",
-                        lambda rc, p, text, n: {"total": float(next(calls) % 2) if p.prompt == "good" else 0.5})
+    monkeypatch.setattr(trainer, "compute_rewards_batch", lambda rc, ps, texts, ns: [
+        {"total": float(next(calls) % 2) if p.prompt == "good" else 0.5} for p in ps])
 
     class Tok:
         eos_id, pad_id = 0, 0

@@ -78,7 +78,7 @@ def test_general_family_is_scored_by_the_reward_model_only_where_passed(tok):
     from nanoseek.r1.general import GeneralFamily
     from nanoseek.rl.reward_model import RewardModel, reward_scorer, score
     from nanoseek.rl.trainer import task_families
-    from nanoseek.sampling.rewards import RewardConfig, compute_rewards
+    from nanoseek.sampling.rewards import RewardConfig, compute_rewards, compute_rewards_batch
 
     torch.manual_seed(0)
     rm = RewardModel(build_model(DenseConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
@@ -97,11 +97,21 @@ def test_general_family_is_scored_by_the_reward_model_only_where_passed(tok):
     with pytest.raises(UserError, match="unknown task family"):                  # nothing leaked into the registry
         compute_rewards(RewardConfig(), general[0], completion, 10)
 
-    def broken(prompt, response):
+    def broken(prompts, responses):
         raise RuntimeError("reward model on a lost device")
 
     with pytest.raises(RuntimeError, match="lost device"):                        # surfaces, no silent 0.0
         compute_rewards(RewardConfig(), general[0], completion, 10, families=task_families([GeneralFamily(broken)]))
+
+    # a batch (what the RL trainer scores): the reward model sees every general completion in ONE call, and the
+    # rewards equal the one-at-a-time ones; the rule families' verdicts are unchanged
+    calls = []
+    scorer = reward_scorer(rm, tok)
+    counting = task_families([GeneralFamily(lambda ps, rs: calls.append(len(ps)) or scorer(ps, rs))])
+    completions = [f"<think>\nStep {i}.\n</think>\n<answer>{i}</answer>" for i in range(len(problems))]
+    batch = compute_rewards_batch(RewardConfig(), problems, completions, [10] * len(problems), families=counting)
+    one = [compute_rewards(RewardConfig(), p, c, 10, families=families) for p, c in zip(problems, completions)]
+    assert calls == [4] and len(batch) == len(one) and all(b == pytest.approx(o) for b, o in zip(batch, one))
 
 
 def test_configs_presets_and_bad_input(tmp_path):

@@ -119,17 +119,18 @@ def preference_pairs(n: int, seed: int = 0) -> list[dict]:
 
 
 class GeneralFamily(TaskFamily):
-    """General prompts (benign and harmful) scored by `scorer(prompt, response) -> [0, 1]` (stage 4: σ of a
-    reward model's score). A scorer's errors propagate: a broken reward model must stop the run, not
-    silently give every general sample 0."""
+    """General prompts (benign and harmful) scored by `scorer(prompts, responses) -> [values in 0..1]` (stage 4:
+    σ of a reward model's scores, a batch in one call). A scorer's errors propagate: a broken reward model must
+    stop the run, not silently give every general sample 0."""
 
     name = FAMILY
     difficulties = range(1, 11)       # general prompts have no levels: any level a run asks for is accepted
     default_difficulties = range(1, 2)
 
-    def __init__(self, scorer: Callable[[str, str], float], harmful_share: float = 0.25):
+    def __init__(self, scorer: Callable[[list[str], list[str]], list[float]], harmful_share: float = 0.25):
         self.scorer, self.harmful_share = scorer, harmful_share
         self._pool: list[dict] = []
+        self._scored: dict[tuple[str, str], float] = {}     # the last prepared batch: (prompt, completion) -> value
 
     def generate(self, rng: random.Random, difficulty: int) -> Problem:
         if rng.random() < self.harmful_share:
@@ -150,6 +151,12 @@ class GeneralFamily(TaskFamily):
 
     def score(self, problem: Problem, completion: str, answer_format: str = "answer_tag",
               fallback: bool = False) -> float:
-        """The scorer's value of the whole completion (σ of the reward model's score): the answer format does not
-        apply, and a failing reward model raises rather than scoring 0."""
-        return float(self.scorer(problem.prompt, completion))
+        """The scorer's value of the whole completion (σ of the reward model's score; from the prepared batch
+        when it was in one): the answer format does not apply, and a failing reward model raises rather than
+        scoring 0."""
+        value = self._scored.get((problem.prompt, completion))
+        return float(value if value is not None else self.scorer([problem.prompt], [completion])[0])
+
+    def prepare(self, problems: list[Problem], completions: list[str]) -> None:
+        prompts = [p.prompt for p in problems]
+        self._scored = dict(zip(zip(prompts, completions), self.scorer(prompts, list(completions)))) if prompts else {}

@@ -22,7 +22,6 @@ Saved as an HF model directory (the backbone, loadable by itself) plus `reward_h
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -137,13 +136,13 @@ def score(rm: RewardModel, tok, prompts: list[str], responses: list[str], batch_
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def reward_scorer(rm: RewardModel, tok) -> "Callable[[str, str], float]":
-    """scorer(prompt, response) = σ(r(prompt, response)) ∈ (0, 1): a reward model as an RL reward (R1 stage 4's
-    general prompts: `nanoseek.r1.general.GeneralFamily(reward_scorer(rm, tok))`). σ puts it on the rule
-    rewards' 0..1 scale. Errors are not caught: a failing reward model stops the run."""
-    def scorer(prompt: str, response: str) -> float:
-        r = float(score(rm, tok, [prompt], [response])[0])
-        return 1.0 / (1.0 + math.exp(-r)) if r >= 0 else math.exp(r) / (1.0 + math.exp(r))   # no overflow
+def reward_scorer(rm: RewardModel, tok) -> "Callable[[list[str], list[str]], list[float]]":
+    """scorer(prompts, responses) = [σ(r(prompt, response)) ∈ (0, 1)], scored in batches of `score`: a reward
+    model as an RL reward (R1 stage 4's general prompts: `nanoseek.r1.general.GeneralFamily(reward_scorer(rm,
+    tok))`). σ puts it on the rule rewards' 0..1 scale. Errors are not caught: a failing reward model stops the
+    run."""
+    def scorer(prompts: list[str], responses: list[str]) -> list[float]:
+        return torch.sigmoid(score(rm, tok, prompts, responses).double()).tolist()
 
     return scorer
 

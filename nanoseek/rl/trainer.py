@@ -59,7 +59,7 @@ from nanoseek.run import (autocast, check_run_dir, checkpoint_dtype, export_fina
                           resolve_device, start_run)
 from nanoseek.run.checkpoint import load_trainer_state, save_checkpoint
 from nanoseek.sampling.reflection import reflects
-from nanoseek.sampling.rewards import RewardConfig, compute_rewards, load_reward_functions
+from nanoseek.sampling.rewards import RewardConfig, compute_rewards_batch, load_reward_functions
 from nanoseek.sampling.rollout import SamplingConfig, encode_prompt, generate, left_pad, response_text, stop_conditions
 from nanoseek.tasks import FAMILIES, TaskFamily, sample_problems
 from nanoseek.tasks.jsonl import load_jsonl_problems
@@ -187,22 +187,22 @@ def _problem_source(cfg: RLConfig, families: dict[str, TaskFamily]):
 
 
 def _reward_source(cfg: RLConfig, families: dict[str, TaskFamily]):
-    """rewards(problem, completion text, n_tokens) -> {component: value, "total": weighted sum}, each problem
-    verified by its family in `families`, plus the user's reward functions (imported here: a bad name fails
-    before the run directory is written)."""
+    """rewards(problems, completion texts, n_tokens) -> [{component: value, "total": weighted sum}] of a batch,
+    each problem verified by its family in `families`, plus the user's reward functions (imported here: a bad
+    name fails before the run directory is written)."""
     functions = load_reward_functions(cfg.rewards)
-    return lambda problem, text, n: compute_rewards(cfg.rewards, problem, text, n, families=families,
-                                                    functions=functions)
+    return lambda problems, texts, ns: compute_rewards_batch(cfg.rewards, problems, texts, ns, families=families,
+                                                             functions=functions)
 
 
 def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn, reward_fn=None, rank: int = 0,
             ranks: int = 1) -> Experience:
     """Generate and score a step's groups; with dynamic sampling, refill dropped groups (bounded rounds).
-    problems_fn(n, seed) -> problems; reward_fn(problem, text, n_tokens) -> reward dict (default: the rule
+    problems_fn(n, seed) -> problems; reward_fn(problems, texts, n_tokens) -> reward dicts (default: the rule
     rewards of `cfg.rewards` with the built-in task families). Data parallel: this is rank `rank` of
     `ranks`; it takes every ranks-th of the step's problems and samples (and refills) with seeds of its own."""
     if reward_fn is None:
-        reward_fn = lambda problem, text, n: compute_rewards(cfg.rewards, problem, text, n)  # noqa: E731
+        reward_fn = lambda problems, texts, ns: compute_rewards_batch(cfg.rewards, problems, texts, ns)  # noqa: E731
     G = cfg.rl.group_size
     want = len(range(rank, cfg.train.prompts, ranks))                 # this rank's share of the prompts
     device = next(model.parameters()).device
@@ -227,7 +227,7 @@ def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn, reward_fn=N
         exp.gen_tokens += int(g.lengths.sum())
         comps = g.completions()
         texts = [response_text(tokenizer, c, cfg.tasks.template) for c in comps]
-        rewards = [reward_fn(problems[i // G], t, len(c)) for i, (t, c) in enumerate(zip(texts, comps))]
+        rewards = reward_fn([problems[i // G] for i in range(len(texts))], texts, [len(c) for c in comps])
         flat = zero_variance_groups(torch.tensor([r["total"] for r in rewards]), G).tolist()
         exp.n_groups_sampled += len(problems)
         exp.n_groups_zero_var += sum(flat)

@@ -182,6 +182,25 @@ def call_reward_function(f: RewardFunction, problem: Problem, completion: str) -
                     "(or None) per completion")
 
 
+def _verified_text(cfg: RewardConfig, completion: str) -> str:
+    """What the accuracy verifier reads: a completion that starts inside <think> has its answer only after a
+    </think> it writes itself."""
+    return "<think>" + completion if cfg.starts_in_think else completion
+
+
+def compute_rewards_batch(cfg: RewardConfig, problems: Sequence[Problem], completions: Sequence[str],
+                          n_tokens: Sequence[int], families: Mapping[str, TaskFamily] = FAMILIES,
+                          functions: Sequence[RewardFunction] = ()) -> list[dict[str, float]]:
+    """`compute_rewards` of each (problem, completion, n_tokens), after each family of the batch has seen its
+    share at once (`TaskFamily.prepare`: a reward model scores the general prompts' completions in one forward
+    instead of one each, ~3 s of a stage-4 step on the `small` preset)."""
+    for name in {p.family for p in problems}:
+        family = families[name] if name in families else get_family(name)
+        rows = [(p, _verified_text(cfg, c)) for p, c in zip(problems, completions) if p.family == name]
+        family.prepare([p for p, _ in rows], [c for _, c in rows])
+    return [compute_rewards(cfg, p, c, n, families, functions) for p, c, n in zip(problems, completions, n_tokens)]
+
+
 def compute_rewards(cfg: RewardConfig, problem: Problem, completion: str, n_tokens: int,
                     families: Mapping[str, TaskFamily] = FAMILIES,
                     functions: Sequence[RewardFunction] = ()) -> dict[str, float]:
@@ -190,9 +209,8 @@ def compute_rewards(cfg: RewardConfig, problem: Problem, completion: str, n_toke
     `functions` (load_reward_functions) add one component each, NaN where a function returned None."""
     register = problem.meta.get("register", cfg.register)
     out = {
-        # a completion that starts inside <think> has its answer only after a </think> it writes itself
-        "accuracy": accuracy_reward(problem, "<think>" + completion if cfg.starts_in_think else completion,
-                                    cfg.answer_format, cfg.answer_fallback, families),
+        "accuracy": accuracy_reward(problem, _verified_text(cfg, completion), cfg.answer_format, cfg.answer_fallback,
+                                    families),
         "format": format_reward(completion, cfg.starts_in_think),
         "language": language_consistency(completion, register),
         "overlong": overlong_penalty(n_tokens, cfg.max_tokens, cfg.cache_tokens) if cfg.max_tokens else 0.0,

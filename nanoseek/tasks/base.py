@@ -163,6 +163,10 @@ class TaskFamily:
             return x == y
         return "".join(a.split()) == "".join(b.split())
 
+    def prepare(self, problems: list[Problem], completions: list[str]) -> None:
+        """Told of a batch before `score` is asked about each of its (problem, completion) pairs: a family whose
+        verifier is a model scores them in one forward here. Rule verifiers need nothing."""
+
     def score(self, problem: Problem, completion: str, answer_format: str = "answer_tag",
               fallback: bool = False) -> float:
         try:
