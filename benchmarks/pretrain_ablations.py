@@ -9,7 +9,7 @@ Variant sets (`--set-name`):
         aux-loss-free (V3)   bias update with γ, plus V3's tiny sequence-wise loss (α = 1e-4) — V3's choice
         aux loss only        no bias update, a conventional auxiliary loss (α = 0.01)
         no balancing         neither
-        aux-loss-free, no MTP  without the multi-token-prediction module (λ = 0, D = 0)
+        aux-loss-free, with MTP  plus the multi-token-prediction module (D = 1, λ = 0.3), which the recipe leaves out
     recipe     what recipes/tiny.toml settles: learning rate, model shape, batch, corpus noise
 
     python benchmarks/pretrain_ablations.py --set-name balancing [--jobs 2] [--steps N] [--out runs/ablations]
@@ -44,8 +44,8 @@ SETS = {
         "aux-loss-free (V3)": ["train.bias_gamma=1e-3", "train.balance_alpha=1e-4"],
         "aux loss only": ["train.bias_gamma=0.0", "train.balance_alpha=1e-2"],
         "no balancing": ["train.bias_gamma=0.0", "train.balance_alpha=0.0"],
-        "aux-loss-free, no MTP": ["train.bias_gamma=1e-3", "train.balance_alpha=1e-4", "train.mtp_lambda=0.0",
-                                  "model.num_nextn_predict_layers=0"],
+        "aux-loss-free, with MTP": ["train.bias_gamma=1e-3", "train.balance_alpha=1e-4",
+                                    "model.num_nextn_predict_layers=1"],
     },
     "recipe": {
         "recipe as is": [],
@@ -53,9 +53,11 @@ SETS = {
         "lr 1.5e-3": ["optim.lr=1.5e-3"],
         "cleaner corpus (half the noise)": CLEAN,
         "wider (hidden 192)": ["model.hidden_size=192"],
+        "4 layers (the preset's)": ["model.num_hidden_layers=4"],
         "deeper (6 layers)": ["model.num_hidden_layers=6"],
         "batch 16, lr 6e-3": ["train.batch_size=16", "optim.lr=6e-3"],
-        "no MTP": ["train.mtp_lambda=0.0", "model.num_nextn_predict_layers=0"],
+        "with MTP (D = 1)": ["model.num_nextn_predict_layers=1"],
+        "4 layers + MTP (the preset)": ["model.num_hidden_layers=4", "model.num_nextn_predict_layers=1"],
     },
 }
 
