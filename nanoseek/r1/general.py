@@ -159,4 +159,4 @@ class GeneralFamily(TaskFamily):
 
     def prepare(self, problems: list[Problem], completions: list[str]) -> None:
         prompts = [p.prompt for p in problems]
-        self._scored = dict(zip(zip(prompts, completions), self.scorer(prompts, list(completions)))) if prompts else {}
+        self._scored = dict(zip(zip(prompts, completions), self.scorer(prompts, completions)))

@@ -46,8 +46,12 @@ def accuracy_reward(problem: Problem, completion: str, answer_format: str = "ans
     """1.0 if the final answer, written in `answer_format` after the reasoning, is right by the problem
     family's verifier (a family of `families`, else a built-in one: `get_family`), else 0.0. fallback=True
     (lenient): without such an answer, the family's guess (the last number) is scored instead."""
-    family = families[problem.family] if problem.family in families else get_family(problem.family)
-    return family.score(problem, completion, answer_format, fallback)
+    return _family(problem.family, families).score(problem, completion, answer_format, fallback)
+
+
+def _family(name: str, families: Mapping[str, TaskFamily]) -> TaskFamily:
+    """The family of `families` named so, else a built-in one (`get_family`: an unknown name is a UserError)."""
+    return families[name] if name in families else get_family(name)
 
 
 def format_reward(completion: str, starts_in_think: bool = False) -> float:
@@ -195,9 +199,8 @@ def compute_rewards_batch(cfg: RewardConfig, problems: Sequence[Problem], comple
     share at once (`TaskFamily.prepare`: a reward model scores the general prompts' completions in one forward
     instead of one each, ~3 s of a stage-4 step on the `small` preset)."""
     for name in {p.family for p in problems}:
-        family = families[name] if name in families else get_family(name)
         rows = [(p, _verified_text(cfg, c)) for p, c in zip(problems, completions) if p.family == name]
-        family.prepare([p for p, _ in rows], [c for _, c in rows])
+        _family(name, families).prepare([p for p, _ in rows], [c for _, c in rows])
     return [compute_rewards(cfg, p, c, n, families, functions) for p, c, n in zip(problems, completions, n_tokens)]
 
 
