@@ -141,7 +141,7 @@ def build(cfg: ModelConfig, precision: str, device: torch.device, lr: float = 3e
     if precision == "fp8":
         fp8.convert_to_fp8(model)
     if compile:                                   # nanoseek's regional compile, as the trainer may use it
-        from nanoseek.model.deepseek import compile_blocks
+        from nanoseek.model.compile import compile_blocks
         compile_blocks(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,

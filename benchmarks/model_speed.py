@@ -32,7 +32,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.info import account
 from nanoseek.model import build_model
 from nanoseek.model import moe as moe_mod
-from nanoseek.model.deepseek import compile_blocks
+from nanoseek.model.compile import compile_blocks
 
 # kernel name fragments -> bucket (first match wins); CUTLASS grouped GEMMs carry "GroupProblemShape"
 KERNEL_BUCKETS = [

@@ -122,7 +122,7 @@ def main() -> None:
         n_params = sum(p.numel() for p in model.parameters())
         if args.compile:      # nanoseek: its regional compile (one graph per kind of block); transformers: whole model
             if name == "nanoseek":
-                from nanoseek.model.deepseek import compile_blocks
+                from nanoseek.model.compile import compile_blocks
                 compile_blocks(model)
             else:
                 model = torch.compile(model)

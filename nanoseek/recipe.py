@@ -256,8 +256,10 @@ def merge(base: Any, data: dict, where: str = "config") -> Any:
 
 
 def _deep_update(dst: dict, src: dict) -> None:
+    """Merge `src` into `dst` table by table. A model table that names its preset starts over from it: `[model]
+    preset = "small"` over a recipe's tiny model with `num_hidden_layers = 3` is the small model, not a 3-layer one."""
     for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+        if isinstance(v, dict) and isinstance(dst.get(k), dict) and "preset" not in v:
             _deep_update(dst[k], v)
         else:
             dst[k] = v

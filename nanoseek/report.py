@@ -346,8 +346,10 @@ def write_report(pipeline, console=None) -> dict:
              + "CPU s is the process CPU time over all threads.", "",
              "## Data at our scale", "",
              f"- Cold start: {coldstart_describe(o['03-coldstart']['stats'])} (R1: thousands of curated long-CoT examples).",
-             f"- Rejection sampling: {rejection_describe(rej)}; SFT from the base for {pipeline.cfg.rejection.epochs:g} epochs "
-             "(R1: ~600K reasoning + ~200K general samples, 2 epochs).",
+             f"- Rejection sampling: {rejection_describe(rej)}; SFT from "
+             + ("the base" if pipeline.cfg.stage3_init == "base" else "stage 2's model")
+             + f" for {pipeline.cfg.rejection.epochs:g} epochs (R1: ~600K reasoning + ~200K general samples, 2 epochs, "
+             "from the base).",
              f"- Reward model: held-out pairwise accuracy {100 * rm['accuracy']:.1f}% on {rm['n']} pairs ("
              + ", ".join(f"{k} {100 * v:.0f}%" for k, v in rm["by_kind"].items()) + ").",
              f"- Distillation: {_distill_line(o['09-distill']['stats'])} (R1: the 800K samples above).", "",

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from nanoseek.config import ModelConfig
 from nanoseek.model import build_model
 from nanoseek.model import moe as moe_mod
-from nanoseek.model.deepseek import compile_blocks
+from nanoseek.model.compile import compile_blocks
 
 
 def test_dispatch_and_combine_match_plain_indexing_forward_and_backward():

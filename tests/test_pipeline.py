@@ -121,6 +121,13 @@ def test_configs_presets_and_bad_input(tmp_path):
     small = load_pipeline_config("small")
     assert small.preset == "small" and small.pretrain.model["preset"] == "small"
     assert small.pretrain.train.steps != tiny.pretrain.train.steps
+    # a model table that names its preset starts from it: tiny's 3-layer override does not leak into another preset
+    from nanoseek.train.runs import resolve_model
+    assert resolve_model(tiny.pretrain.model).num_hidden_layers == 3
+    assert resolve_model(load_pipeline_config("tiny", sets=['pretrain.model.preset="small"']).pretrain.model) == \
+        resolve_model({"preset": "small"})
+    assert resolve_model(load_pipeline_config("tiny", sets=["pretrain.model.hidden_size=64"]).pretrain.model) \
+        .num_hidden_layers == 3                          # without a preset, a model table still merges key by key
     cfg = load_pipeline_config("tiny", sets=["r1_zero.train.steps=7"])
     assert cfg.r1_zero.train.steps == 7
     with pytest.raises(UserError, match="unknown key"):
@@ -282,6 +289,7 @@ def test_miniature_pipeline_end_to_end_with_resume(tmp_path, monkeypatch):
                 "R1 (s4 all-scenario RL)", "student distilled", "student RL only"):
         assert f"| {row} |" in report
     assert "held-out pairwise accuracy" in report and "Distillation vs RL" in report
+    assert "SFT from stage 2's model for" in report        # stage3_init's default, not R1's "from the base"
     for plot in ("rl_reward", "rl_accuracy", "rl_response_length", "expert_load"):
         assert (out / "plots" / f"{plot}.png").stat().st_size > 1000
     for name in ("base", "r1-zero", "r1", "student-distilled", "student-rl"):

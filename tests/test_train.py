@@ -327,7 +327,7 @@ def test_compiled_training_keeps_checkpoint_keys_and_losses(tmp_path, monkeypatc
 
     from nanoseek.hf import load_pretrained, save_pretrained
     from nanoseek.model import moe as moe_mod
-    from nanoseek.model.deepseek import compile_blocks
+    from nanoseek.model.compile import compile_blocks
     from test_model_speed import _masked_grouped_mm
 
     monkeypatch.setattr(moe_mod, "grouped_mm", _masked_grouped_mm)     # CPU-traceable expert GEMM
@@ -350,11 +350,46 @@ def test_compiled_training_keeps_checkpoint_keys_and_losses(tmp_path, monkeypatc
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), compiled.state_dict().values()))
 
 
+def test_a_dense_model_compiles_by_blocks_with_the_eager_loss_and_gradients():
+    """compile_blocks on a dense Llama/Qwen model (a distillation student): the blocks and the loss run through
+    dynamo, the loss and every gradient equal the eager model's, the state dict keeps its keys, and decoding
+    with a KV cache stays eager (no new graph)."""
+    from nanoseek.config import DenseConfig
+    from nanoseek.model.compile import compile_blocks
+
+    cfg = DenseConfig(vocab_size=MICRO.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    models = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        m = build_model(cfg).double()
+        models.append(compile_blocks(m, backend=backend) if compiled else m)
+    x, y = rows(n=2, t=8)
+    tc = TrainConfig(device="cpu")
+    losses = [forward_backward(m, [(x, y)], tc, torch.device("cpu")) for m in models]
+    assert graphs and losses[1] == pytest.approx(losses[0], rel=1e-12)
+    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert list(models[1].state_dict()) == list(models[0].state_dict())
+    traced = len(graphs)
+    with torch.no_grad():
+        cache = models[1].new_cache(1, 8)
+        models[1](x[:1, :4], cache=cache)
+        models[1](x[:1, 4:5], cache=cache)
+    assert len(graphs) == traced
+    torch._dynamo.reset()        # the shared `cross_entropy` code object must not carry this test's graphs onward
+
+
 def test_validation_of_a_compiled_model_runs_eager(monkeypatch):
     """The validation loss in eval mode without gradients would be a new compiled graph per block kind (~25 s
     of compilation on the `small` model for a ~1 s forward): it runs eager, with the compiled model's loss."""
     from nanoseek.model import moe as moe_mod
-    from nanoseek.model.deepseek import compile_blocks
+    from nanoseek.model.compile import compile_blocks
     from nanoseek.train.trainer import validation_loss
     from test_model_speed import _masked_grouped_mm
 

@@ -130,16 +130,3 @@ class DeepseekV3ForCausalLM(nn.Module):
         for module, emb in zip(self.mtp, embs):
             h, b = module(h, emb, cos, sin, mask)
             yield h, (b if b is not None else torch.zeros((), dtype=torch.float32, device=h.device))
-
-def compile_blocks(model: DeepseekV3ForCausalLM, **compile_kwargs) -> DeepseekV3ForCausalLM:
-    """Regional torch.compile for training (in place; returns the model). Each decoder layer and MTP block
-    gets a compiled `block`, used whenever no KV cache is passed; layers of one kind share one graph, so the
-    cost is a few compiles, not one per layer. The loss is compiled too: the fused cross-entropy reads the
-    bf16 logits once and never writes fp32 log-probabilities [B·T, V]. Decoding with a cache stays eager
-    (its shapes change every step). Shapes are static by default (`dynamic=False`): one compile per
-    (batch, seq_len), as in pretraining. Parameters, state dict and outputs are unchanged."""
-    compile_kwargs = {"dynamic": False, **compile_kwargs}
-    for layer in (*model.model.layers, *model.mtp):
-        layer.compiled = torch.compile(type(layer).block, **compile_kwargs)
-    model.loss_fn = torch.compile(cross_entropy, **compile_kwargs)
-    return model

@@ -12,6 +12,8 @@ writes, so the trainer, the RL engine and `hf.py` never ask which one they hold.
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 import torch
@@ -126,12 +128,14 @@ class DenseDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
+    compiled = None     # set by `compile_blocks`: compiled `DenseDecoderLayer.block` for the full-sequence path
     checkpoint = False  # set by `set_activation_checkpointing`: recompute this block in the backward
 
     def forward(self, h, cos, sin, mask, cache, layer):
+        block = functools.partial(self.compiled, self) if cache is None and self.compiled is not None else self.block
         if wants_checkpoint(self, cache):
-            return checkpointed(self.block, h, cos, sin, mask, None, layer)
-        return self.block(h, cos, sin, mask, cache, layer)
+            return checkpointed(block, h, cos, sin, mask, None, layer)
+        return block(h, cos, sin, mask, cache, layer)
 
     def block(self, h, cos, sin, mask, cache, layer):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, layer)
@@ -147,6 +151,8 @@ class DenseModel(nn.Module):
 
 
 class DenseForCausalLM(nn.Module):
+    loss_fn = staticmethod(cross_entropy)   # `compile_blocks` swaps in a compiled copy, `train.loss_chunk` a chunked one
+
     def __init__(self, cfg: DenseConfig):
         super().__init__()
         rope_inv_freq(cfg)  # reject an unsupported rope_scaling at construction, not at the first forward
@@ -196,5 +202,5 @@ class DenseForCausalLM(nn.Module):
         h = self.model.norm(h)
         logits = self.lm_head(h)
         zero = logits.new_zeros(())
-        loss = cross_entropy(logits, labels) if labels is not None else None
+        loss = self.loss_fn(logits, labels) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, mtp_loss=zero, balance_loss=zero, hidden_states=h)

@@ -9,7 +9,7 @@ Execution: the N·K (token, expert) pairs are sorted by expert and every expert 
 slice (no token dropping, no dense all-experts pass). All expert GEMMs go through `grouped_mm`, the seam
 that FP8 replaces; moving rows to the experts and back goes through `MoE.dispatcher`, the seam that expert
 parallelism replaces. Shapes stay static and nothing reads the device from the host, so on
-CUDA a whole MoE layer compiles into one graph (`nanoseek.model.deepseek.compile_blocks`). Moving rows into
+CUDA a whole MoE layer compiles into one graph (`nanoseek.model.compile.compile_blocks`). Moving rows into
 and out of expert order uses only gathers and dense sums, forward and backward: no atomics, deterministic.
 """
 

@@ -31,7 +31,9 @@ from nanoseek.errors import UserError
 from nanoseek.info import account
 from nanoseek.model.chunked_ce import chunked_cross_entropy
 from nanoseek.model import set_activation_checkpointing
-from nanoseek.model.deepseek import DeepseekV3ForCausalLM, compile_blocks
+from nanoseek.model.compile import compile_blocks
+from nanoseek.model.deepseek import DeepseekV3ForCausalLM
+from nanoseek.model.dense import DenseForCausalLM
 from nanoseek.model.moe import expert_loads, max_violation, moe_layers, update_router_biases
 from nanoseek.parallel import Parallel
 from nanoseek.recipe import Range
@@ -131,7 +133,7 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device
     set_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.loss_chunk:                             # replaces the (compiled or eager) whole-logits loss
         if not hasattr(model, "loss_fn"):
-            raise UserError(f"train.loss_chunk supports DeepSeek-V3 models, not {type(model).__name__}; "
+            raise UserError(f"train.loss_chunk supports nanoseek's DeepSeek-V3 and dense models, not {type(model).__name__}; "
                             "set train.loss_chunk=0")
         model.loss_fn = functools.partial(chunked_cross_entropy, chunk=cfg.loss_chunk)
     model.train()
@@ -157,12 +159,12 @@ def compile_for_training(model: torch.nn.Module, setting: bool | str, device: to
     per shape, then with symbolic shapes after the first change, instead of once per length."""
     if not compile_enabled(setting, device):
         return model
-    if not isinstance(model, DeepseekV3ForCausalLM):
-        if setting is True:
-            raise UserError(f"train.compile=true supports DeepSeek-V3 models, not {type(model).__name__}; "
-                            "set train.compile=false")
-        return model                               # "auto": other models train eager
-    return compile_blocks(model, dynamic=dynamic)
+    if isinstance(model, DeepseekV3ForCausalLM) or (setting is True and isinstance(model, DenseForCausalLM)):
+        return compile_blocks(model, dynamic=dynamic)
+    if setting is True:
+        raise UserError(f"train.compile=true supports DeepSeek-V3 and dense models, not {type(model).__name__}; "
+                        "set train.compile=false")
+    return model      # "auto": dense models train eager unless asked (their compiled path is measured in pretraining only)
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
