@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     command = parser.prog.split()[-1]
     if command == "pipeline":
         parser.add_argument("--preset", default="tiny", choices=PRESETS,
-                            help="tiny = the embedded CPU default; small = recipes/pipeline_small.toml (one H100)")
+                            help="tiny = the embedded CPU default; small = recipes/pipeline_small.toml (one GPU)")
         parser.add_argument("--stop-after", default=None, choices=[st.name.split("-", 1)[1] for st in STAGES],
                             metavar="STAGE", help="run this stage and the stages it needs, then stop (e.g. pretrain, r1-zero)")
     elif command == "coldstart":
