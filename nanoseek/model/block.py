@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.compile import block_to_run
 from nanoseek.model.mla import MLA, MLACache
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.norm import RMSNorm
@@ -49,10 +49,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: MLACache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, H] -> (x [B, T, H], this layer's balance loss or None for a dense layer)."""
-        if cache is None and self.compiled is not None:
-            block = functools.partial(self.compiled, self)
-        else:
-            block = self.block
+        block = block_to_run(self, cache)
         if wants_checkpoint(self, cache):
             return checkpointed(block, x, cos, sin, mask)
         return block(x, cos, sin, mask, cache)

@@ -7,10 +7,17 @@ the eager model, and layers of one kind share one graph.
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 from torch import nn
 
-from nanoseek.model.block import cross_entropy
+
+def block_to_run(layer: nn.Module, cache) -> Callable:
+    """A decoder layer's `block` as its forward runs it: the compiled copy `compile_blocks` set, on the
+    full-sequence (cache-free) path; the eager method otherwise (decoding with a KV cache, or never compiled)."""
+    return functools.partial(layer.compiled, layer) if cache is None and layer.compiled is not None else layer.block
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
@@ -24,5 +31,5 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     compile_kwargs = {"dynamic": False, **compile_kwargs}
     for layer in (*model.model.layers, *getattr(model, "mtp", ())):
         layer.compiled = torch.compile(type(layer).block, **compile_kwargs)
-    model.loss_fn = torch.compile(cross_entropy, **compile_kwargs)
+    model.loss_fn = torch.compile(type(model).loss_fn, **compile_kwargs)     # the class's whole-logits loss
     return model

@@ -12,8 +12,6 @@ writes, so the trainer, the RL engine and `hf.py` never ask which one they hold.
 
 from __future__ import annotations
 
-import functools
-
 import math
 
 import torch
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 from nanoseek.config import DenseConfig
 from nanoseek.errors import UserError
 from nanoseek.model.block import ModelOutput, cross_entropy
+from nanoseek.model.compile import block_to_run
 from nanoseek.model.mla import attention_mask_for
 from nanoseek.model.moe import MLP
 from nanoseek.model.norm import RMSNorm
@@ -132,7 +131,7 @@ class DenseDecoderLayer(nn.Module):
     checkpoint = False  # set by `set_activation_checkpointing`: recompute this block in the backward
 
     def forward(self, h, cos, sin, mask, cache, layer):
-        block = functools.partial(self.compiled, self) if cache is None and self.compiled is not None else self.block
+        block = block_to_run(self, cache)
         if wants_checkpoint(self, cache):
             return checkpointed(block, h, cos, sin, mask, None, layer)
         return block(h, cos, sin, mask, cache, layer)
@@ -151,7 +150,8 @@ class DenseModel(nn.Module):
 
 
 class DenseForCausalLM(nn.Module):
-    loss_fn = staticmethod(cross_entropy)   # `compile_blocks` swaps in a compiled copy, `train.loss_chunk` a chunked one
+    loss_fn = staticmethod(cross_entropy)   # `compile_blocks` swaps in a compiled copy, `train.loss_chunk` a
+                                            # chunked one
 
     def __init__(self, cfg: DenseConfig):
         super().__init__()

@@ -133,8 +133,8 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device
     set_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.loss_chunk:                             # replaces the (compiled or eager) whole-logits loss
         if not hasattr(model, "loss_fn"):
-            raise UserError(f"train.loss_chunk supports nanoseek's DeepSeek-V3 and dense models, not {type(model).__name__}; "
-                            "set train.loss_chunk=0")
+            raise UserError(f"train.loss_chunk supports nanoseek's DeepSeek-V3 and dense models, not "
+                            f"{type(model).__name__}; set train.loss_chunk=0")
         model.loss_fn = functools.partial(chunked_cross_entropy, chunk=cfg.loss_chunk)
     model.train()
     return model
@@ -164,7 +164,8 @@ def compile_for_training(model: torch.nn.Module, setting: bool | str, device: to
     if setting is True:
         raise UserError(f"train.compile=true supports DeepSeek-V3 and dense models, not {type(model).__name__}; "
                         "set train.compile=false")
-    return model      # "auto": dense models train eager unless asked (their compiled path is measured in pretraining only)
+    return model      # "auto": dense models train eager unless asked (their compiled path is measured in pretraining
+                      # only)
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
