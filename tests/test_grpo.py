@@ -365,10 +365,25 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(monkeypatch):
     assert draws[0] == 4 and all(b <= a for a, b in zip(draws, draws[1:])) and len(draws) > 1  # refills: what is missing
     assert exp.n_groups_sampled == sum(draws) and exp.n_groups_sampled - exp.n_groups_zero_var >= 4
     assert len(exp.sampled) == sum(draws) * G                                        # metrics see every sample
+    cfg.rl.oversample = 3.0                          # one wide first round: 12 problems, 4 informative, no refill
+    draws.clear()
+    exp = trainer.collect(torch.nn.Linear(1, 1), Tok(), cfg, step=0, problems_fn=problems_fn)
+    assert draws == [12] and len(exp.prompts) == 4 * G and all(p == [5, 6] for p in exp.prompts)
+    assert len(exp.sampled) == 12 * G
+    cfg.rl.oversample = 6.0                          # more informative groups than the batch holds: capped at 4
+    exp = trainer.collect(torch.nn.Linear(1, 1), Tok(), cfg, step=0, problems_fn=problems_fn)
+    assert len(exp.prompts) == 4 * G
+    cfg.rl.oversample = 1.0
     cfg.rl.dynamic_sampling = False                                                 # off: flat groups are kept
     draws.clear()
     exp = trainer.collect(torch.nn.Linear(1, 1), Tok(), cfg, step=0, problems_fn=problems_fn)
     assert draws == [4] and len(exp.prompts) == 4 * G
+    from nanoseek.errors import UserError
+    from nanoseek.rl.algorithms import RLCommonConfig
+    with pytest.raises(UserError, match="oversample"):
+        RLCommonConfig(oversample=2.0)                # without dynamic sampling
+    with pytest.raises(UserError, match="oversample"):
+        RLCommonConfig(dynamic_sampling=True, oversample=0.5)
 
 
 def test_sampler_logprobs_reach_the_update_and_agree_with_the_trainer(tmp_path, base_checkpoint):

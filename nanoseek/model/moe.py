@@ -235,8 +235,9 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
         self.dispatcher = LocalDispatch()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, H] -> (y [B, T, H], balance loss Σ_i f_i P_i averaged over the B sequences)."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B, T, H] -> (y [B, T, H], balance loss Σ_i f_i P_i averaged over the B sequences; None in eval
+        mode, where no loss uses it: a decode step saves its ~10 kernels per layer)."""
         B, T, H = x.shape
         flat = x.reshape(-1, H)                                                   # [N, H]
         scores, idx, weights = self.gate(flat)                                    # [N, E], [N, K], [N, K]
@@ -251,7 +252,7 @@ class MoE(nn.Module):
         y = self.dispatcher(flat, idx, weights, counts, self.experts).to(x.dtype)  # [N, H]
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        return y.view(B, T, H), self._balance_loss(scores, idx, B, T)
+        return y.view(B, T, H), self._balance_loss(scores, idx, B, T) if self.training else None
 
     def _balance_loss(self, scores: torch.Tensor, idx: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """V3 eq. 17-20: f_i = E/(K·T)·#tokens of the sequence sent to i, P_i = mean_t s_i,t / Σ_j s_j,t."""

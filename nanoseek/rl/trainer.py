@@ -215,7 +215,8 @@ def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn, reward_fn=N
         if need <= 0:
             break
         if rnd == 0:                                                  # the step's problems, this rank's share
-            problems = problems_fn(cfg.train.prompts, cfg.train.seed * 1_000_003 + step * 101)[rank::ranks]
+            wide = math.ceil(cfg.train.prompts * cfg.rl.oversample)    # (oversample: dynamic sampling only)
+            problems = problems_fn(wide, cfg.train.seed * 1_000_003 + step * 101)[rank::ranks]
         else:
             problems = problems_fn(need, cfg.train.seed * 1_000_003 + step * 101 + rnd + other)
         prompts = [encode_prompt(tokenizer, p.prompt, cfg.tasks.template, cfg.tasks.system_prompt)
@@ -234,7 +235,7 @@ def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn, reward_fn=N
         exp.sampled += [Sample(r, len(c), f == "length", problems[i // G].family, problems[i // G].difficulty,
                                reflects(t)) for i, (r, c, f, t) in enumerate(zip(rewards, comps, g.finish, texts))]
         for gi, zero in enumerate(flat):
-            if zero and cfg.rl.dynamic_sampling:
+            if zero and cfg.rl.dynamic_sampling or len(exp.prompts) // G >= want:   # flat, or the batch is full
                 continue
             rows = range(gi * G, (gi + 1) * G)
             exp.prompts += [prompts[i] for i in rows]
