@@ -20,7 +20,7 @@ Every stage writes into run_dir/<stage>/ and, when complete, an atomic `done.jso
 time. Re-running the same command skips finished stages and continues an unfinished one from its newest
 checkpoint (the trainers resume; data files are reused); the resolved config must be the one the run
 started with. The embedded default (the dataclass defaults below) is the tiny CPU recipe, sized to finish
-in 13-15 minutes on 2 cores; `--preset small` reads recipes/pipeline_small.toml (one GPU, ~5.5 minutes).
+in 13-15 minutes on 2 cores; `--preset small` reads recipes/pipeline_small.toml (one GPU, ~9 minutes).
 
 Stages form a graph, not a line: the student lane (08, 10) needs only the tokenizer, and each model can be
 evaluated as soon as it exists. With `workers = 2` (the default) a scheduler runs every job whose inputs are
