@@ -42,11 +42,10 @@ class RLCommonConfig:
     mu: int = 1                     # policy updates per rollout batch (μ), reusing the old log-probs
     dynamic_sampling: bool = False  # DAPO: drop zero-variance groups and sample more prompts
     max_refill: int = 3             # extra rollout rounds allowed to refill dropped groups
-    oversample: float = 1.0         # dynamic sampling: the first round samples prompts x this many groups, and the
+    oversample: float = 1.0         # dynamic sampling: the first round samples prompts x this many groups and the
                                     # step keeps the first `train.prompts` informative ones. On a GPU a decode step
-                                    # costs about the same for 2x the rows, so one wider round replaces refill rounds
-                                    # that each cost a whole generation (200 steps of the small preset: 1.5 s a step
-                                    # with refills at oversample 1)
+                                    # costs about the same for 2x the rows, so one wide round beats refill rounds,
+                                    # each a whole generation (README, RL metrics)
     tis_cap: float = 0.0            # truncated importance sampling: weight tokens by min(π_old/π_sampler, cap); 0 = off
     importance_sampling_level: str = "token"   # "token" (PPO/GRPO ratio per token) | "sequence" (GSPO, rl/grpo.py)
     mask_truncated_completions: bool = False   # completions cut at max_new_tokens get no policy (nor PPO critic)

@@ -235,7 +235,7 @@ def collect(model, tokenizer, cfg: RLConfig, step: int, problems_fn, reward_fn=N
         exp.sampled += [Sample(r, len(c), f == "length", problems[i // G].family, problems[i // G].difficulty,
                                reflects(t)) for i, (r, c, f, t) in enumerate(zip(rewards, comps, g.finish, texts))]
         for gi, zero in enumerate(flat):
-            if zero and cfg.rl.dynamic_sampling or len(exp.prompts) // G >= want:   # flat, or the batch is full
+            if (zero and cfg.rl.dynamic_sampling) or len(exp.prompts) // G >= want:   # flat, or the batch is full
                 continue
             rows = range(gi * G, (gi + 1) * G)
             exp.prompts += [prompts[i] for i in rows]
