@@ -82,11 +82,13 @@ def run_nanoseek(path: Path, out: Path, a) -> list[float]:
             f"train.precision={a.precision}", f"train.init={path}", "train.compile=false", "checkpoint.every=0",
             f"tasks.names={json.dumps(FAMILY_NAMES)}", "tasks.template=chat", f"sampling.max_new_tokens={a.new_tokens}",
             "sampling.temperature=1.0", "sampling.stop=[]", f"rl.group_size={a.group}", "rl.beta=0.0", "rl.mu=1",
-            'rl.aggregation="dapo"', "eval.problems=0", "optim.lr=1e-6", "optim.warmup_steps=0"]
+            'rl.aggregation="dapo"', "eval.problems=0", "optim.lr=1e-6", "optim.warmup_steps=0", *a.set]
     cfg = load_recipe(RLConfig, None, sets)
     train_rl(cfg, out, progress=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["step_time"] for r in records if "step_time" in r]
+    records = [r for r in records if "step_time" in r]
+    a.detail = {k: [round(r.get(k, 0.0)) for r in records] for k in ("gen_tokens_per_s", "train_tokens_per_s")}
+    return [r["step_time"] for r in records]
 
 
 def run_trl(path: Path, out: Path, a) -> list[float] | None:
@@ -142,6 +144,8 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=16, help="rows per forward/backward (TRL: per-device batch)")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--engines", nargs="+", default=["nanoseek", "trl"])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra nanoseek recipe override, e.g. sampling.decode=compiled (repeatable)")
     a = ap.parse_args()
     if a.quick:
         a.model, a.steps, a.warmup, a.prompts, a.group, a.new_tokens, a.micro = "tiny", 3, 1, 4, 2, 16, 4
@@ -150,7 +154,7 @@ def main() -> None:
         ap.error("--micro must divide --prompts x --group (TRL accumulates whole micro-batches)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = header(device, model=a.model, prompts=a.prompts, group=a.group, new_tokens=a.new_tokens, micro=a.micro,
-                  precision=a.precision)
+                  precision=a.precision, **({"nanoseek_set": a.set} if a.set else {}))
     medians = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = write_model(Path(tmp), QWEN_05B if a.model == "qwen0.5b" else TINY)
@@ -161,7 +165,8 @@ def main() -> None:
                 continue
             stats = spread(times[a.warmup:] or times)
             medians[engine] = stats["median_s"]
-            emit({**base, "engine": engine, **stats, "all_steps_s": [round(t, 3) for t in times]})
+            emit({**base, "engine": engine, **stats, "all_steps_s": [round(t, 3) for t in times],
+                  **(a.__dict__.pop("detail", None) or {})})
     if len(medians) == 2:
         emit({**base, "speedup": round(medians["trl"] / medians["nanoseek"], 2)})
 

@@ -99,19 +99,27 @@ def time_nanoseek(model, prompts, new_tokens: int, decode: str, amp: bool) -> fl
     return time.perf_counter() - t0
 
 
-def profile_step(model) -> dict:
-    """Kernels one decode step launches and their summed GPU time (torch.profiler over one eager run of the
-    step the graph replays): when the sum is close to the measured step, the step is bound by many small
-    kernels, not by bytes."""
+def profile_step(model, runs: int = 3, top: int = 8) -> dict:
+    """Kernels one decode step launches and their summed GPU time (torch.profiler over `runs` eager runs of the
+    step the graph replays, compiled where the mode compiles it), and the `top` kernels by time: when the sum is
+    close to the measured step, the step is bound by its kernels, and the table says which."""
     dec = next(reversed(rollout._DECODERS[model].values()))
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         with torch.no_grad():
-            dec._step()
+            for _ in range(runs):
+                dec._run()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return {"graph": dec.use_graph, "kernels_per_step": len(kernels),
-            "kernel_ms_per_step": round(sum(e.device_time for e in kernels) / 1e3, 3)}
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        entry = by_name.setdefault(e.name[:100], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.device_time
+    table = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"graph": dec.use_graph, "kernels_per_step": round(len(kernels) / runs),
+            "kernel_ms_per_step": round(sum(e.device_time for e in kernels) / runs / 1e3, 3),
+            "top_kernels_us_per_step": [[name, round(n / runs, 1), round(us / runs, 1)] for name, (n, us) in table]}
 
 
 def time_transformers(hf_model, prompts, new_tokens: int) -> float:

@@ -207,6 +207,17 @@ def test_only_selected_experts_run():
     assert flops.get_total_flops() == 2 * N * (H * cfg.n_routed_experts + K * 3 * H * I + shared)
 
 
+@pytest.mark.parametrize("by_rank", [True, False])
+@pytest.mark.parametrize("slots,E", [(1, 64), (8, 64), (512, 64), (5000, 8)])
+def test_expert_order_is_the_stable_sort_by_expert(slots, E, by_rank):
+    """Both ways of ordering routed slots (one-hot ranks, a decode step's way on CUDA; the sort) give the
+    stable argsort, and inverse is its inverse permutation."""
+    idx = torch.randint(0, E, (slots,), generator=torch.Generator().manual_seed(slots))
+    order, inverse = moe_mod.expert_order(idx, torch.bincount(idx, minlength=E), by_rank)
+    assert torch.equal(order, idx.argsort(stable=True))
+    assert torch.equal(inverse[order], torch.arange(slots))
+
+
 # ---------------------------------------------------------------- (4) auxiliary-loss-free balancing
 
 def test_bias_update_lowers_max_violation_on_skewed_router():

@@ -241,6 +241,36 @@ def test_static_engine_logprobs_match_full_forward(kind, max_batch):
         assert torch.all(lp[n:] == 0) and torch.all(tok[n:] == 0)
 
 
+def test_compiled_decoding_matches_static_and_writes_the_cache_in_place():
+    """decode="compiled" (on the CPU: the static step through torch.compile, no graph) gives the static
+    engine's greedy tokens, and sampled log-probs equal to an uncached forward. No kernel of the compiled
+    step touches as many elements as a whole cache tensor: a slice write into the cache used to be
+    functionalised into a full copy per layer (the inductor code is searched for the cache's numel). Dense
+    only: on the CPU the MoE's expert loop reads its counts on the host, a recompile per step (the MLA cache
+    compiled is covered on CUDA by test_cuda_engine_logprobs_match_a_bf16_full_forward)."""
+    from dataclasses import replace
+
+    from torch._inductor.utils import run_and_get_code
+
+    from nanoseek.sampling import rollout
+
+    torch._dynamo.reset()
+    model = make_model("dense")
+    cfg = SamplingConfig(max_new_tokens=6, greedy=True, stop=[], decode="static")
+    want = generate(model, PROMPTS, cfg, [90])
+    got, code = run_and_get_code(generate, model, PROMPTS, replace(cfg, decode="compiled"), [90])
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+    dec = next(reversed(rollout._DECODERS[model].values()))
+    assert dec.use_graph is False and code
+    numel = dec.cache.tensors[0].numel()
+    assert not any(f"{numel}L" in c for c in code), f"a kernel of the compiled step spans the whole cache ({numel})"
+    sampled = generate(model, PROMPTS, replace(cfg, greedy=False, temperature=0.9, decode="compiled"), [90],
+                       generator=torch.Generator().manual_seed(3))
+    for prompt, comp, lp, n in zip(PROMPTS, sampled.completions(), sampled.logprobs, sampled.lengths.tolist()):
+        torch.testing.assert_close(lp[:n], reference_logprobs(model, prompt, comp), atol=2e-4, rtol=1e-4)
+    torch._dynamo.reset()
+
+
 def test_decoder_is_reused_across_calls_and_reset():
     """The second call with the same shapes runs on the first call's decoder (on CUDA: its captured graph),
     and gives what a fresh decoder gives."""
@@ -257,6 +287,18 @@ def test_decoder_is_reused_across_calls_and_reset():
     assert rollout._DECODERS[model] and next(iter(rollout._DECODERS[model].values())) is not dec
     assert torch.equal(again.tokens, fresh.tokens) and torch.equal(again.logprobs, fresh.logprobs)
     assert not torch.equal(first.tokens, fresh.tokens)
+    # a decoder with up to 1.5x the slots a call needs serves it: 100 + 60 tokens fill 192 slots, 8 + 60 ask
+    # for 128; one decoder for both, and its tokens are those of a fresh exact-size one
+    rollout._DECODERS.pop(model)
+    cfg = SamplingConfig(max_new_tokens=60, greedy=True, stop=[], decode="static")
+    generate(model, [[3] * 100] + PROMPTS[1:], cfg, [90])
+    (big,) = rollout._DECODERS[model].values()
+    short = generate(model, PROMPTS, cfg, [90])
+    assert list(rollout._DECODERS[model].values()) == [big] and big.S == 192
+    rollout._DECODERS.pop(model)
+    exact = generate(model, PROMPTS, cfg, [90])
+    assert next(iter(rollout._DECODERS[model].values())).S == 128
+    assert torch.equal(short.tokens, exact.tokens)
 
 
 def test_max_batch_must_not_be_negative():
@@ -370,14 +412,16 @@ def test_decoders_do_not_keep_their_model_alive():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_reused_across_calls_sees_updated_fp32_masters_under_autocast():
+@pytest.mark.parametrize("decode", ["graph", "compiled"])
+def test_cuda_graph_reused_across_calls_sees_updated_fp32_masters_under_autocast(decode):
     """The GRPO trainer's setting: fp32 master weights, bf16 autocast, an optimizer step between rollouts.
     The second call replays the first call's graph; it must decode with the updated weights (a graph captured
     from autocast's weight-cast cache would read the first call's freed bf16 copies instead)."""
     from nanoseek.sampling import rollout
 
+    torch._dynamo.reset()
     model = make_model("deepseek").cuda()
-    cfg = SamplingConfig(max_new_tokens=10, greedy=True, stop=[], decode="graph")
+    cfg = SamplingConfig(max_new_tokens=10, greedy=True, stop=[], decode=decode)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         generate(model, PROMPTS, cfg, [95])
     with torch.no_grad():

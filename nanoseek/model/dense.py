@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from nanoseek.config import DenseConfig
 from nanoseek.errors import UserError
 from nanoseek.model.block import ModelOutput, cross_entropy
+from nanoseek.model.cache import DenseCache
 from nanoseek.model.compile import block_to_run
 from nanoseek.model.mla import attention_mask_for
 from nanoseek.model.moe import MLP
@@ -51,34 +52,6 @@ def rope_inv_freq(cfg: DenseConfig, device=None) -> tuple[torch.Tensor, float]:
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
-
-
-class DenseCache:
-    """Preallocated GQA cache: k, v [L, B, n_kv, S, head_dim]; slots [0, length) are filled."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = k, v
-        self.length = 0
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, n_kv, T, hd] at slots [length, length+T) of `layer`; return slots [0, length+T)."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise UserError(f"KV cache holds {self.max_len} tokens but {end} are needed; create it with a larger max_len")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def select(self, rows: torch.Tensor) -> "DenseCache":
-        """Keep (and reorder) batch rows: a long index or a bool mask [B]. Returns self."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
-        return self
-
-    reorder = select
 
 
 class DenseAttention(nn.Module):

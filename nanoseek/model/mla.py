@@ -1,4 +1,4 @@
-"""Multi-head latent attention (DeepSeek-V2 §2.1, V3 §2.1.1) and its latent KV cache.
+"""Multi-head latent attention (DeepSeek-V2 §2.1, V3 §2.1.1); its latent KV cache lives in cache.py.
 
 Keys and values are compressed jointly into c_kv [kv_lora_rank] per token; the position signal rides on ONE
 extra rope head k_pe [qk_rope_head_dim] shared by all heads (decoupled RoPE). Two ways to attend:
@@ -16,36 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.errors import UserError
+from nanoseek.model.cache import MLACache
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope, softmax_scale
-
-
-class MLACache:
-    """Latent KV cache: latent [L, B, S, kv_lora_rank + qk_rope_head_dim]; slots [0, length) are filled."""
-
-    def __init__(self, latent: torch.Tensor):
-        self.latent = latent
-        self.length = 0
-
-    @property
-    def max_len(self) -> int:
-        return self.latent.shape[2]
-
-    def update(self, layer: int, new: torch.Tensor) -> torch.Tensor:
-        """Write new [B, T, D] at slots [length, length+T) of `layer`; return slots [0, length+T)."""
-        end = self.length + new.shape[1]
-        if end > self.max_len:
-            raise UserError(f"KV cache holds {self.max_len} tokens but {end} are needed; create it with a larger max_len")
-        self.latent[layer, :, self.length:end] = new
-        return self.latent[layer, :, :end]
-
-    def select(self, rows: torch.Tensor) -> "MLACache":
-        """Keep (and reorder) batch rows: a long index or a bool mask [B]. Returns self."""
-        self.latent = self.latent[:, rows]
-        return self
-
-    reorder = select
 
 
 def attention_mask_for(attention_mask: torch.Tensor | None, T: int, past: int,

@@ -541,8 +541,11 @@ def update_policy(model, optimizer, par, reference, batch: dict | None, chunks: 
     sample_logp = batch.get("sample_logp") if batch is not None else None
     old_logp: list[torch.Tensor] = []
     weights: list[torch.Tensor | None] = []
-    sums = {"loss": 0.0, "clip_frac": 0.0, "clip_frac/low": 0.0, "clip_frac/high": 0.0, "entropy": 0.0, "kl": 0.0,
-            "rollout/logprob_gap": 0.0}
+    # the step's metrics are summed on the device and read once at the end: a host read per micro-batch would
+    # stall the launches of the next one (65 reads, 119 ms of a 0.5B model's update on an H200)
+    dev = batch["ids"].device if batch is not None else torch.device("cpu")
+    sums = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in (
+        "loss", "clip_frac", "clip_frac/low", "clip_frac/high", "entropy", "kl", "rollout/logprob_gap")}
     for it in range(rc.mu):
         for ci, c in enumerate(chunks):
             logits = _response_logits(model, batch, c, precision)
@@ -550,10 +553,10 @@ def update_policy(model, optimizer, par, reference, batch: dict | None, chunks: 
             if it == 0:                                        # θ = θ_old here: these ARE the old log-probs
                 old_logp.append(logp.detach())
                 ent = token_entropy(logits.detach())
-                sums["entropy"] += float((ent * mask[c]).sum()) / counts.resp_tokens
+                sums["entropy"] += (ent * mask[c]).sum() / counts.resp_tokens
                 if sample_logp is not None:                    # the chunk's mean gap × its share of the tokens
                     gap = logprob_gap(old_logp[ci], sample_logp[c], mask[c])
-                    sums["rollout/logprob_gap"] += float(gap) * float(mask[c].sum()) / counts.resp_tokens
+                    sums["rollout/logprob_gap"] += gap * mask[c].sum() / counts.resp_tokens
                 weights.append(tis_weights(old_logp[ci], sample_logp[c], rc.tis_cap)
                                if rc.tis_cap > 0 and sample_logp is not None else None)
             loss, stats = policy_loss(
@@ -564,18 +567,19 @@ def update_policy(model, optimizer, par, reference, batch: dict | None, chunks: 
             for r in par.reducers:
                 r.armed = ci == len(chunks) - 1               # average while the last chunk's backward runs
             loss.backward()
-            share = float(mask[c].sum()) / counts.resp_tokens / rc.mu
-            sums["loss"] += float(loss.detach()) / (rc.mu * ranks)
-            sums["clip_frac"] += float(stats["clip_frac"]) * share
-            sums["clip_frac/low"] += float(stats["clip_low"]) * share
-            sums["clip_frac/high"] += float(stats["clip_high"]) * share
-            sums["kl"] += float(stats.get("kl", 0.0)) * share
+            share = mask[c].sum() / counts.resp_tokens / rc.mu
+            sums["loss"] += loss.detach() / (rc.mu * ranks)
+            sums["clip_frac"] += stats["clip_frac"] * share
+            sums["clip_frac/low"] += stats["clip_low"] * share
+            sums["clip_frac/high"] += stats["clip_high"] * share
+            if "kl" in stats:
+                sums["kl"] += stats["kl"] * share
         par.finish_grads()                                     # every rank, even one without rollouts
         grad_norm = par.clip_grad_norm_(cfg.optim.grad_clip or math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     keys = tuple(sums)                                        # each rank summed its share of the global means
-    t = par.ctx.all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64), "sum", "dp")
+    t = par.ctx.all_reduce(torch.stack([sums[k] for k in keys]).cpu(), "sum", "dp")
     metrics = dict(zip(keys, t.tolist()))
     if batch is not None and sample_logp is None:             # no sampler log-probs were given: no gap to report
         metrics.pop("rollout/logprob_gap")

@@ -26,8 +26,8 @@ Decoding modes (`SamplingConfig.decode`):
   output bookkeeping on the device. The host reads the finished mask once every `check_every` steps; rows
   that finished then take waiting prompts (continuous batching, `max_batch`);
 - "graph": the static step captured once per (model, batch bucket, slots, sampling setting) as a CUDA graph
-  and replayed, also across `generate` calls; "compiled": the model's forward through torch.compile first
-  (fewer, fused kernels), then the graph. "auto" = "graph" on CUDA in bf16, "dynamic" elsewhere.
+  and replayed, also across `generate` calls; "compiled": the static step through torch.compile first
+  (fewer, fused kernels), then (on CUDA) the graph. "auto" = "graph" on CUDA in bf16, "dynamic" elsewhere.
 Every mode gives the greedy tokens of an uncached full forward (tests/test_rollout.py, CPU). Identical
 prompts (a GRPO group's G samples) are prefilled once and their cache rows copied, in every mode.
 """
@@ -42,9 +42,11 @@ from functools import cached_property
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from nanoseek.errors import UserError
+from nanoseek.model.cache import copy_slot
 from nanoseek.tokenizer import r1_zero_prompt
 
 
@@ -164,20 +166,43 @@ def filtered_probs(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top
     return probs
 
 
+_BLOCK = 1024      # inverse_cdf's block: a scan over V / 1024 block sums, then over one block of 1024
+
+
+def inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
+    """Per row, the first index whose cumulative weight reaches (1 - u)·total: weights [B, V] >= 0 (any scale,
+    a positive total), u [B] in [0, 1) -> [B] long. The threshold is in (0, total], so an index of zero weight
+    (cut by top-k / top-p, or padding) is never picked.
+
+    In two levels, block sums then the one block that holds the threshold, so the scans cover V/1024 + 1024
+    values a row instead of V: a flat cumsum over a 152K vocabulary was the largest kernel of a decode step
+    (0.25 ms of 3.4 at batch 128 on an H200). Same index as the flat scan up to float rounding."""
+    B, V = weights.shape
+    if V <= _BLOCK:                                                             # one block: the flat scan
+        cdf = weights.cumsum(-1)
+        x = (1.0 - u[:, None]) * cdf[:, -1:]
+        return torch.searchsorted(cdf, x).clamp_(max=V - 1)[:, 0]
+    nb = -(-V // _BLOCK)
+    w = F.pad(weights, (0, nb * _BLOCK - V)).view(B, nb, _BLOCK)                 # [B, nb, blk]
+    block_cdf = w.sum(-1).cumsum(-1)                                            # [B, nb]
+    x = (1.0 - u[:, None]) * block_cdf[:, -1:]                                  # [B, 1] in (0, total]
+    j = torch.searchsorted(block_cdf, x).clamp_(max=nb - 1)                     # [B, 1] the block holding x
+    before = torch.where(j > 0, block_cdf.gather(-1, (j - 1).clamp(min=0)), 0.0)
+    cdf = w.gather(1, j[:, :, None].expand(B, 1, _BLOCK))[:, 0].cumsum(-1)      # [B, blk]
+    # the block's own scan may sum a hair below block_cdf: then stop at its last index of positive weight
+    k = torch.searchsorted(cdf, torch.minimum(x - before, cdf[:, -1:])).clamp_(max=_BLOCK - 1)
+    return (j * _BLOCK + k)[:, 0]
+
+
 def sample_tokens(logits: Tensor, cfg: SamplingConfig, u: Tensor | None) -> tuple[Tensor, Tensor]:
     """Sample from logits [B, V] with uniforms u [B] (None when greedy); return tokens [B] and their
     temperature-1 log-probs [B] (fp32). Every shape is fixed and nothing is read on the host, so this runs
-    inside the CUDA graph of a decode step.
-
-    Inverse-CDF sampling: the first token whose cumulative mass reaches (1 - u)·total, u in [0, 1), so the
-    threshold is in (0, total] and a token of zero mass (cut by top-k / top-p) is never picked."""
+    inside the CUDA graph of a decode step. Inverse-CDF sampling (`inverse_cdf`) of the filtered distribution."""
     logits = logits.float()
     if cfg.greedy:
         tok = logits.argmax(-1)
     else:
-        cdf = filtered_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p).cumsum(-1)     # [B, V]
-        x = (1.0 - u[:, None]) * cdf[:, -1:]                                            # [B, 1]
-        tok = torch.searchsorted(cdf, x).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+        tok = inverse_cdf(filtered_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p), u)
     logp = logits.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return tok, logp
 
@@ -199,13 +224,6 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[Tensor
         ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, P - len(p):] = 1
     return ids.to(device), mask.to(device)
-
-
-def _cache_slots(cache) -> list[tuple[Tensor, int]]:
-    """The cache's tensors and their slot dimension: MLA latent [L, B, S, D], dense k/v [L, B, n_kv, S, hd]."""
-    if hasattr(cache, "latent"):
-        return [(cache.latent, 2)]
-    return [(cache.k, 3), (cache.v, 3)]
 
 
 def _slot_major(t: Tensor, dim: int) -> Tensor:
@@ -256,11 +274,13 @@ class StaticDecoder:
         # a weak reference: `_DECODERS` is keyed weakly by the model, and a strong one here would keep every
         # model that ever generated (and its decoders' caches) alive
         self._model, self.cfg, self.B, self.S, self.N = weakref.ref(model), cfg, B, S, N
-        # compiled: the model's forward through torch.compile (its elementwise chains fused: a decode step of
-        # `small` is ~1,600 kernels, 2.7 ms of GPU time at batch 1 on an H200 even inside a graph), then the
-        # whole step captured as a graph. Sampling stays out of the compile (inductor failed to generate the
-        # cumsum over a 152K vocabulary, torch 2.11)
-        self._forward = torch.compile(self._model_step, dynamic=False) if compiled else self._model_step
+        # compiled: the whole step through torch.compile (its elementwise chains and the sampler fused: a
+        # decode step of `small` is ~1,500 kernels, 2.7-4 ms of GPU time on an H200 even inside a graph), then
+        # captured as a graph. The cache writes are in place under compile too (nanoseek.model.cache)
+        self._run = torch.compile(self._step, dynamic=False) if compiled else self._step
+        if compiled:    # one compiled graph per decoder shape (B bucket, S, N, sampling setting); dynamo's default
+            # of 8 per function would silently run later shapes eager (RL: rollouts, refills, evaluation)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         device = model.lm_head.weight.device
         self.cache = model.new_cache(B, S, device=device, dtype=cache_dtype)
         self.cache_dtype = cache_dtype
@@ -281,23 +301,19 @@ class StaticDecoder:
         """Rows [B] whose new token tok [B] ends them: a stop token, or the length limit reached."""
         return (tok[:, None] == self.stop).any(-1) | (self.ngen >= self.N)
 
-    def _model_step(self) -> Tensor:
-        """Feed each row's last token, keep its K/V in the row's next free slot; the logits [B, V]."""
+    def _step(self) -> None:
+        """Feed each row's last token, keep its K/V in the row's next free slot, sample the next token and
+        record it: everything on the device."""
+        live = ~self.done
         self.pos += 1
         self.cache.length = self.S - 1                                          # the model writes at slot S-1
         logits = self._model()(self.tok[:, None], position_ids=self.pos, attention_mask=self.mask,
                             cache=self.cache).logits[:, -1]                     # [B, V]
         slot = self.slot.clamp(max=self.S - 2)                                  # finished rows run on harmlessly
-        for t, dim in _cache_slots(self.cache):                                 # persist slot S-1 at `slot`
-            t = _slot_major(t, dim)
-            t[:, self.rows, slot] = t[:, :, self.S - 1]
+        for t, dim in zip(self.cache.tensors, self.cache.slot_dims):             # persist slot S-1 at `slot`
+            copy_slot(t, dim, self.rows, slot, self.S - 1)
         self.mask.scatter_(1, slot[:, None], 1)     # (an index_put of the scalar 1 copies it from the host)
         self.slot += 1
-        return logits
-
-    def _step(self) -> None:
-        live = ~self.done
-        logits = self._forward()
         tok, logp = sample_tokens(logits, self.cfg, None if self.cfg.greedy else self.u)
         col = self.ngen.clamp(max=self.N - 1)
         self.hist_tok[self.rows, col] = torch.where(live, tok, self.hist_tok[self.rows, col])
@@ -311,23 +327,23 @@ class StaticDecoder:
             torch.rand(self.B, generator=generator, out=self.u)                 # outside the graph
         self.steps += 1
         if not self.use_graph:
-            return self._step()
+            return self._run()
         if self.graph is None and self.steps <= 2:                              # warm up on a side stream
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), _no_cast_cache():
-                self._step()
+                self._run()
             torch.cuda.current_stream().wait_stream(stream)
             return
         if self.graph is None:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph), _no_cast_cache():                 # recorded, not run
-                    self._step()
+                    self._run()
             except RuntimeError as e:   # e.g. a host sync inside the model (fp32 grouped_mm reads offs on the host)
                 warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0]}); decoding without graphs")
                 self.use_graph = False
-                return self._step()
+                return self._run()
             self.graph = graph
         self.graph.replay()
 
@@ -338,8 +354,8 @@ class StaticDecoder:
                                                  self.mask.device)
         P = pmask.shape[1]
         r = torch.tensor(rows, device=self.mask.device)
-        for (t, dim), (src, sdim) in zip(_cache_slots(self.cache), _cache_slots(tmp)):
-            _slot_major(t, dim)[:, r, :P] = _slot_major(src, sdim)[:, inv]
+        for t, src, dim in zip(self.cache.tensors, tmp.tensors, self.cache.slot_dims):
+            _slot_major(t, dim)[:, r, :P] = _slot_major(src, dim)[:, inv]
         self.mask[r] = 0
         self.mask[r, :P] = pmask[inv]
         self.mask[r, self.S - 1] = 1
@@ -369,20 +385,23 @@ _KEEP_DECODERS = 2          # per model (rollouts + evaluation); each holds its 
 
 def _decoder(model, B: int, S: int, N: int, cache_dtype, cfg: SamplingConfig, stop_ids: list[int],
              mode: str) -> StaticDecoder:
-    """The model's decoder for this shape and sampling setting, built (and its graph captured) on first use."""
+    """The model's decoder for this shape and sampling setting, built (and its graph captured, its step
+    compiled) on first use. A kept decoder of up to 1.5x the S slots asked for serves too: prompts of an RL
+    run vary by a few tokens, and a new S would otherwise mean a new cache, capture and compilation."""
     w = model.lm_head.weight
-    key = (B, S, N, cache_dtype, w.data_ptr(), w.dtype, mode, cfg.greedy, cfg.temperature, cfg.top_k, cfg.top_p,
+    key = (B, N, cache_dtype, w.data_ptr(), w.dtype, mode, cfg.greedy, cfg.temperature, cfg.top_k, cfg.top_p,
            tuple(sorted(set(stop_ids))), torch.is_autocast_enabled(w.device.type),
            torch.get_autocast_dtype(w.device.type))
     kept = _DECODERS.setdefault(model, {})
-    if key in kept:
-        kept[key] = kept.pop(key)                                               # most recently used last
-    else:
-        while len(kept) >= _KEEP_DECODERS:
-            kept.pop(next(iter(kept)))
-        kept[key] = StaticDecoder(model, B, S, N, cache_dtype, cfg, stop_ids, graph=mode in ("graph", "compiled"),
-                                  compiled=mode == "compiled")
-    return kept[key]
+    fits = sorted(k for k in kept if k[1:] == key and S <= k[0] <= 1.5 * S)
+    if fits:
+        kept[fits[0]] = kept.pop(fits[0])                                       # most recently used last
+        return kept[fits[0]]
+    while len(kept) >= _KEEP_DECODERS:
+        kept.pop(next(iter(kept)))
+    kept[(S, *key)] = StaticDecoder(model, B, S, N, cache_dtype, cfg, stop_ids, graph=mode == "graph" or (
+        mode == "compiled" and w.is_cuda), compiled=mode == "compiled")
+    return kept[(S, *key)]
 
 
 def _bf16_on_cuda(model) -> bool:
@@ -497,8 +516,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], cfg: SamplingConf
         stops = Stops(tuple(stops))
     N = cfg.max_new_tokens
     mode = cfg.decode if cfg.decode != "auto" else ("graph" if _bf16_on_cuda(model) else "dynamic")
-    if mode in ("graph", "compiled") and device.type != "cuda":
-        raise UserError(f"decode=\"{mode}\" needs a CUDA device; use decode=\"static\" or \"auto\"")
+    if mode == "graph" and device.type != "cuda":
+        raise UserError("decode=\"graph\" needs a CUDA device; use decode=\"static\", \"compiled\" or \"auto\"")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt must have at least one token")
     P = max(len(p) for p in prompts)
