@@ -9,7 +9,7 @@ from nanoseek.config import DenseConfig, ModelConfig
 from nanoseek.model.deepseek import DeepseekV3ForCausalLM, ModelOutput
 from nanoseek.model.block import DecoderLayer
 from nanoseek.model.dense import DenseDecoderLayer, DenseForCausalLM
-from nanoseek.model.mla import MLACache
+from nanoseek.model.cache import MLACache
 from nanoseek.model.moe import expert_loads, max_violation, moe_layers, update_router_biases
 
 

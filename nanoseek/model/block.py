@@ -11,7 +11,8 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.compile import block_to_run
-from nanoseek.model.mla import MLA, MLACache
+from nanoseek.model.cache import MLACache
+from nanoseek.model.mla import MLA
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.recompute import checkpointed, wants_checkpoint

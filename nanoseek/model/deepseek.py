@@ -14,7 +14,8 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import DecoderLayer, ModelOutput, cross_entropy
-from nanoseek.model.mla import MLACache, attention_mask_for
+from nanoseek.model.cache import MLACache
+from nanoseek.model.mla import attention_mask_for
 from nanoseek.model.moe import GroupedExperts, Router
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import RMSNorm
