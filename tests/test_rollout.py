@@ -287,18 +287,21 @@ def test_decoder_is_reused_across_calls_and_reset():
     assert rollout._DECODERS[model] and next(iter(rollout._DECODERS[model].values())) is not dec
     assert torch.equal(again.tokens, fresh.tokens) and torch.equal(again.logprobs, fresh.logprobs)
     assert not torch.equal(first.tokens, fresh.tokens)
-    # a decoder with up to 1.5x the slots a call needs serves it: 100 + 60 tokens fill 192 slots, 8 + 60 ask
-    # for 128; one decoder for both, and its tokens are those of a fresh exact-size one
+    # a decoder with up to 1.5x the slots and 2x the rows a call needs serves it: 100 + 60 tokens fill 192
+    # slots of 8 rows; 8 + 60 tokens ask for 128, 3 prompts for 4 rows; one decoder for all, and its tokens are
+    # those of fresh exact-size ones
     rollout._DECODERS.pop(model)
     cfg = SamplingConfig(max_new_tokens=60, greedy=True, stop=[], decode="static")
     generate(model, [[3] * 100] + PROMPTS[1:], cfg, [90])
     (big,) = rollout._DECODERS[model].values()
     short = generate(model, PROMPTS, cfg, [90])
-    assert list(rollout._DECODERS[model].values()) == [big] and big.S == 192
-    rollout._DECODERS.pop(model)
-    exact = generate(model, PROMPTS, cfg, [90])
-    assert next(iter(rollout._DECODERS[model].values())).S == 128
-    assert torch.equal(short.tokens, exact.tokens)
+    fewer = generate(model, PROMPTS[:3], cfg, [90])
+    assert list(rollout._DECODERS[model].values()) == [big] and (big.B, big.S) == (8, 192)
+    for prompts, got, shape in ((PROMPTS, short, (8, 128)), (PROMPTS[:3], fewer, (4, 128))):
+        rollout._DECODERS.pop(model)
+        exact = generate(model, prompts, cfg, [90])
+        dec = next(iter(rollout._DECODERS[model].values()))
+        assert (dec.B, dec.S) == shape and torch.equal(got.tokens, exact.tokens)
 
 
 def test_max_batch_must_not_be_negative():

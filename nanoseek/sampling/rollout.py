@@ -386,22 +386,23 @@ _KEEP_DECODERS = 2          # per model (rollouts + evaluation); each holds its 
 def _decoder(model, B: int, S: int, N: int, cache_dtype, cfg: SamplingConfig, stop_ids: list[int],
              mode: str) -> StaticDecoder:
     """The model's decoder for this shape and sampling setting, built (and its graph captured, its step
-    compiled) on first use. A kept decoder of up to 1.5x the S slots asked for serves too: prompts of an RL
-    run vary by a few tokens, and a new S would otherwise mean a new cache, capture and compilation."""
+    compiled) on first use. A kept decoder with up to 1.5x the S slots and 2x the B rows asked for serves too
+    (its extra rows stay idle): prompts of an RL run vary by a few tokens and refill rounds by their number of
+    groups, and a new shape would otherwise mean a new cache, capture and compilation."""
     w = model.lm_head.weight
-    key = (B, N, cache_dtype, w.data_ptr(), w.dtype, mode, cfg.greedy, cfg.temperature, cfg.top_k, cfg.top_p,
+    key = (N, cache_dtype, w.data_ptr(), w.dtype, mode, cfg.greedy, cfg.temperature, cfg.top_k, cfg.top_p,
            tuple(sorted(set(stop_ids))), torch.is_autocast_enabled(w.device.type),
            torch.get_autocast_dtype(w.device.type))
     kept = _DECODERS.setdefault(model, {})
-    fits = sorted(k for k in kept if k[1:] == key and S <= k[0] <= 1.5 * S)
+    fits = sorted(k for k in kept if k[2:] == key and B <= k[0] <= 2 * B and S <= k[1] <= 1.5 * S)
     if fits:
         kept[fits[0]] = kept.pop(fits[0])                                       # most recently used last
         return kept[fits[0]]
     while len(kept) >= _KEEP_DECODERS:
         kept.pop(next(iter(kept)))
-    kept[(S, *key)] = StaticDecoder(model, B, S, N, cache_dtype, cfg, stop_ids, graph=mode == "graph" or (
+    kept[(B, S, *key)] = StaticDecoder(model, B, S, N, cache_dtype, cfg, stop_ids, graph=mode == "graph" or (
         mode == "compiled" and w.is_cuda), compiled=mode == "compiled")
-    return kept[(S, *key)]
+    return kept[(B, S, *key)]
 
 
 def _bf16_on_cuda(model) -> bool:
@@ -433,7 +434,7 @@ def _generate_static(model, prompts, cfg: SamplingConfig, stops: Stops, pad_id, 
     waiting = iter(range(R))
     check = 1 if on_token is not None else dec.check_every
     while True:
-        free = [b for b in range(dec.B) if owner[b] < 0]
+        free = [b for b in range(width) if owner[b] < 0]        # a reused wider decoder: its first `width` rows
         take = list(zip(free, waiting))
         if take:
             dec.admit([b for b, _ in take], [prompts[r] for _, r in take], pad_id, generator)
