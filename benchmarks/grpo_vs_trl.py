@@ -77,7 +77,8 @@ def spread(times: list[float]) -> dict:
             "within_pct": round(100 * max(med - min(times), max(times) - med) / med, 1), "steps_timed": len(times)}
 
 
-def run_nanoseek(path: Path, out: Path, a) -> list[float]:
+def run_nanoseek(path: Path, out: Path, a) -> tuple[list[float], dict]:
+    """Step times, and each step's rollout and update throughput from metrics.jsonl."""
     sets = [f"train.steps={a.steps}", f"train.prompts={a.prompts}", f"train.micro_batch={a.micro}",
             f"train.precision={a.precision}", f"train.init={path}", "train.compile=false", "checkpoint.every=0",
             f"tasks.names={json.dumps(FAMILY_NAMES)}", "tasks.template=chat", f"sampling.max_new_tokens={a.new_tokens}",
@@ -87,11 +88,11 @@ def run_nanoseek(path: Path, out: Path, a) -> list[float]:
     train_rl(cfg, out, progress=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "step_time" in r]
-    a.detail = {k: [round(r.get(k, 0.0)) for r in records] for k in ("gen_tokens_per_s", "train_tokens_per_s")}
-    return [r["step_time"] for r in records]
+    detail = {k: [round(r.get(k, 0.0)) for r in records] for k in ("gen_tokens_per_s", "train_tokens_per_s")}
+    return [r["step_time"] for r in records], detail
 
 
-def run_trl(path: Path, out: Path, a) -> list[float] | None:
+def run_trl(path: Path, out: Path, a) -> tuple[list[float], dict] | None:
     try:
         import datasets
         import pyarrow as pa
@@ -129,7 +130,7 @@ def run_trl(path: Path, out: Path, a) -> list[float] | None:
                       logging_steps=1, save_strategy="no", report_to="none", shuffle_dataset=False, seed=0)
     clock = Clock()
     GRPOTrainer(model=str(path), reward_funcs=accuracy, args=args, train_dataset=data, callbacks=[clock]).train()
-    return clock.times
+    return clock.times, {}
 
 
 def main() -> None:
@@ -159,14 +160,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_model(Path(tmp), QWEN_05B if a.model == "qwen0.5b" else TINY)
         for engine in a.engines:
-            times = (run_nanoseek if engine == "nanoseek" else run_trl)(path, Path(tmp) / engine, a)
-            if times is None:
+            run = (run_nanoseek if engine == "nanoseek" else run_trl)(path, Path(tmp) / engine, a)
+            if run is None:
                 emit({**base, "engine": engine, "skipped": "trl is not installed"})
                 continue
+            times, detail = run
             stats = spread(times[a.warmup:] or times)
             medians[engine] = stats["median_s"]
-            emit({**base, "engine": engine, **stats, "all_steps_s": [round(t, 3) for t in times],
-                  **(a.__dict__.pop("detail", None) or {})})
+            emit({**base, "engine": engine, **stats, "all_steps_s": [round(t, 3) for t in times], **detail})
     if len(medians) == 2:
         emit({**base, "speedup": round(medians["trl"] / medians["nanoseek"], 2)})
 
