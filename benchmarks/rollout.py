@@ -22,15 +22,18 @@ half the new tokens plus the prompt); that many bytes over the copy bandwidth me
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
 from nanoseek.config import DenseConfig, ModelConfig
 from nanoseek.hf import save_pretrained
-from nanoseek.model import build_model
+from nanoseek.model import attention, build_model, packed_linears
 from nanoseek.sampling import rollout
 from nanoseek.sampling.rollout import SamplingConfig, generate
 
@@ -155,6 +158,12 @@ def main() -> None:
                     "only: fp32 master weights under bf16 autocast, as the GRPO trainer decodes)")
     ap.add_argument("--decode", nargs="+", default=["auto"],
                     help="nanoseek decode modes: auto, dynamic, static, graph, compiled")
+    ap.add_argument("--attention", nargs="+", default=["kernel"], choices=["kernel", "sdpa"],
+                    help="a decode step's attention on CUDA: the split-K kernel (nanoseek.kernels.decode_attention) "
+                         "or SDPA / the bmm path it replaces (A/B in one run)")
+    ap.add_argument("--packed-linears", nargs="+", default=["on"], choices=["on", "off"],
+                    help="decode steps with q|k|v and gate|up packed into one GEMM each (nanoseek.model.packed_linears) or "
+                         "as separate GEMMs (A/B in one run)")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--compiled-batch", type=int, nargs="*", default=None,
                     help="batches where decode mode 'compiled' runs (default all; each bucket compiles once)")
@@ -204,17 +213,26 @@ def main() -> None:
                 return B * n_new / seconds
 
             best = 0.0
-            for decode in args.decode:
+            for decode, kind, packed in itertools.product(args.decode, args.attention, args.packed_linears):
                 if decode == "compiled" and args.compiled_batch is not None and B not in args.compiled_batch:
                     continue
+                attention.DECODE_KERNEL = kind == "kernel"
+                rollout._DECODERS.pop(model, None)                          # decoders built with another setting
+                tag = dict(decode=decode)
+                tag.update({"attention": kind} if len(args.attention) > 1 else {})
+                tag.update({"packed_linears": packed} if len(args.packed_linears) > 1 else {})
+                # "off": the packed groups run as separate GEMMs (the weights stay packed; only speed differs)
+                unpacked = mock.patch.object(packed_linears, "decoding", contextlib.nullcontext) if packed == "off" \
+                    else contextlib.nullcontext()
                 try:
-                    t_ns = time_nanoseek(model, prompts, args.new_tokens, decode, amp)
+                    with unpacked:
+                        t_ns = time_nanoseek(model, prompts, args.new_tokens, decode, amp)
                 except Exception as e:                                      # one mode failing must not hide the rest
-                    print(json.dumps({"engine": "nanoseek", "decode": decode, **row,
+                    print(json.dumps({"engine": "nanoseek", **tag, **row,
                                       "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}), flush=True)
                     continue
                 extra = profile_step(model) if args.profile and decode != "dynamic" and bw else {}
-                best = max(best, report("nanoseek", t_ns, args.new_tokens, decode=decode, **extra))
+                best = max(best, report("nanoseek", t_ns, args.new_tokens, **tag, **extra))
             if hf_model is not None and (args.hf_batch is None or B in args.hf_batch):
                 n_hf = args.hf_new_tokens or args.new_tokens
                 import transformers

@@ -37,7 +37,7 @@ LAYERS: list[list[str]] = [
 ]
 
 # Optional heavy dependencies stay lazy: importing these needs a package a CPU install may lack.
-LAZY_OK = {"nanoseek.kernels.fp8_triton"}   # imports triton
+LAZY_OK = {"nanoseek.kernels.fp8_triton", "nanoseek.kernels.decode_attention"}   # import triton
 
 
 def _modules() -> dict[str, Path]:

@@ -15,7 +15,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import DecoderLayer, ModelOutput, cross_entropy
 from nanoseek.model.cache import MLACache
-from nanoseek.model.mla import attention_mask_for
+from nanoseek.model.attention import attention_mask_for
 from nanoseek.model.moe import GroupedExperts, Router
 from nanoseek.model.mtp import MTPModule
 from nanoseek.model.norm import RMSNorm

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 
 from nanoseek.config import DenseConfig
 from nanoseek.errors import UserError
+from nanoseek.model import packed_linears
+from nanoseek.model.attention import attention_mask_for, one_query_attention
 from nanoseek.model.block import ModelOutput, cross_entropy
 from nanoseek.model.cache import DenseCache
 from nanoseek.model.compile import block_to_run
-from nanoseek.model.mla import attention_mask_for
 from nanoseek.model.moe import MLP
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.recompute import checkpointed, wants_checkpoint
@@ -55,6 +56,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class DenseAttention(nn.Module):
+    PACK = ("q_proj", "k_proj", "v_proj")   # one GEMM when decoding (nanoseek.model.packed_linears)
+    _packed = None
+
     def __init__(self, cfg: DenseConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -72,20 +76,24 @@ class DenseAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: DenseCache | None, layer: int):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)             # [B, T, nh, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)                # [B, T, nkv, hd]
+        q, k, v = packed_linears.run(self, x, self.PACK)
+        q = q.view(B, T, self.n_heads, self.head_dim)                           # [B, T, nh, hd]
+        k = k.view(B, T, self.n_kv, self.head_dim)                              # [B, T, nkv, hd]
         if self.q_norm is not None:     # over each head's hd features, before RoPE (as Qwen3Attention)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)                             # [B, nh | nkv, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:  # write the T new slots, attend over everything filled so far
             k, v = cache.update(layer, k, v)
-        if T == 1 and cache is not None and self.n_kv != self.n_heads:
-            # a decode step: each kv head's query group as the queries of one head, so SDPA reads the
-            # cache once per kv head (enable_gqa with a mask can fall back to repeating k/v per query head)
-            y = F.scaled_dot_product_attention(q.view(B, self.n_kv, -1, self.head_dim), k, v, attn_mask=mask)
+        if T == 1 and cache is not None:
+            # a decode step: each kv head's query group as the queries of one head, so the cache is read once
+            # per kv head (SDPA's enable_gqa with a mask can fall back to repeating k/v per query head)
+            qg = q.view(B, self.n_kv, -1, self.head_dim)                        # [B, nkv, group, hd]
+            y = one_query_attention(qg, k, v, mask, self.head_dim ** -0.5)
+            if y is None:
+                y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
             return self.o_proj(y.reshape(B, 1, -1))                             # heads in (kv, group) order
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv != self.n_heads)

@@ -16,25 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model import packed_linears
 from nanoseek.model.cache import MLACache
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope, softmax_scale
-
-
-def attention_mask_for(attention_mask: torch.Tensor | None, T: int, past: int,
-                       device: torch.device) -> torch.Tensor | None:
-    """Boolean SDPA mask [B|1, 1, T, past+T]: query t (slot past+t) sees slot s <= past+t that is a real token.
-
-    None when plain causal attention over T keys suffices (SDPA's is_causal). A query always sees itself, so
-    rows of left padding stay finite (their outputs are never used)."""
-    if attention_mask is None and past == 0:
-        return None
-    q_slot = torch.arange(T, device=device)[:, None] + past                    # [T, 1]
-    k_slot = torch.arange(past + T, device=device)[None, :]                    # [1, S]
-    allowed = (k_slot <= q_slot)[None, None]                                    # [1, 1, T, S]
-    if attention_mask is not None:
-        allowed = (allowed & attention_mask[:, None, None, :].bool()) | (k_slot == q_slot)
-    return allowed
 
 
 _CUDNN_TAKES: dict[tuple, bool] = {}
@@ -54,6 +39,8 @@ def _cudnn_takes(device_index: int, dtype: torch.dtype, qk_dim: int, v_dim: int)
 
 
 class MLA(nn.Module):
+    _packed = None
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -62,6 +49,8 @@ class MLA(nn.Module):
         self.kv_rank = cfg.kv_lora_rank
         self.scale = softmax_scale(cfg)
         self.q_lora = cfg.q_lora_rank is not None
+        # both read the block's input: one GEMM when decoding (nanoseek.model.packed_linears)
+        self.PACK = ("q_a_proj", "kv_a_proj_with_mqa") if self.q_lora else ()
         H, nh, qk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(H, nh * qk, bias=False)
@@ -79,9 +68,13 @@ class MLA(nn.Module):
         """x [B, T, H]; cos/sin [B, T, rope/2]; mask from `attention_mask_for` -> [B, T, H]."""
         B, T, _ = x.shape
         nh = self.n_heads
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        if self.q_lora:
+            q_a, kv_a = packed_linears.run(self, x, self.PACK)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
+        else:
+            q, kv_a = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         q_nope, q_pe = q.view(B, T, nh, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)  # [B, nh, T, *]
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)         # [B, T, r], [B, T, rope]
+        c_kv, k_pe = kv_a.split([self.kv_rank, self.rope], dim=-1)                                 # [B, T, r], [B, T, rope]
         c_kv = self.kv_a_layernorm(c_kv)
         cos, sin = cos[:, None], sin[:, None]                                                    # [B, 1, T, rope/2]
         q_pe = apply_rope(q_pe, cos, sin)                                                        # [B, nh, T, rope]

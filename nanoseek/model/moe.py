@@ -20,11 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model import packed_linears
 from nanoseek.model.recompute import recomputing
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: dense layers (first_k_dense_replace) and the shared experts."""
+
+    PACK = ("gate_proj", "up_proj")         # one GEMM when decoding (nanoseek.model.packed_linears)
+    _packed = None
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
@@ -33,7 +37,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = packed_linears.run(self, x, self.PACK)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class _RouterLogits(torch.autograd.Function):

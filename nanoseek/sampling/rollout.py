@@ -29,7 +29,9 @@ Decoding modes (`SamplingConfig.decode`):
   and replayed, also across `generate` calls; "compiled": the static step through torch.compile first
   (fewer, fused kernels), then (on CUDA) the graph. "auto" = "graph" on CUDA in bf16, "dynamic" elsewhere.
 Every mode gives the greedy tokens of an uncached full forward (tests/test_rollout.py, CPU). Identical
-prompts (a GRPO group's G samples) are prefilled once and their cache rows copied, in every mode.
+prompts (a GRPO group's G samples) are prefilled once and their cache rows copied, in every mode. The static
+modes pack the model's projections that share an input into one GEMM each (nanoseek.model.packed_linears; CUDA
+weights only), and a dense model's decode attention runs a split-K kernel on CUDA (nanoseek.model.attention).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nanoseek.errors import UserError
+from nanoseek.model import packed_linears
 from nanoseek.model.cache import copy_slot
 from nanoseek.tokenizer import r1_zero_prompt
 
@@ -530,8 +533,11 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], cfg: SamplingConf
     # half the bytes and no per-step cast of the whole cache when the weights are fp32 masters)
     amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     if mode != "dynamic":
-        return _generate_static(model, prompts, cfg, stops, pad_id, generator, on_token, mode,
-                                amp or model.lm_head.weight.dtype, device)
+        if packed_linears.pack(model):          # q|k|v and gate|up as one GEMM each (CUDA); weights that moved
+            _DECODERS.pop(model, None)          # leave graphs reading their old storage behind
+        with packed_linears.decoding():
+            return _generate_static(model, prompts, cfg, stops, pad_id, generator, on_token, mode,
+                                    amp or model.lm_head.weight.dtype, device)
     return _generate_dynamic(model, prompts, cfg, stops, pad_id, generator, on_token, amp, device)
 
 
