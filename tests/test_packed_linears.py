@@ -66,7 +66,8 @@ def test_packed_linears_keep_parameters_and_outputs_and_runs_one_gemm_per_group(
 def test_optimizer_steps_reach_the_packed_weights_and_a_lost_view_is_repacked_in_place():
     torch.manual_seed(0)
     model = build_model(DENSE)
-    packed_linears.pack(model, devices=("cpu",))
+    with torch.inference_mode():                                              # a caller decoding in inference mode
+        packed_linears.pack(model, devices=("cpu",))
     attn = model.model.layers[0].self_attn
     buffer = attn._packed[0]
     ids = torch.randint(0, 128, (2, 8))

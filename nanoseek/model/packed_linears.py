@@ -74,12 +74,18 @@ def _point(params: list[torch.Tensor], whole: torch.Tensor, copy: bool) -> None:
             p.data = view
 
 
-@torch.no_grad()
 def pack(model: nn.Module, devices: tuple[str, ...] = ("cuda",)) -> bool:
     """Pack every `PACK` group of `model` (module docstring); True when a weight moved to new storage.
 
     Only weights on `devices`: a CPU checkpoint writer would see the packed parameters as tensors sharing one
-    storage (safetensors refuses those), and the CPU engine gains little; tests pack CPU models explicitly."""
+    storage (safetensors refuses those), and the CPU engine gains little; tests pack CPU models explicitly.
+    Packed tensors are ordinary ones even when the caller decodes under `torch.inference_mode()` (parameters made
+    of inference tensors could not be trained afterwards)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return _pack(model, devices)
+
+
+def _pack(model: nn.Module, devices: tuple[str, ...]) -> bool:
     moved = False
     for m in model.modules():
         names = getattr(m, "PACK", ())
