@@ -102,7 +102,7 @@ def time_nanoseek(model, prompts, new_tokens: int, decode: str, amp: bool) -> fl
     return time.perf_counter() - t0
 
 
-def profile_step(model, runs: int = 3, top: int = 8) -> dict:
+def profile_step(model, runs: int = 3, top: int = 14) -> dict:
     """Kernels one decode step launches and their summed GPU time (torch.profiler over `runs` eager runs of the
     step the graph replays, compiled where the mode compiles it), and the `top` kernels by time: when the sum is
     close to the measured step, the step is bound by its kernels, and the table says which."""

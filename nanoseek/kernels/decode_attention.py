@@ -94,7 +94,7 @@ def _merge_kernel(o_ptr, ml_ptr, out_ptr, so_b, so_h, so_g, H, G,
 
 
 _SMS: dict[int, int] = {}
-BLOCK_N, WARPS = 64, 4      # measured best on an H200 for head dims 64-128 (benchmarks/RESULTS.md, 2026-12-04)
+BLOCK_N, WARPS, STAGES = 64, 4, 3   # measured best on an H200 for head dim 64 (benchmarks/RESULTS.md, 2026-12-04)
 
 
 def _plan(B: int, H: int, S: int, device: torch.device) -> tuple[int, int]:
@@ -121,7 +121,7 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, 
         q, k, v, keep, o_part, ml, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), keep.stride(0), out.stride(0), out.stride(1),
         out.stride(2), H, G, S, chunk, scale, D=D, DV=Dv, BLOCK_G=block_g, BLOCK_N=BLOCK_N, SPLITS=splits,
-        num_warps=WARPS)
+        num_warps=WARPS, num_stages=STAGES)
     if splits > 1:
         _merge_kernel[(B * H,)](o_part, ml, out, out.stride(0), out.stride(1), out.stride(2), H, G, DV=Dv,
                                 BLOCK_G=block_g, SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits),
