@@ -3,6 +3,8 @@ the parameters re-pointed at views of the packed tensor (CPU models packed expli
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from nanoseek.config import DenseConfig, ModelConfig
@@ -79,6 +81,17 @@ def test_optimizer_steps_reach_the_packed_weights_and_a_lost_view_is_repacked_in
     assert attn._packed[0] is buffer                                          # the same storage, new values
     assert torch.equal(buffer, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
     assert attn.k_proj.weight.data_ptr() == buffer[attn.q_proj.weight.shape[0]:].data_ptr()
+
+
+def test_a_copy_of_a_packed_model_carries_no_packed_tensors():
+    model = build_model(DENSE)
+    packed_linears.pack(model, devices=("cpu",))
+    twin = copy.deepcopy(model)
+    assert all(m._packed is None for m in _groups(twin)) and all(m._packed is not None for m in _groups(model))
+    ids = torch.randint(0, 128, (2, 8))
+    assert torch.equal(twin(ids).logits, model(ids).logits)
+    twin.model.layers[0].self_attn.q_proj.weight.data.zero_()                 # its own storage
+    assert model.model.layers[0].self_attn.q_proj.weight.abs().sum() > 0
 
 
 def test_groups_that_cannot_be_packed_stay_separate():

@@ -55,9 +55,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class DenseAttention(nn.Module):
+class DenseAttention(packed_linears.Packable):
     PACK = ("q_proj", "k_proj", "v_proj")   # one GEMM when decoding (nanoseek.model.packed_linears)
-    _packed = None
 
     def __init__(self, cfg: DenseConfig):
         super().__init__()

@@ -38,9 +38,7 @@ def _cudnn_takes(device_index: int, dtype: torch.dtype, qk_dim: int, v_dim: int)
     return _CUDNN_TAKES[key]
 
 
-class MLA(nn.Module):
-    _packed = None
-
+class MLA(packed_linears.Packable):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx

@@ -24,11 +24,10 @@ from nanoseek.model import packed_linears
 from nanoseek.model.recompute import recomputing
 
 
-class MLP(nn.Module):
+class MLP(packed_linears.Packable):
     """SwiGLU feed-forward: dense layers (first_k_dense_replace) and the shared experts."""
 
     PACK = ("gate_proj", "up_proj")         # one GEMM when decoding (nanoseek.model.packed_linears)
-    _packed = None
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()

@@ -37,6 +37,20 @@ def decoding():
         _ACTIVE = before
 
 
+class Packable(nn.Module):
+    """A module whose `PACK` names one group of linears that read the same input. Its packed tensors are not part
+    of its state: a deep copy or a pickle of the model leaves them out (a copy's parameters are its own, and a
+    packed tensor carried along would be dead memory, e.g. an RL reference model copied from a decoded policy)."""
+
+    PACK: tuple[str, ...] = ()
+    _packed = None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_packed", None)
+        return state
+
+
 def run(module: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
     """[module.<name>(x) for name in names]: one GEMM over the packed weights inside `decoding()` when `pack`
     packed this group, one linear each otherwise."""
