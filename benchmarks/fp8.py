@@ -34,6 +34,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.info import account
 from nanoseek.model import build_model, expert_loads, update_router_biases
 from nanoseek.train import fp8
+from nanoseek.train.trainer import TrainConfig
 
 # (name, M, K, N): y[M, N] = x[M, K] · W[N, K]ᵀ. `small`: 8 x 2048 tokens; V3: a 4096-token micro-batch.
 SMALL = [("q_a_proj", 16384, 1024, 384), ("q_b_proj", 16384, 384, 1536), ("kv_a_proj", 16384, 1024, 288),
@@ -134,12 +135,15 @@ def make_step(model, opt, device):
     return step
 
 
+MIN_FEATURES = TrainConfig().fp8_min_features     # --fp8-min-features: which layers the FP8 model converts
+
+
 def build(cfg: ModelConfig, precision: str, device: torch.device, lr: float = 3e-4, compile: bool = False):
     torch.manual_seed(0)
     with torch.device(device):
         model = build_model(cfg)
     if precision == "fp8":
-        fp8.convert_to_fp8(model)
+        fp8.convert_to_fp8(model, min_features=MIN_FEATURES)
     if compile:                                   # nanoseek's regional compile, as the trainer may use it
         from nanoseek.model.compile import compile_blocks
         compile_blocks(model)
@@ -296,6 +300,7 @@ def loss_bench(device: torch.device, quick: bool, steps: int, out: Path) -> None
 
 
 def main() -> None:
+    global MIN_FEATURES
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mode", choices=["all", "gemm", "train", "loss"], default="all")
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU-friendly), for checking the script")
@@ -310,11 +315,15 @@ def main() -> None:
                    help="train --compile: FP8 quantisers traced into Inductor's fused kernels, or opaque Triton ops")
     p.add_argument("--dense", choices=["cublas", "triton", "both"], default="cublas",
                    help="train mode: FP8 dense GEMM path (fp8.DENSE_GEMM); both = one FP8 run each")
+    p.add_argument("--fp8-min-features", type=int, default=MIN_FEATURES,
+                   help="train/loss modes: only layers at least this wide in and out run FP8, as train.fp8_min_features "
+                        "(default, the trainer's); 0 = every eligible layer, as before that setting existed")
     p.add_argument("--steps", type=int, default=None, help="loss-curve steps (default 1000, quick 20)")
     p.add_argument("--plot", type=Path, default=None, help="loss-curve PNG (default benchmarks/fp8_loss.png)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
+    MIN_FEATURES = args.fp8_min_features
     if args.mode in ("all", "gemm"):
         gemm_bench(device, quick)
     if args.mode in ("all", "train"):

@@ -15,7 +15,9 @@ from nanoseek.config import ModelConfig
 from nanoseek.model import build_model
 from nanoseek.model.moe import GroupedExperts, Router
 from nanoseek.model.norm import RMSNorm
+from nanoseek.errors import UserError
 from nanoseek.train import fp8
+from nanoseek.train.trainer import TrainConfig
 
 E4M3 = torch.float8_e4m3fn
 
@@ -202,6 +204,31 @@ def test_grouped_experts_equal_per_expert_fp8_linear():
         start = end
 
 
+@pytest.mark.parametrize("threshold", [0, 80, 128, 4096])
+def test_only_layers_wide_enough_for_fp8_to_pay_are_converted(threshold, capsys):
+    """train.fp8_min_features: a layer runs FP8 when its GEMM is at least that wide in and out (per expert for the
+    MoE experts), else stays bf16, and the message counts both; the trainer's default leaves `tiny` all bf16."""
+    model = build_model(ModelConfig.preset("tiny"))              # hidden 128: Linears 128 x 64 ... 128 x 384
+    eligible = {n: m for n, m in model.named_modules()
+                if (type(m) is nn.Linear and n.rsplit(".", 1)[-1] not in fp8.HIGH_PRECISION_NAMES)
+                or type(m) is GroupedExperts}
+    wide = {n for n, m in eligible.items() if fp8.gemm_features(m) >= threshold}
+    n_lin = sum(type(eligible[n]) is nn.Linear for n in wide)
+    fp8.convert_to_fp8(model, min_features=threshold)
+    converted = {n for n, m in model.named_modules() if type(m) in (fp8.Fp8Linear, fp8.Fp8GroupedExperts)}
+    assert converted == wide
+    assert all(type(m) in (nn.Linear, GroupedExperts) for n, m in eligible.items() if n not in wide)
+    msg = capsys.readouterr().err
+    assert f"{n_lin} Linear layers and {len(wide) - n_lin} expert groups now run FP8" in msg
+    assert (f"narrower than {threshold} features stay bf16" in msg) == (len(wide) < len(eligible))
+    if threshold in (80, 128):
+        assert 0 < len(wide) < len(eligible)                          # some layers each way (widths 64-128)
+    if threshold == TrainConfig().fp8_min_features:
+        assert not wide                                               # `tiny` is far too narrow for FP8 to pay
+    with pytest.raises(UserError, match="fp8_min_features"):
+        TrainConfig(fp8_min_features=-1)
+
+
 def test_convert_to_fp8_keeps_high_precision_parts(capsys):
     torch.manual_seed(0)
     model = build_model(ModelConfig.preset("tiny"))
@@ -209,7 +236,7 @@ def test_convert_to_fp8_keeps_high_precision_parts(capsys):
     ref.load_state_dict(model.state_dict())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fp8._BACKENDS.clear()
-    fp8.convert_to_fp8(model)
+    fp8.convert_to_fp8(model, min_features=0)
     assert "emulation" in capsys.readouterr().err                  # CPU: the one-line fallback notice
     assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
     kinds = {type(m) for m in model.modules()}
@@ -353,8 +380,8 @@ def test_hopper_model_step_matches_emulation(monkeypatch):
     cpu = build_model(ModelConfig.preset("tiny"))
     gpu = build_model(ModelConfig.preset("tiny")).cuda()
     gpu.load_state_dict(cpu.state_dict())
-    fp8.convert_to_fp8(cpu)
-    fp8.convert_to_fp8(gpu)
+    fp8.convert_to_fp8(cpu, min_features=0)
+    fp8.convert_to_fp8(gpu, min_features=0)
     ops, real = [], fp8._Fp8GroupedMM
 
     class Recorder:                                   # every call: its operands, and its output for dy

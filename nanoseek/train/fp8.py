@@ -479,22 +479,42 @@ class Fp8GroupedExperts(GroupedExperts):
         return fp8_grouped_mm(F.silu(gate) * up, self.down_proj, offs)
 
 
-def convert_to_fp8(model: nn.Module) -> nn.Module:
+def gemm_features(m: nn.Module) -> int:
+    """The narrower of a layer's GEMM input and output widths (per expert for GroupedExperts): what decides
+    whether FP8 can pay for its quantisation there."""
+    if isinstance(m, GroupedExperts):
+        return min(m.down_proj.shape[1:])                       # [E, H, I]: hidden and expert width
+    return min(m.in_features, m.out_features)
+
+
+def convert_to_fp8(model: nn.Module, *, min_features: int) -> nn.Module:
     """Switch every nn.Linear (except the output head / router-like heads) and every GroupedExperts of `model`
-    to FP8 GEMMs, in place (class swap: parameters, names and state dict are untouched). Embedding, norms,
-    MoE gate and attention are not Linear layers here and stay as they are. Returns the model."""
-    n_linear = n_experts = 0
+    whose GEMMs are at least `min_features` wide in and out (`gemm_features`; 0 = all of them) to FP8 GEMMs, in
+    place (class swap: parameters, names and state dict are untouched). Narrower layers stay bf16: there the
+    quantisation costs more than FP8 saves (benchmarks/RESULTS.md, per-GEMM table: a whole FP8 Linear loses
+    below ~2-4K features and gains 1.35-1.39x at V3's 7168 x 18432). Embedding, norms, MoE gate and attention
+    are not Linear layers here and stay as they are. Prints what was converted. Returns the model."""
+    done = {"Linear layers": 0, "expert groups": 0}
+    kept = dict(done)
     for name, m in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if type(m) is nn.Linear and leaf not in HIGH_PRECISION_NAMES:
-            m.__class__ = Fp8Linear
-            n_linear += 1
+            kind, fp8_class = "Linear layers", Fp8Linear
         elif type(m) is GroupedExperts:
-            m.__class__ = Fp8GroupedExperts
-            n_experts += 1
+            kind, fp8_class = "expert groups", Fp8GroupedExperts
+        else:
+            continue
+        if gemm_features(m) >= min_features:
+            m.__class__ = fp8_class
+            done[kind] += 1
+        else:
+            kept[kind] += 1
     param = next(model.parameters(), None)
     if param is not None:
-        backend = fp8_backend(param.device)
-        print(f"nanoseek fp8: {n_linear} Linear layers and {n_experts} expert groups now run FP8 GEMMs "
-              f"({backend} backend)", file=sys.stderr)
+        msg = (f"nanoseek fp8: {done['Linear layers']} Linear layers and {done['expert groups']} expert groups now "
+               f"run FP8 GEMMs ({fp8_backend(param.device)} backend)")
+        if any(kept.values()):
+            msg += (f"; {kept['Linear layers']} Linear layers and {kept['expert groups']} expert groups narrower "
+                    f"than {min_features} features stay bf16, where FP8 would be slower (train.fp8_min_features)")
+        print(msg, file=sys.stderr)
     return model

@@ -53,6 +53,8 @@ class TrainConfig:
     grad_accum: int = 1               # micro-batches per optimizer step
     seq_len: int = 256                # tokens per training row
     precision: str = "fp32"           # "fp32" | "bf16" (autocast) | "fp8" (nanoseek.train.fp8, V3 §3.3)
+    fp8_min_features: int = 4096      # fp8: only layers whose GEMMs are this wide in and out run FP8, the rest bf16
+                                      # (narrower, FP8 + quantisation is slower than bf16: benchmarks/RESULTS.md); 0 = all
     compile: bool | str = "auto"      # regional torch.compile of the decoder blocks: "auto" = on CUDA only, true, false
     loss_chunk: int = 0               # rows per chunk of the cross-entropy (model/chunked_ce.py: no fp32 [N, V]); 0 = off
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (model/recompute.py):
@@ -69,6 +71,9 @@ class TrainConfig:
         compile_enabled(self.compile, torch.device("cpu"))    # a bad value fails as the recipe is read
         if self.loss_chunk < 0:
             raise UserError(f"train.loss_chunk={self.loss_chunk}: use 0 (off) or rows per chunk, e.g. 1024")
+        if self.fp8_min_features < 0:
+            raise UserError(f"train.fp8_min_features={self.fp8_min_features}: use 0 (every layer runs FP8) or a "
+                            "width, e.g. 4096")
 
 
 @dataclass
@@ -128,7 +133,7 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device
     """
     model = model.to(device=device, dtype=torch.float32)
     if cfg.precision == "fp8":
-        model = convert_to_fp8(model) or model
+        model = convert_to_fp8(model, min_features=cfg.fp8_min_features) or model
     compile_for_training(model, cfg.compile, device)
     set_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.loss_chunk:                             # replaces the (compiled or eager) whole-logits loss
