@@ -48,7 +48,7 @@ def _partial_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, o_ptr, ml_ptr, out_ptr,
         n = n0 + tl.arange(0, BLOCK_N)
         use = tl.load(keep_ptr + b.to(tl.int64) * skeep_b + n, mask=n < end, other=0) != 0        # [BN]
         k = tl.load(k_base + n[:, None] * sk_s + d[None, :], mask=use[:, None], other=0.0)       # [BN, D]
-        # (under torch.compile a float argument may arrive as fp64: keep the scores fp32)
+        # (scores stay fp32 whatever float type the scale argument arrives as)
         s = tl.where(use[None, :], (tl.dot(q, tl.trans(k)) * scale).to(tl.float32), float("-inf"))  # [BG, BN]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)        # a chunk with nothing kept yet: no NaN

@@ -5,6 +5,7 @@ and a GQA decode step's attention through the split-K kernel where it applies (n
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def attention_mask_for(attention_mask: torch.Tensor | None, T: int, past: int,
@@ -26,16 +27,15 @@ def attention_mask_for(attention_mask: torch.Tensor | None, T: int, past: int,
 DECODE_KERNEL = True    # the split-K Triton kernel for GQA decode steps on CUDA; False = SDPA (A/B)
 
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                        scale: float) -> torch.Tensor | None:
-    """A decode step's GQA attention by the split-K kernel: q [B, H, G, D] (G queries per KV head), k [B, H, S,
-    D], v [B, H, S, Dv], mask from `attention_mask_for` ([B|1, 1, 1, S] bool, or None: every slot) -> [B, H, G,
-    Dv] in k's dtype; None where the kernel does not apply (CPU, an fp32 cache, head dims that are not powers of
-    two, ...), and the caller runs SDPA."""
-    if not (DECODE_KERNEL and q.is_cuda):
-        return None
-    from nanoseek.kernels import decode_attention as kernel    # lazily: Triton is a GPU install's package
-    if not kernel.supports(q, k, v):
-        return None
-    keep = mask[:, 0, 0] if mask is not None else torch.ones(1, k.shape[2], dtype=torch.bool, device=q.device)
-    return kernel.decode_attention(q, k, v, keep, scale)
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A GQA decode step's attention with SDPA's default scale 1/sqrt(D): q [B, H, G, D] (the G query heads of each KV head as the queries of one
+    head, so the cache is read once per KV head), k [B, H, S, D], v [B, H, S, Dv], mask from `attention_mask_for`
+    ([B|1, 1, 1, S] bool, or None: every slot) -> [B, H, G, Dv]. The split-K kernel on CUDA where it applies;
+    SDPA elsewhere (CPU, an fp32 cache, head dims that are not powers of two, DECODE_KERNEL off)."""
+    if DECODE_KERNEL and q.is_cuda:
+        from nanoseek.kernels import decode_attention as kernel    # lazily: Triton is a GPU install's package
+        if kernel.supports(q, k, v):
+            keep = mask[:, 0, 0] if mask is not None else torch.ones(1, k.shape[2], dtype=torch.bool,
+                                                                      device=q.device)
+            return kernel.decode_attention(q, k, v, keep, q.shape[-1] ** -0.5)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from nanoseek.config import DenseConfig
 from nanoseek.errors import UserError
 from nanoseek.model import packed_linears
-from nanoseek.model.attention import attention_mask_for, one_query_attention
+from nanoseek.model.attention import attention_mask_for, decode_attention
 from nanoseek.model.block import ModelOutput, cross_entropy
 from nanoseek.model.cache import DenseCache
 from nanoseek.model.compile import block_to_run
@@ -75,7 +75,7 @@ class DenseAttention(packed_linears.Packable):
 
     def forward(self, x, cos, sin, mask, cache: DenseCache | None, layer: int):
         B, T, _ = x.shape
-        q, k, v = packed_linears.run(self, x, self.PACK)
+        q, k, v = packed_linears.run(self, x)
         q = q.view(B, T, self.n_heads, self.head_dim)                           # [B, T, nh, hd]
         k = k.view(B, T, self.n_kv, self.head_dim)                              # [B, T, nkv, hd]
         if self.q_norm is not None:     # over each head's hd features, before RoPE (as Qwen3Attention)
@@ -89,10 +89,7 @@ class DenseAttention(packed_linears.Packable):
         if T == 1 and cache is not None:
             # a decode step: each kv head's query group as the queries of one head, so the cache is read once
             # per kv head (SDPA's enable_gqa with a mask can fall back to repeating k/v per query head)
-            qg = q.view(B, self.n_kv, -1, self.head_dim)                        # [B, nkv, group, hd]
-            y = one_query_attention(qg, k, v, mask, self.head_dim ** -0.5)
-            if y is None:
-                y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+            y = decode_attention(q.view(B, self.n_kv, -1, self.head_dim), k, v, mask)
             return self.o_proj(y.reshape(B, 1, -1))                             # heads in (kv, group) order
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv != self.n_heads)

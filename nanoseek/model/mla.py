@@ -67,7 +67,7 @@ class MLA(packed_linears.Packable):
         B, T, _ = x.shape
         nh = self.n_heads
         if self.q_lora:
-            q_a, kv_a = packed_linears.run(self, x, self.PACK)
+            q_a, kv_a = packed_linears.run(self, x)
             q = self.q_b_proj(self.q_a_layernorm(q_a))
         else:
             q, kv_a = self.q_proj(x), self.kv_a_proj_with_mqa(x)

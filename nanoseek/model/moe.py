@@ -36,7 +36,7 @@ class MLP(packed_linears.Packable):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = packed_linears.run(self, x, self.PACK)
+        gate, up = packed_linears.run(self, x)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -51,14 +51,14 @@ class Packable(nn.Module):
         return state
 
 
-def run(module: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> list[torch.Tensor]:
-    """[module.<name>(x) for name in names]: one GEMM over the packed weights inside `decoding()` when `pack`
-    packed this group, one linear each otherwise."""
+def run(module: Packable, x: torch.Tensor) -> list[torch.Tensor]:
+    """[module.<name>(x) for name in module.PACK]: one GEMM over the packed weights inside `decoding()` when
+    `pack` packed this group, one linear each otherwise."""
     packed = module._packed
-    if _ACTIVE and packed is not None and packed[2] == names:
+    if _ACTIVE and packed is not None:
         weight, bias, _, sizes = packed
         return list(F.linear(x, weight, bias).split(sizes, dim=-1))
-    return [getattr(module, n)(x) for n in names]
+    return [getattr(module, n)(x) for n in module.PACK]
 
 
 def _packable(lins: list, devices: tuple[str, ...]) -> bool:
