@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from common import emit, header  # benchmarks/ is the script's directory, first on sys.path
+from nanoseek.cli import process_defaults
 from nanoseek.config import DenseConfig
 from nanoseek.hf import save_pretrained
 from nanoseek.model import build_model
@@ -89,6 +90,10 @@ def run_nanoseek(path: Path, out: Path, a) -> tuple[list[float], dict]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "step_time" in r]
     detail = {k: [round(r.get(k, 0.0)) for r in records] for k in ("gen_tokens_per_s", "train_tokens_per_s")}
+    if torch.cuda.is_available():
+        detail["peak_allocated_GB"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        detail["peak_reserved_GB"] = round(torch.cuda.max_memory_reserved() / 2**30, 1)
+        detail["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
     return [r["step_time"] for r in records], detail
 
 
@@ -142,7 +147,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--micro", type=int, default=16, help="rows per forward/backward (TRL: per-device batch)")
+    ap.add_argument("--micro", type=int, default=64, help="rows per forward/backward (TRL: per-device batch); "
+                    "64 is nanoseek's train.micro_batch default")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--engines", nargs="+", default=["nanoseek", "trl"])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -153,6 +159,7 @@ def main() -> None:
         a.precision = "fp32"                  # TRL trains fp32 on the CPU
     if a.prompts * a.group % a.micro:
         ap.error("--micro must divide --prompts x --group (TRL accumulates whole micro-batches)")
+    process_defaults()                      # as `nanoseek rl` runs (before CUDA allocates)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = header(device, model=a.model, prompts=a.prompts, group=a.group, new_tokens=a.new_tokens, micro=a.micro,
                   precision=a.precision, **({"nanoseek_set": a.set} if a.set else {}))

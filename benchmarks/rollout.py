@@ -102,17 +102,19 @@ def time_nanoseek(model, prompts, new_tokens: int, decode: str, amp: bool) -> fl
     return time.perf_counter() - t0
 
 
-def profile_step(model, runs: int = 3, top: int = 14) -> dict:
-    """Kernels one decode step launches and their summed GPU time (torch.profiler over `runs` eager runs of the
-    step the graph replays, compiled where the mode compiles it), and the `top` kernels by time: when the sum is
-    close to the measured step, the step is bound by its kernels, and the table says which."""
+def profile_step(model, runs: int = 3, top: int = 20) -> dict:
+    """Kernels one decode step launches and their summed GPU time (torch.profiler over `runs` steps as `generate`
+    runs them: graph replays, in the engine's packed-linear context), and the `top` kernels by time: when the
+    sum is close to the measured step, the step is bound by its kernels, and the table says which."""
     dec = next(reversed(rollout._DECODERS[model].values()))
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        with torch.no_grad():
-            for _ in range(runs):
-                dec._run()
+    with torch.no_grad(), packed_linears.decoding(low=bool(dec.twins)):
+        dec.step(None)                                                  # outside the profile: a first replay
         torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(runs):
+                dec.step(None)
+            torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name: dict[str, list] = {}
     for e in kernels:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from nanoseek.errors import UserError
@@ -63,8 +64,17 @@ def _module(name: str):
 
 
 
+def process_defaults() -> None:
+    """Process settings every command runs with (benchmarks that call the trainers directly call this too).
+    CUDA memory in segments that grow in place: RL batches change shape every step (prompt lengths, kept
+    groups), and with fixed-size segments the allocator fragments (a 0.5B GRPO run on an H200 reserved 102.6 GB
+    for 80 GB allocated; 85.4 GB with this). Read when CUDA first allocates; a user's own setting wins."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    process_defaults()
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         parser = build_parser(command if command in COMMANDS else None)

@@ -193,6 +193,8 @@ class GroupedExperts(nn.Module):
     """E SwiGLU experts stored fused as transformers >= 5 does: gate_up_proj [E, 2I, H] (gate rows first),
     down_proj [E, H, I]."""
 
+    TWINS = ("gate_up_proj", "down_proj")   # cast by the GEMMs under autocast (nanoseek.model.packed_linears.twins)
+
     def __init__(self, n_experts: int, hidden: int, intermediate: int):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate, hidden))

@@ -31,7 +31,9 @@ Decoding modes (`SamplingConfig.decode`):
 Every mode gives the greedy tokens of an uncached full forward (tests/test_rollout.py, CPU). Identical
 prompts (a GRPO group's G samples) are prefilled once and their cache rows copied, in every mode. The static
 modes pack the model's projections that share an input into one GEMM each (nanoseek.model.packed_linears; CUDA
-weights only), and a dense model's decode attention runs a split-K kernel on CUDA (nanoseek.model.attention).
+weights only), decode fp32 master weights under autocast from bf16 twins refreshed once per call (the same
+numbers, a quarter of the bytes per step), and a dense model's decode attention runs a split-K kernel on CUDA
+(nanoseek.model.attention).
 """
 
 from __future__ import annotations
@@ -299,6 +301,7 @@ class StaticDecoder:
         self.stop = torch.tensor(sorted(set(stop_ids)) or [-1], dtype=torch.long, device=device)
         self.rows = torch.arange(B, device=device)
         self.graph, self.use_graph, self.steps = None, graph, 0
+        self.twins: dict[str, Tensor] = {}      # the weights the step reads in place of the masters (set per call)
 
     def _finished(self, tok: Tensor) -> Tensor:
         """Rows [B] whose new token tok [B] ends them: a stop token, or the length limit reached."""
@@ -310,8 +313,13 @@ class StaticDecoder:
         live = ~self.done
         self.pos += 1
         self.cache.length = self.S - 1                                          # the model writes at slot S-1
-        logits = self._model()(self.tok[:, None], position_ids=self.pos, attention_mask=self.mask,
-                            cache=self.cache).logits[:, -1]                     # [B, V]
+        kw = dict(position_ids=self.pos, attention_mask=self.mask, cache=self.cache)
+        if self.twins:              # fp32 masters under autocast: read the bf16 twins (packed_linears.twins)
+            out = torch.func.functional_call(self._model(), self.twins, (self.tok[:, None],), kw, tie_weights=False,
+                                             strict=False)
+        else:
+            out = self._model()(self.tok[:, None], **kw)
+        logits = out.logits[:, -1]                                              # [B, V]
         slot = self.slot.clamp(max=self.S - 2)                                  # finished rows run on harmlessly
         for t, dim in zip(self.cache.tensors, self.cache.slot_dims):             # persist slot S-1 at `slot`
             copy_slot(t, dim, self.rows, slot, self.S - 1)
@@ -417,7 +425,7 @@ def _bf16_on_cuda(model) -> bool:
 
 
 def _generate_static(model, prompts, cfg: SamplingConfig, stops: Stops, pad_id, generator, on_token,
-                     mode: str, cache_dtype, device) -> Generation:
+                     mode: str, cache_dtype, device, twins: dict[str, Tensor]) -> Generation:
     """The static engine: up to `cfg.max_batch` rows decode at once; a finished row takes the next waiting
     prompt at the next check (every `check_every` steps, the only host reads). Multi-token stop strings are
     matched at the checks on the rows' new tokens (`_cut_at_strings`)."""
@@ -426,6 +434,7 @@ def _generate_static(model, prompts, cfg: SamplingConfig, stops: Stops, pad_id, 
     P = max(len(p) for p in prompts)
     S = -(-(P + N) // 64) * 64                                                  # slot bucket; S-1 is scratch
     dec = _decoder(model, _bucket(width), S, N, cache_dtype, cfg, list(stops.ids), mode)
+    dec.twins = twins
     out_tok = torch.full((R, N), pad_id, dtype=torch.long, device=device)
     out_logp = torch.zeros((R, N), dtype=torch.float32, device=device)
     lengths = torch.zeros(R, dtype=torch.long, device=device)
@@ -533,11 +542,13 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], cfg: SamplingConf
     # half the bytes and no per-step cast of the whole cache when the weights are fp32 masters)
     amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     if mode != "dynamic":
-        if packed_linears.pack(model):          # q|k|v and gate|up as one GEMM each (CUDA); weights that moved
-            _DECODERS.pop(model, None)          # leave graphs reading their old storage behind
-        with packed_linears.decoding():
+        moved = packed_linears.pack(model)      # q|k|v and gate|up as one GEMM each (CUDA)
+        twins, new = packed_linears.twins(model, amp)   # fp32 masters under autocast: bf16 copies, refreshed now
+        if moved or new:                        # weights that moved leave graphs reading their old storage behind
+            _DECODERS.pop(model, None)
+        with packed_linears.decoding(low=bool(twins)):
             return _generate_static(model, prompts, cfg, stops, pad_id, generator, on_token, mode,
-                                    amp or model.lm_head.weight.dtype, device)
+                                    amp or model.lm_head.weight.dtype, device, twins)
     return _generate_dynamic(model, prompts, cfg, stops, pad_id, generator, on_token, amp, device)
 
 
