@@ -166,9 +166,6 @@ def main() -> None:
     ap.add_argument("--packed-linears", nargs="+", default=["on"], choices=["on", "off"],
                     help="decode steps with q|k|v and gate|up packed into one GEMM each (nanoseek.model.packed_linears) or "
                          "as separate GEMMs (A/B in one run)")
-    ap.add_argument("--sampler", nargs="+", default=["kernel"], choices=["kernel", "torch"],
-                    help="temperature-only sampling on CUDA: the Gumbel-max kernel (nanoseek.kernels.sampling) or "
-                         "the torch sampler it replaces (A/B in one run)")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--compiled-batch", type=int, nargs="*", default=None,
                     help="batches where decode mode 'compiled' runs (default all; each bucket compiles once)")
@@ -218,17 +215,14 @@ def main() -> None:
                 return B * n_new / seconds
 
             best = 0.0
-            for decode, kind, packed, sampler in itertools.product(args.decode, args.attention,
-                                                                   args.packed_linears, args.sampler):
+            for decode, kind, packed in itertools.product(args.decode, args.attention, args.packed_linears):
                 if decode == "compiled" and args.compiled_batch is not None and B not in args.compiled_batch:
                     continue
                 attention.DECODE_KERNEL = kind == "kernel"
-                rollout.StaticDecoder.SAMPLER_KERNEL = sampler == "kernel"
                 rollout._DECODERS.pop(model, None)                          # decoders built with another setting
                 tag = dict(decode=decode)
                 tag.update({"attention": kind} if len(args.attention) > 1 else {})
                 tag.update({"packed_linears": packed} if len(args.packed_linears) > 1 else {})
-                tag.update({"sampler": sampler} if len(args.sampler) > 1 else {})
                 # "off": the packed groups run as separate GEMMs (the weights stay packed; only speed differs)
                 unpacked = mock.patch.object(packed_linears, "decoding", contextlib.nullcontext) if packed == "off" \
                     else contextlib.nullcontext()

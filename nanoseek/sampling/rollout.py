@@ -22,9 +22,8 @@ Decoding modes (`SamplingConfig.decode`):
   and a host read per step decides it (the CPU default, where that read costs nothing);
 - "static": the `StaticDecoder`: every step has the same shapes, as gpt-fast does — attention over all S
   cache slots with a per-row mask, each row with its own next free slot, position and token count, and
-  sampling (temperature, top-k, top-p, inverse-CDF draw from uniforms made outside the step; temperature-only
-  sampling on CUDA in one Gumbel-max pass, nanoseek.kernels.sampling), stop checks and output bookkeeping on
-  the device. The host reads the finished mask once every `check_every` steps; rows
+  sampling (temperature, top-k, top-p, inverse-CDF draw from uniforms made outside the step), stop checks and
+  output bookkeeping on the device. The host reads the finished mask once every `check_every` steps; rows
   that finished then take waiting prompts (continuous batching, `max_batch`);
 - "graph": the static step captured once per (model, batch bucket, slots, sampling setting) as a CUDA graph
   and replayed, also across `generate` calls; "compiled": the static step through torch.compile first
@@ -274,8 +273,6 @@ class StaticDecoder:
     """
 
     check_every = 16
-    SAMPLER_KERNEL = True       # CUDA, temperature-only sampling: the one-pass Gumbel-max kernel; False = the
-                                # torch sampler (A/B in benchmarks/rollout.py)
 
     def __init__(self, model, B: int, S: int, N: int, cache_dtype, cfg: SamplingConfig, stop_ids: list[int],
                  graph: bool, compiled: bool = False):
@@ -301,14 +298,6 @@ class StaticDecoder:
         self.hist_tok = torch.zeros(B, N, dtype=torch.long, device=device)
         self.hist_logp = torch.zeros(B, N, dtype=torch.float32, device=device)
         self.u = torch.zeros(B, dtype=torch.float32, device=device)
-        # temperature-only sampling on CUDA draws with nanoseek.kernels.sampling (one pass over the logits, the
-        # noise from a per-step seed); top-k / top-p keep the torch sampler (`sample_tokens`)
-        self.sample = None
-        if (self.SAMPLER_KERNEL and device.type == "cuda" and not cfg.greedy and cfg.top_k == 0
-                and cfg.top_p >= 1.0):
-            from nanoseek.kernels.sampling import gumbel_sample      # lazily: Triton is a GPU install's package
-            self.sample = gumbel_sample
-        self.seed = torch.zeros(1, dtype=torch.int64, device=device)
         self.stop = torch.tensor(sorted(set(stop_ids)) or [-1], dtype=torch.long, device=device)
         self.rows = torch.arange(B, device=device)
         self.graph, self.use_graph, self.steps = None, graph, 0
@@ -336,10 +325,7 @@ class StaticDecoder:
             copy_slot(t, dim, self.rows, slot, self.S - 1)
         self.mask.scatter_(1, slot[:, None], 1)     # (an index_put of the scalar 1 copies it from the host)
         self.slot += 1
-        if self.sample is not None:
-            tok, logp = self.sample(logits, self.seed, self.cfg.temperature)
-        else:
-            tok, logp = sample_tokens(logits, self.cfg, None if self.cfg.greedy else self.u)
+        tok, logp = sample_tokens(logits, self.cfg, None if self.cfg.greedy else self.u)
         col = self.ngen.clamp(max=self.N - 1)
         self.hist_tok[self.rows, col] = torch.where(live, tok, self.hist_tok[self.rows, col])
         self.hist_logp[self.rows, col] = torch.where(live, logp, self.hist_logp[self.rows, col])
@@ -348,10 +334,8 @@ class StaticDecoder:
         self.tok.copy_(tok)
 
     def step(self, generator: torch.Generator | None) -> None:
-        if self.sample is not None:                                             # the step's randomness, drawn
-            self.seed.random_(0, 1 << 62, generator=generator)                  # outside the graph
-        elif not self.cfg.greedy:
-            torch.rand(self.B, generator=generator, out=self.u)
+        if not self.cfg.greedy:                                                 # the step's randomness, drawn
+            torch.rand(self.B, generator=generator, out=self.u)                 # outside the graph
         self.steps += 1
         if not self.use_graph:
             return self._run()
