@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from nanoseek.cli import main
 
@@ -32,3 +33,12 @@ def test_eval_reads_pass_at_k_config_from_recipe_and_set(tmp_path, base_checkpoi
                                             "top_p": 0.5}
     assert result["samples"] == 2 and "greedy" not in result["per_problem"][0]
     assert result["length"]["mean"] <= 4
+
+
+def test_every_command_runs_with_expandable_cuda_segments_unless_the_user_chose(monkeypatch, capsys):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    main(["info", "--help"])
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    main(["info", "--help"])
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
