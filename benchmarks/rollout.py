@@ -108,7 +108,7 @@ def profile_step(model, runs: int = 3, top: int = 20) -> dict:
     sum is close to the measured step, the step is bound by its kernels, and the table says which."""
     dec = next(reversed(rollout._DECODERS[model].values()))
     from torch.profiler import ProfilerActivity, profile
-    with torch.no_grad(), packed_linears.decoding(low=bool(dec.twins)):
+    with torch.no_grad(), packed_linears.decoding():
         dec.step(None)                                                  # outside the profile: a first replay
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

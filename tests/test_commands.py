@@ -35,7 +35,7 @@ def test_eval_reads_pass_at_k_config_from_recipe_and_set(tmp_path, base_checkpoi
     assert result["length"]["mean"] <= 4
 
 
-def test_every_command_runs_with_expandable_cuda_segments_unless_the_user_chose(monkeypatch, capsys):
+def test_every_command_runs_with_expandable_cuda_segments_unless_the_user_chose(monkeypatch):
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     main(["info", "--help"])
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"

@@ -19,7 +19,8 @@ decode step would cast every weight again (read 4 bytes, write 2, read the 2 bac
 a 0.5B policy decoded at 45-52K new tokens/s against 79K for the same model in bf16 on an H200). `twins(model,
 low)` keeps one bf16 copy of exactly the weights autocast casts (plain `nn.Linear` weights and biases, packed
 groups as one tensor, the `TWINS` parameters a module names, e.g. the grouped experts), refreshed in place once per
-`generate` call; the decode step runs the model on them (`torch.func.functional_call`) inside `decoding(low=True)`.
+`generate` call; the decode step runs the model on them (`torch.func.functional_call`), and `run` reads a packed
+group's twin whenever its members' weights are twins.
 The numbers are those of autocast's own cast (the same rounding of the same values), so decoding is bit-identical;
 weights autocast leaves alone (the MoE router's fp32 gate, embeddings, norms) stay the masters.
 """
@@ -35,20 +36,17 @@ import torch.nn.functional as F
 from torch import nn
 
 _ACTIVE = False     # inside decoding(): packed groups run as one GEMM
-_LOW = False        # ... from their low-precision twins
 
 
 @contextlib.contextmanager
-def decoding(low: bool = False):
-    """Packed groups run as one GEMM inside this context (the rollout engine's decode steps and prefill), from
-    their low-precision twins when `low` (the caller refreshed them with `twins` and runs the model on them)."""
-    global _ACTIVE, _LOW
-    before = _ACTIVE, _LOW
-    _ACTIVE, _LOW = True, low
+def decoding():
+    """Packed groups run as one GEMM inside this context (the rollout engine's decode steps and prefill)."""
+    global _ACTIVE
+    before, _ACTIVE = _ACTIVE, True
     try:
         yield
     finally:
-        _ACTIVE, _LOW = before
+        _ACTIVE = before
 
 
 class Group(NamedTuple):
@@ -78,10 +76,11 @@ class Packable(nn.Module):
 
 def run(module: Packable, x: torch.Tensor) -> list[torch.Tensor]:
     """[module.<name>(x) for name in module.PACK]: one GEMM over the packed weights inside `decoding()` when
-    `pack` packed this group, one linear each otherwise."""
+    `pack` packed this group, one linear each otherwise. Where the members' weights are their low-precision
+    twins (the decode step runs the model on `twins` through functional_call), the group's twin is read."""
     g: Group | None = module._packed
     if _ACTIVE and g is not None:
-        low = _LOW and g.low_weight is not None
+        low = g.low_weight is not None and getattr(module, module.PACK[0]).weight.dtype == g.low_weight.dtype
         return list(F.linear(x, g.low_weight if low else g.weight, g.low_bias if low else g.bias)
                     .split(g.sizes, dim=-1))
     return [getattr(module, n)(x) for n in module.PACK]
@@ -157,7 +156,8 @@ def _pack(model: nn.Module, devices: tuple[str, ...]) -> bool:
     return moved
 
 
-_TWINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()    # model -> (key, twins, [(twin, master)])
+# model -> (key, {name: twin}, [(twin, master)], the packed modules: kept so the ids in the key stay theirs)
+_TWINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _cast_by_autocast(model: nn.Module):
@@ -203,12 +203,12 @@ def twins(model: nn.Module, low: torch.dtype | None, devices: tuple[str, ...] = 
             lb = torch.empty_like(g.bias, dtype=low) if g.bias is not None else None
             pairs += [(lw, g.weight)] + ([(lb, g.bias)] if lb is not None else [])
             m._packed = g._replace(low_weight=lw, low_bias=lb)
-            for i, (n, w) in enumerate(zip(g.names, lw.split(g.sizes))):
+            for n, w, b in zip(g.names, lw.split(g.sizes), lb.split(g.sizes) if lb is not None else g.names):
                 lin = getattr(m, n)
                 tw[f"{prefix}.{n}.weight"] = w
                 done.add(id(lin.weight))
                 if lb is not None:
-                    tw[f"{prefix}.{n}.bias"] = lb.split(g.sizes)[i]
+                    tw[f"{prefix}.{n}.bias"] = b
                     done.add(id(lin.bias))
         for n, p in sources:
             if id(p) not in done:

@@ -313,12 +313,11 @@ class StaticDecoder:
         live = ~self.done
         self.pos += 1
         self.cache.length = self.S - 1                                          # the model writes at slot S-1
+        model, args = self._model(), (self.tok[:, None],)
         kw = dict(position_ids=self.pos, attention_mask=self.mask, cache=self.cache)
-        if self.twins:              # fp32 masters under autocast: read the bf16 twins (packed_linears.twins)
-            out = torch.func.functional_call(self._model(), self.twins, (self.tok[:, None],), kw, tie_weights=False,
-                                             strict=False)
-        else:
-            out = self._model()(self.tok[:, None], **kw)
+        # fp32 masters under autocast: the step reads their bf16 twins (packed_linears.twins)
+        out = torch.func.functional_call(model, self.twins, args, kw, tie_weights=False, strict=False) \
+            if self.twins else model(*args, **kw)
         logits = out.logits[:, -1]                                              # [B, V]
         slot = self.slot.clamp(max=self.S - 2)                                  # finished rows run on harmlessly
         for t, dim in zip(self.cache.tensors, self.cache.slot_dims):             # persist slot S-1 at `slot`
@@ -546,7 +545,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], cfg: SamplingConf
         twins, new = packed_linears.twins(model, amp)   # fp32 masters under autocast: bf16 copies, refreshed now
         if moved or new:                        # weights that moved leave graphs reading their old storage behind
             _DECODERS.pop(model, None)
-        with packed_linears.decoding(low=bool(twins)):
+        with packed_linears.decoding():
             return _generate_static(model, prompts, cfg, stops, pad_id, generator, on_token, mode,
                                     amp or model.lm_head.weight.dtype, device, twins)
     return _generate_dynamic(model, prompts, cfg, stops, pad_id, generator, on_token, amp, device)
