@@ -47,15 +47,18 @@ V3 = [("v3_q_a", 4096, 7168, 1536), ("v3_q_b", 4096, 1536, 24576), ("v3_o_proj",
 # with 32 experts on one GPU (expert parallel) and 4096 tokens x top-8 = 32768 rows, ~1024 per expert.
 GROUPED = [("experts_gate_up", 98304, 64, 1024, 704), ("experts_down", 98304, 64, 352, 1024),
            ("v3_experts_gate_up", 32768, 32, 7168, 4096), ("v3_experts_down", 32768, 32, 2048, 7168)]
+# --sweep: square Linears of growing width on 8192 tokens, to place train.fp8_min_features where FP8's whole
+# Linear (GEMMs + every cast) starts to beat bf16's
+SWEEP = [(f"sweep_{w}", 8192, w, w) for w in (1024, 2048, 3072, 4096, 5120, 6144, 7168, 8192)]
 QUICK = [("quick", 256, 320, 200)]
 QUICK_GROUPED = [("quick_grouped", 512, 4, 256, 192)]
 
 
-def gemm_bench(device: torch.device, quick: bool) -> None:
+def gemm_bench(device: torch.device, quick: bool, sweep: bool = False) -> None:
     iters = 3 if quick else 20
     hopper = device.type == "cuda" and fp8.fp8_backend(device) == "hopper"
     path = ("cublas" if fp8._cublas_blockwise_ok() else "triton") if hopper else "emulate"
-    if device.type == "cuda" and not quick:
+    if device.type == "cuda" and not quick and not sweep:
         n = 8192
         a = torch.randn(n, n, device=device)
         aq, as_ = fp8.quant_rows(a)
@@ -65,7 +68,7 @@ def gemm_bench(device: torch.device, quick: bool) -> None:
         emit({**header(device), "bench": "fp8_gemm_peak", "shape": "8192^3", "path": path,
               "bf16_tflops": round(bf16_peak_tflops(device), 1),
               "fp8_blockwise_tflops": round(2 * n ** 3 / ms / 1e9, 1)})
-    for name, M, K, N in (QUICK if quick else SMALL + V3):
+    for name, M, K, N in (QUICK if quick else SWEEP if sweep else SMALL + V3):
         x = torch.randn(M, K, device=device)
         w = torch.randn(N, K, device=device) * K ** -0.5
         dy = torch.randn(M, N, device=device)
@@ -94,7 +97,7 @@ def gemm_bench(device: torch.device, quick: bool) -> None:
               "fwd_bwd_fp8_tflops": round(3 * flops / t_fb_fp8 / 1e9, 1),
               "speedup_fwd_bwd": round(t_fb_bf16 / t_fb_fp8, 3)})
     g = torch.Generator(device="cpu").manual_seed(0)
-    for name, T, E, K, N in (QUICK_GROUPED if quick else GROUPED):
+    for name, T, E, K, N in (QUICK_GROUPED if quick else [] if sweep else GROUPED):
         counts = torch.multinomial(torch.ones(E), T, replacement=True, generator=g).bincount(minlength=E)
         offs = counts.cumsum(0).to(torch.int32).to(device)
         x = torch.randn(T, K, device=device, dtype=torch.bfloat16)
@@ -318,6 +321,8 @@ def main() -> None:
     p.add_argument("--fp8-min-features", type=int, default=MIN_FEATURES,
                    help="train/loss modes: only layers at least this wide in and out run FP8, as train.fp8_min_features "
                         "(default, the trainer's); 0 = every eligible layer, as before that setting existed")
+    p.add_argument("--sweep", action="store_true", help="gemm mode: only square Linears of growing width (where FP8 "
+                   "starts to pay: train.fp8_min_features)")
     p.add_argument("--steps", type=int, default=None, help="loss-curve steps (default 1000, quick 20)")
     p.add_argument("--plot", type=Path, default=None, help="loss-curve PNG (default benchmarks/fp8_loss.png)")
     args = p.parse_args()
@@ -325,7 +330,7 @@ def main() -> None:
     quick = args.quick or device.type == "cpu"
     MIN_FEATURES = args.fp8_min_features
     if args.mode in ("all", "gemm"):
-        gemm_bench(device, quick)
+        gemm_bench(device, quick, args.sweep)
     if args.mode in ("all", "train"):
         train_bench(device, quick, args.compile, args.width, args.layers, args.profile, args.dense, args.quant,
                     args.moe_width, args.experts, args.batch)

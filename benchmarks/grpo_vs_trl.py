@@ -20,6 +20,7 @@ side is skipped. One JSON line per engine, then the comparison.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -78,18 +79,43 @@ def spread(times: list[float]) -> dict:
             "within_pct": round(100 * max(med - min(times), max(times) - med) / med, 1), "steps_timed": len(times)}
 
 
+class GCPauses:
+    """Python's full (generation 2) garbage collections while it runs: how many, and seconds each."""
+
+    def __enter__(self) -> "GCPauses":
+        self.pauses: list[float] = []
+        gc.callbacks.append(self._cb)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._cb)
+
+    def _cb(self, phase: str, info: dict) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                self.t0 = time.perf_counter()
+            else:
+                self.pauses.append(round(time.perf_counter() - self.t0, 3))
+
+
 def run_nanoseek(path: Path, out: Path, a) -> tuple[list[float], dict]:
     """Step times, and each step's rollout and update throughput from metrics.jsonl."""
+    if a.automatic_gc:                       # the ablation: the loop without nanoseek.run.steps_with_gc
+        import nanoseek.rl.trainer as rl_trainer
+        rl_trainer.steps_with_gc = iter
     sets = [f"train.steps={a.steps}", f"train.prompts={a.prompts}", f"train.micro_batch={a.micro}",
             f"train.precision={a.precision}", f"train.init={path}", "train.compile=false", "checkpoint.every=0",
             f"tasks.names={json.dumps(FAMILY_NAMES)}", "tasks.template=chat", f"sampling.max_new_tokens={a.new_tokens}",
             "sampling.temperature=1.0", "sampling.stop=[]", f"rl.group_size={a.group}", "rl.beta=0.0", "rl.mu=1",
             'rl.aggregation="dapo"', "eval.problems=0", "optim.lr=1e-6", "optim.warmup_steps=0", *a.set]
     cfg = load_recipe(RLConfig, None, sets)
-    train_rl(cfg, out, progress=False)
+    with GCPauses() as gc_pauses:
+        train_rl(cfg, out, progress=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "step_time" in r]
     detail = {k: [round(r.get(k, 0.0)) for r in records] for k in ("gen_tokens_per_s", "train_tokens_per_s")}
+    detail["step_end_unix_s"] = [r["time"] for r in records]     # to line steps up with outside samples (clocks)
+    detail["full_gc_pauses_s"] = gc_pauses.pauses
     if torch.cuda.is_available():
         detail["peak_allocated_GB"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
         detail["peak_reserved_GB"] = round(torch.cuda.max_memory_reserved() / 2**30, 1)
@@ -151,6 +177,8 @@ def main() -> None:
                     "64 is nanoseek's train.micro_batch default")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--engines", nargs="+", default=["nanoseek", "trl"])
+    ap.add_argument("--automatic-gc", action="store_true", help="nanoseek: leave Python's garbage collector "
+                    "automatic inside the loop (what nanoseek.run.steps_with_gc buys)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra nanoseek recipe override, e.g. sampling.decode=compiled (repeatable)")
     a = ap.parse_args()

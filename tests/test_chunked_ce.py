@@ -67,3 +67,37 @@ def test_train_loss_chunk_switches_the_model_loss():
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(runs[0][1], runs[1][1]))
     with pytest.raises(UserError, match="loss_chunk"):
         TrainConfig(loss_chunk=-1)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 40, 10_000])
+def test_token_logprobs_and_entropy_match_float64_on_a_sliced_view(chunk):
+    """The RL update's log-probs and entropy: values and gradient of the float64 log-softmax, on the response
+    columns of a [B, T, V] tensor (a strided view, chunked over B without a copy), for any chunk size."""
+    from nanoseek.model.chunked_ce import token_entropy, token_logprobs
+
+    g = torch.Generator().manual_seed(chunk)
+    full = (4 * torch.randn(3, 12, 97, generator=g, dtype=torch.float64)).requires_grad_(True)
+    logits = full[:, 4:11]                                             # [3, 7, 97], not contiguous
+    tokens = torch.randint(0, 97, (3, 7), generator=g)
+    upstream = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    ref = F.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+    (grad_ref,) = torch.autograd.grad((ref * upstream).sum(), full)
+    logp = token_logprobs(logits, tokens, chunk)
+    (grad,) = torch.autograd.grad((logp * upstream).sum(), full)
+    assert logp.dtype == torch.float64 and torch.allclose(logp, ref, rtol=1e-12, atol=1e-13)
+    assert torch.allclose(grad, grad_ref, rtol=1e-11, atol=1e-13) and not grad[:, :4].any()
+    p = F.softmax(logits.detach(), dim=-1)
+    assert torch.allclose(token_entropy(logits, chunk), -(p * p.log()).sum(-1), rtol=1e-12, atol=1e-13)
+    bf16 = logits.detach().bfloat16()                                  # float32 results from bf16 logits
+    assert token_logprobs(bf16, tokens, chunk).dtype == token_entropy(bf16, chunk).dtype == torch.float32
+
+
+def test_token_logprobs_keep_no_float32_logits_for_the_backward():
+    from nanoseek.model.chunked_ce import token_logprobs
+
+    B, T, V = 8, 64, 1000
+    logits = torch.randn(B, T, V, dtype=torch.bfloat16, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T))
+    whole = lambda: logits.float().gather(-1, tokens[..., None]).squeeze(-1) - logits.float().logsumexp(-1)  # noqa: E731
+    assert _saved_float32_elements(whole) >= B * T * V                 # the unchunked form: all of them
+    assert _saved_float32_elements(lambda: token_logprobs(logits, tokens, 64)) <= B * T

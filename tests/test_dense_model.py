@@ -151,3 +151,32 @@ def test_meta_build_counts_and_errors():
         DenseForCausalLM(cfg.replace(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
     with pytest.raises(UserError, match="needs 'low_freq_factor'"):
         DenseForCausalLM(cfg.replace(rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv_heads", [2, 8])
+def test_masked_attention_on_cuda_matches_float64_and_builds_no_cudnn_plan(kv_heads):
+    """A masked call (padded rows: lengths that change per batch) runs the memory-efficient kernel, grouped k/v
+    heads repeated for it, and gives the float64 attention of the same mask; the causal call keeps torch's order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanoseek.model.attention import attention_mask_for, sdpa
+
+    g = torch.Generator().manual_seed(0)
+    B, H, T, D = 3, 8, 37, 64
+    q, k, v = (torch.randn(B, h, T, D, generator=g).cuda().bfloat16().requires_grad_()
+               for h in (H, kv_heads, kv_heads))
+    pad = torch.ones(B, T, dtype=torch.long)
+    pad[0, :5] = pad[2, :11] = 0                                                  # left padding
+    mask = attention_mask_for(pad.cuda(), T, 0, q.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = sdpa(q, k, v, mask)
+        out.float().square().sum().backward()
+    kernels = " ".join(e.key.lower() for e in prof.key_averages())
+    assert "cudnn" not in kernels and ("fmha" in kernels or "efficient" in kernels), kernels[:400]
+    rep = H // kv_heads
+    kk, vv = (x.detach().double().repeat_interleave(rep, dim=1) for x in (k, v))
+    s = (q.detach().double() @ kk.transpose(-1, -2)) * D ** -0.5
+    ref = s.masked_fill(~mask, float("-inf")).softmax(-1) @ vv
+    assert (out.double() - ref).abs().max() < 2e-2
+    assert q.grad.isfinite().all() and k.grad.shape == k.shape

@@ -204,7 +204,7 @@ def test_grouped_experts_equal_per_expert_fp8_linear():
         start = end
 
 
-@pytest.mark.parametrize("threshold", [0, 80, 128, 4096])
+@pytest.mark.parametrize("threshold", [0, 80, 128, 6144])
 def test_only_layers_wide_enough_for_fp8_to_pay_are_converted(threshold, capsys):
     """train.fp8_min_features: a layer runs FP8 when its GEMM is at least that wide in and out (per expert for the
     MoE experts), else stays bf16, and the message counts both; the trainer's default leaves `tiny` all bf16."""

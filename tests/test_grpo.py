@@ -9,8 +9,7 @@ import torch
 
 from nanoseek.errors import UserError
 from nanoseek.rl.algorithms import RLCommonConfig
-from nanoseek.rl.grpo import (GRPOConfig, aggregate, group_advantages, kl_k3, policy_loss, token_entropy,
-                              token_logprobs, zero_variance_groups)
+from nanoseek.rl.grpo import GRPOConfig, aggregate, group_advantages, kl_k3, policy_loss, zero_variance_groups
 
 
 def ref_advantages(rewards, G, scaling, eps):
@@ -244,17 +243,6 @@ def test_aggregate_modes_by_hand():
     assert aggregate(per, mask, "drgrpo", max_len=5).item() == pytest.approx(10.0 / 10)
 
 
-def test_token_logprobs_and_entropy():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 3, 7, generator=g)
-    tokens = torch.randint(0, 7, (2, 3), generator=g)
-    p = np.exp(logits.double().numpy())
-    p /= p.sum(-1, keepdims=True)
-    want_lp = np.log(np.take_along_axis(p, tokens.numpy()[..., None], -1))[..., 0]
-    np.testing.assert_allclose(token_logprobs(logits, tokens).numpy(), want_lp, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(token_entropy(logits).numpy(), -(p * np.log(p)).sum(-1), rtol=1e-5, atol=1e-6)
-
-
 def test_config_validation():
     with pytest.raises(UserError, match="scaling"):
         GRPOConfig(scaling="std")
@@ -416,6 +404,7 @@ def test_update_weights_tokens_by_the_truncated_ratio_to_a_perturbed_sampler():
     scaled by the weights; with tis_cap = 0 the loss is bit-identical to an update without sampler log-probs."""
     import copy
 
+    from nanoseek.model.chunked_ce import token_logprobs
     from nanoseek.parallel import Parallel
     from nanoseek.rl.trainer import RLConfig, StepCounts, _response_logits, make_batch, update_policy
 

@@ -7,7 +7,7 @@ import torch
 from nanoseek.config import DenseConfig, ModelConfig
 from nanoseek.errors import UserError
 from nanoseek.model import build_model
-from nanoseek.rl.grpo import token_logprobs
+from nanoseek.model.chunked_ce import token_logprobs
 from nanoseek.sampling.rollout import SamplingConfig, filtered_probs, generate, left_pad
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12], [13, 14], [15, 16, 17, 18, 19], [20, 21, 22, 23]]

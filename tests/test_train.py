@@ -406,3 +406,32 @@ def test_validation_of_a_compiled_model_runs_eager(monkeypatch):
     cpu = torch.device("cpu")
     assert validation_loss(compiled, batches, cpu, "fp32") == pytest.approx(validation_loss(eager, batches, cpu, "fp32"), rel=1e-6)
     assert trained and len(graphs) == trained and compiled.training
+
+
+def test_steps_with_gc_collects_between_steps_and_restores_the_collector():
+    """Automatic collection is off inside a training loop; a reference cycle made in a step is gone once the next
+    step starts (the young-generation collection between steps), also after the first step's freeze; the
+    collector is back on, with nothing frozen, when the loop ends or fails."""
+    import gc
+    import weakref
+
+    from nanoseek.run import steps_with_gc
+
+    class Node:
+        pass
+
+    assert gc.isenabled()
+    refs = []
+    for step in steps_with_gc(range(3)):
+        assert not gc.isenabled()
+        if refs:
+            assert refs[-1]() is None, f"the cycle made in step {step - 1} survived"
+        a, b = Node(), Node()
+        a.b, b.a = b, a                                  # a cycle: only the collector frees it
+        refs.append(weakref.ref(a))
+        del a, b
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError):
+        for _ in steps_with_gc(range(3)):
+            raise RuntimeError("a failing step")
+    assert gc.isenabled() and gc.get_freeze_count() == 0

@@ -1,19 +1,25 @@
-"""Cross-entropy over the vocabulary, chunk by chunk: the loss never holds the [tokens, V] logits in float32.
+"""Log-softmax over the vocabulary, chunk by chunk: never a float32 [tokens, V] tensor kept, rarely one made.
 
-`cross_entropy` in deepseek.py upcasts the whole bf16 logits tensor: N·V·4 bytes (8 × 2048 rows × a 129K
-vocabulary: 8.5 GB) before the log-softmax, and autograd keeps its softmax for the backward — the out-of-memory
-that long sequences and large vocabularies hit. Here rows go through in chunks of `chunk`:
+Upcasting a whole bf16 logits tensor before the log-softmax costs N·V·4 bytes (8 × 2048 rows × a 129K
+vocabulary: 8.5 GB; an RL micro-batch of 64 × 288 rows × Qwen's 152K: 11 GB), and autograd keeps the softmax
+for the backward — the out-of-memory that long sequences and large vocabularies hit, in pretraining and in the RL
+update alike (TRL users' most common one). Here rows go through in chunks of about `chunk`:
 
-    forward   per chunk c:  z = logits[c] in float32 (float64 stays float64)   [chunk, V], freed after the chunk
-                            lse = logsumexp(z)  and  z[target]  [chunk]
-              loss = Σ (lse − z[target]) / n_targets            (labels = -100 rows contribute nothing)
-    backward  per chunk c:  dlogits[c] = (softmax(z) − onehot(target)) · g / n_targets, recomputed from the saved
+    forward   per chunk c:  z = logits[c] in float32 (float64 stays float64)   [c, V], freed after the chunk
+                            lse = logsumexp(z),  log p(target) = z[target] − lse       [c]
+    backward  per chunk c:  dlogits[c] = (onehot(target) − softmax(z)) · g[c], recomputed from the saved
                             logits and lse, written in the logits' dtype
 
-Saved for the backward: the logits the lm_head already produced, and lse [N] in float32. Peak float32 memory in
-the loss: one chunk (chunk × V × 4 bytes, ~0.5 GB for 1024 rows of a 129K vocabulary) instead of N × V × 4.
-On CUDA with train.compile the compiled `cross_entropy` already fuses the upcast away; this is for the eager
-paths (train.compile=false, the CPU) and for shapes where even the fused kernel's working set is too large.
+Saved for the backward: the logits the lm_head already produced, the targets, and lse in float32. Peak float32
+memory: one chunk (chunk × V × 4 bytes, ~0.6 GB for 1024 rows of a 152K vocabulary).
+
+    token_logprobs          log p(target) per position, with this backward: the RL update's log-probs
+    chunked_cross_entropy   its masked mean (train.loss_chunk; labels -100 = no target)
+    token_entropy           the softmax entropy per position, chunked, no gradient (a metric)
+
+On CUDA with train.compile the compiled `cross_entropy` of block.py already fuses the upcast away in
+pretraining; these serve the eager paths (the RL update, train.compile=false, the CPU) and shapes where even the
+fused kernel's working set is too large.
 """
 
 from __future__ import annotations
@@ -21,40 +27,65 @@ from __future__ import annotations
 import torch
 
 
-class _ChunkedCrossEntropy(torch.autograd.Function):
+def _row_chunks(logits: torch.Tensor, chunk: int) -> range:
+    """Starts of the leading-dim slices of logits [R, ..., V] holding about `chunk` positions each (at least one
+    leading row): chunking [B, T, V] over B keeps a sliced view (RL's response columns) uncopied."""
+    per_row = logits[0, ..., 0].numel() if logits.shape[0] else 1
+    return range(0, logits.shape[0], max(1, chunk // per_row))
+
+
+class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
-        # logits [N, V] (any float dtype), labels [N] with -100 = no target
-        valid = labels != -100
-        safe = labels.clamp_min(0)
-        acc = torch.promote_types(logits.dtype, torch.float32)    # float32, or float64 for float64 logits
-        lse = torch.empty(logits.shape[0], device=logits.device, dtype=acc)                  # [N]
-        total = torch.zeros((), device=logits.device, dtype=acc)
-        for s in range(0, logits.shape[0], chunk):
-            z = logits[s:s + chunk].to(acc)                                                   # [c, V]
-            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
-            target = z.gather(1, safe[s:s + chunk, None]).squeeze(1)                         # [c]
-            total = total + ((lse[s:s + chunk] - target) * valid[s:s + chunk]).sum()
-        count = valid.sum().clamp_min(1)
-        ctx.save_for_backward(logits, labels, lse, count)
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        # logits [R, ..., V] (any float dtype), targets [R, ...] in [0, V) -> log p [R, ...] in float32 (float64)
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        lse = torch.empty(targets.shape, device=logits.device, dtype=acc)
+        logp = torch.empty_like(lse)
+        step = _row_chunks(logits, chunk).step
+        for s in _row_chunks(logits, chunk):
+            z = logits[s:s + step].to(acc)                                                   # [c, ..., V]
+            lse[s:s + step] = torch.logsumexp(z, dim=-1)
+            logp[s:s + step] = z.gather(-1, targets[s:s + step, ..., None]).squeeze(-1) - lse[s:s + step]
+        ctx.save_for_backward(logits, targets, lse)
         ctx.chunk = chunk
-        return total / count
+        return logp
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        logits, labels, lse, count = ctx.saved_tensors
-        scale = grad.to(lse.dtype) / count                                                    # d loss / d (row loss)
-        valid = labels != -100
-        safe = labels.clamp_min(0)
+        logits, targets, lse = ctx.saved_tensors
+        grad = grad.to(lse.dtype)
         out = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], ctx.chunk):
-            p = torch.exp(logits[s:s + ctx.chunk].to(lse.dtype) - lse[s:s + ctx.chunk, None])  # [c, V] softmax
-            p.scatter_add_(1, safe[s:s + ctx.chunk, None], -torch.ones_like(p[:, :1]))       # − onehot(target)
-            out[s:s + ctx.chunk] = p * (scale * valid[s:s + ctx.chunk])[:, None]
+        step = _row_chunks(logits, ctx.chunk).step
+        for s in _row_chunks(logits, ctx.chunk):
+            p = torch.exp(logits[s:s + step].to(lse.dtype) - lse[s:s + step, ..., None])       # softmax [c, ..., V]
+            p.scatter_add_(-1, targets[s:s + step, ..., None], -torch.ones_like(p[..., :1]))  # − onehot(target)
+            out[s:s + step] = p * -grad[s:s + step, ..., None]
         return out, None, None
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """log softmax(logits)[target] in float32 (float64 for float64 logits), with its gradient: logits [R, ..., V],
+    targets [R, ...] (indices in [0, V)) -> [R, ...]."""
+    return _TokenLogprobs.apply(logits, targets, chunk)
+
+
 def chunked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Mean CE over labels != -100 (0 when there are none), as `deepseek.cross_entropy`, computed `chunk` rows
-    at a time. logits [..., V], labels [...] (same leading shape)."""
-    return _ChunkedCrossEntropy.apply(logits.flatten(0, -2), labels.flatten(), chunk)
+    """Mean CE over labels != -100 (0 when there are none), as block.py's `cross_entropy`, computed `chunk`
+    positions at a time. logits [..., V], labels [...] (same leading shape)."""
+    valid = labels != -100
+    logp = token_logprobs(logits, labels.clamp_min(0), chunk)
+    return -(logp * valid).sum() / valid.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Entropy of the softmax at each position, H = Σ p·(lse − z) (no cancellation between two large terms), in
+    float32 (float64 for float64 logits), no gradient: logits [R, ..., V] -> [R, ...]."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    out = torch.empty(logits.shape[:-1], device=logits.device, dtype=acc)
+    step = _row_chunks(logits, chunk).step
+    for s in _row_chunks(logits, chunk):
+        z = logits[s:s + step].to(acc)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        out[s:s + step] = (torch.exp(z - lse) * (lse - z)).sum(-1)
+    return out

@@ -16,12 +16,11 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from nanoseek.config import DenseConfig
 from nanoseek.errors import UserError
 from nanoseek.model import packed_linears
-from nanoseek.model.attention import attention_mask_for, decode_attention
+from nanoseek.model.attention import attention_mask_for, decode_attention, sdpa
 from nanoseek.model.block import ModelOutput, cross_entropy
 from nanoseek.model.cache import DenseCache
 from nanoseek.model.compile import block_to_run
@@ -91,8 +90,7 @@ class DenseAttention(packed_linears.Packable):
             # per kv head (SDPA's enable_gqa with a mask can fall back to repeating k/v per query head)
             y = decode_attention(q.view(B, self.n_kv, -1, self.head_dim), k, v, mask)
             return self.o_proj(y.reshape(B, 1, -1))                             # heads in (kv, group) order
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_heads)
+        y = sdpa(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model import packed_linears
+from nanoseek.model.attention import sdpa
 from nanoseek.model.cache import MLACache
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope, softmax_scale
@@ -98,7 +99,7 @@ class MLA(packed_linears.Packable):
             pad = self.v_dim < qk_dim and q.dtype == torch.float32
         if pad:
             v = F.pad(v, (0, qk_dim - self.v_dim))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        o = sdpa(q, k, v, mask, self.scale)
         return o[..., :self.v_dim] if pad else o
 
     def _attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask, cache):
@@ -119,6 +120,5 @@ class MLA(packed_linears.Packable):
             o_lat = torch.bmm(s.softmax(-1).to(latent.dtype), latent[..., :self.kv_rank])   # [B, nh, r]
             return torch.einsum("bhr,hdr->bhd", o_lat, w_uv)[:, :, None]         # [B, nh, 1, v]
         kv = latent[:, None].expand(B, nh, S, latent.shape[-1])
-        o_lat = F.scaled_dot_product_attention(torch.cat([q_lat, q_pe], dim=-1), kv, kv[..., :self.kv_rank],
-                                               attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        o_lat = sdpa(torch.cat([q_lat, q_pe], dim=-1), kv, kv[..., :self.kv_rank], mask, self.scale)
         return torch.einsum("bhtr,hdr->bhtd", o_lat, w_uv)                        # [B, nh, T, v]

@@ -159,15 +159,3 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         if beta:
             per_token = per_token + beta * kl
     return aggregate(per_token, mask, aggregation, max_len, n_seqs, n_tokens), stats
-
-
-def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """log softmax(logits)[token] in fp32: logits [B, T, V], tokens [B, T] -> [B, T]."""
-    logits = logits.float()
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def token_entropy(logits: Tensor) -> Tensor:
-    """Entropy of the softmax at each position in fp32: [B, T, V] -> [B, T]."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)

@@ -39,7 +39,7 @@ from torch import nn
 from nanoseek.errors import UserError
 from nanoseek.files import atomic_dir, atomic_write_json, iter_jsonl
 from nanoseek.hf import load_checkpoint, save_pretrained
-from nanoseek.run import load_init, resolve_device, seed_everything
+from nanoseek.run import load_init, resolve_device, seed_everything, steps_with_gc
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.logger import MetricsLogger
 from nanoseek.train.optim import OptimConfig, build_optimizer, set_lr, wsd_lr
@@ -225,7 +225,7 @@ def train_reward_model(cfg: RewardModelConfig, out: str | Path, progress: bool =
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with MetricsLogger(out, tc.steps, description="reward model", show=("loss", "accuracy"), progress=progress) as log:
-        for step in range(tc.steps):
+        for step in steps_with_gc(range(tc.steps)):
             set_lr(optimizer, wsd_lr(step, tc.steps, cfg.optim))
             batch = order.sample(train, min(tc.batch_size, len(train)))
             r = rm(*_right_pad([c for c, _, _ in batch] + [x for _, x, _ in batch], tok.pad_id, device))

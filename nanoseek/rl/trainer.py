@@ -52,11 +52,12 @@ from nanoseek.hf import load_pretrained
 from nanoseek.model import set_activation_checkpointing
 from nanoseek.parallel import Parallel, ParallelConfig, parallelize
 from nanoseek.rl.algorithms import GRPO, PPO, TRL_GRPO_ALIASES, RLCommonConfig, response_slice
-from nanoseek.rl.grpo import GRPOConfig, policy_loss, token_entropy, token_logprobs, zero_variance_groups
+from nanoseek.model.chunked_ce import token_entropy, token_logprobs
+from nanoseek.rl.grpo import GRPOConfig, policy_loss, zero_variance_groups
 from nanoseek.rl.ppo import PPOConfig
 from nanoseek.rl.tis import logprob_gap, tis_weights
 from nanoseek.run import (autocast, check_run_dir, checkpoint_dtype, export_final, join_ranks, load_init, rank0_first,
-                          resolve_device, start_run)
+                          resolve_device, start_run, steps_with_gc)
 from nanoseek.run.checkpoint import load_trainer_state, save_checkpoint
 from nanoseek.sampling.reflection import reflects
 from nanoseek.sampling.rewards import RewardConfig, compute_rewards_batch, load_reward_functions
@@ -450,7 +451,7 @@ def train_rl(cfg: RLConfig, run_dir: str | Path, algo: str = "grpo", resume: boo
     with logger as log:
         if start == 0 and test_problems and cfg.eval.at_start and main:
             log.log(0, _eval_record(model, tokenizer, test_problems, cfg, run_dir, 0))
-        for step in range(start, tc.steps):
+        for step in steps_with_gc(range(start, tc.steps)):
             t_step = time.perf_counter()
             lr = wsd_lr(step, tc.steps, cfg.optim)
             set_lr(optimizer, lr)

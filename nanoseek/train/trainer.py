@@ -37,7 +37,7 @@ from nanoseek.model.dense import DenseForCausalLM
 from nanoseek.model.moe import expert_loads, max_violation, moe_layers, update_router_biases
 from nanoseek.parallel import Parallel
 from nanoseek.recipe import Range
-from nanoseek.run import autocast
+from nanoseek.run import autocast, steps_with_gc
 from nanoseek.run.checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from nanoseek.sampling.rollout import SamplingConfig
 from nanoseek.tasks.base import ANSWER_FORMATS
@@ -53,7 +53,7 @@ class TrainConfig:
     grad_accum: int = 1               # micro-batches per optimizer step
     seq_len: int = 256                # tokens per training row
     precision: str = "fp32"           # "fp32" | "bf16" (autocast) | "fp8" (nanoseek.train.fp8, V3 §3.3)
-    fp8_min_features: int = 4096      # fp8: only layers whose GEMMs are this wide in and out run FP8, the rest bf16
+    fp8_min_features: int = 6144      # fp8: only layers whose GEMMs are this wide in and out run FP8, the rest bf16
                                       # (narrower, FP8 + quantisation is slower than bf16: benchmarks/RESULTS.md); 0 = all
     compile: bool | str = "auto"      # regional torch.compile of the decoder blocks: "auto" = on CUDA only, true, false
     loss_chunk: int = 0               # rows per chunk of the cross-entropy (model/chunked_ce.py: no fp32 [N, V]); 0 = off
@@ -272,7 +272,7 @@ def train(model: torch.nn.Module, cfg, run_dir: str | Path, train_data: Batches,
     full = model                                                      # the single-device model (rank 0)
     logger = MetricsLogger(run_dir, tc.steps, start, description=description, progress=progress) if main else NullLogger()
     with logger as log:
-        for step in range(start, tc.steps):
+        for step in steps_with_gc(range(start, tc.steps)):
             t0 = time.perf_counter()
             lr = wsd_lr(step, tc.steps, oc)
             set_lr(optimizer, lr)
