@@ -8,7 +8,9 @@
 
 One step = forward + backward + fused AdamW on the same config, batch and sequence length. `--dtype bf16` (the
 default, as the transformers reference of docs/DESIGN.md §8: 86.8K tokens/s, ~19.5% MFU) keeps the weights in bf16;
-`--dtype amp` keeps fp32 masters under bf16 autocast, as nanoseek's trainer does. MFU = tokens/s x training
+`--dtype amp` keeps fp32 masters under bf16 autocast, as nanoseek's trainer does; `--dtype master` computes in bf16
+parameters and keeps fp32 masters in the optimizer only (`MasterWeights`: the weights cast once per step instead
+of at every use, a bf16 residual stream), the lever for the trainer's setting. MFU = tokens/s x training
 FLOPs per token (nanoseek.info: 6·N_activated + attention) / the bf16 matmul peak measured in the same run.
 transformers' DeepseekV3 has no MTP module, so its FLOPs per token are counted without it; nanoseek trains its
 MTP depth (the MTP loss is part of the step).
@@ -45,7 +47,7 @@ BUCKETS = [("attention", ("flash", "fmha", "attention", "sdpa")), ("fp8_quant", 
 
 def build(name: str, cfg: ModelConfig, device: torch.device, dtype: str):
     torch.manual_seed(0)
-    param_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    param_dtype = torch.float32 if dtype == "amp" else torch.bfloat16
     if name == "nanoseek":
         with torch.device(device):
             model = build_model(cfg)
@@ -58,6 +60,29 @@ def build(name: str, cfg: ModelConfig, device: torch.device, dtype: str):
             model = DeepseekV3ForCausalLM(hf_cfg)
         flops_cfg = cfg.replace(num_nextn_predict_layers=0)          # no MTP module in transformers
     return model.to(param_dtype), flops_cfg
+
+
+class MasterWeights:
+    """AdamW on fp32 master copies of bf16 parameters (Megatron's mixed-precision optimizer): each step copies the
+    bf16 gradients into the masters' fp32 ones, steps the masters, and copies them back into the parameters."""
+
+    def __init__(self, params, **adamw):
+        self.params = list(params)
+        self.masters = [p.detach().float() for p in self.params]
+        for m in self.masters:
+            m.grad = torch.zeros_like(m)
+        self.opt = torch.optim.AdamW(self.masters, **adamw)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        pairs = [(m.grad, p.grad) for m, p in zip(self.masters, self.params) if p.grad is not None]
+        torch._foreach_copy_([m for m, _ in pairs], [g for _, g in pairs])
+        self.opt.step()
+        torch._foreach_copy_(self.params, self.masters)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
 
 
 def make_step(name: str, model, opt, device: torch.device, dtype: str):
@@ -172,7 +197,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--dtype", choices=["bf16", "amp"], default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "amp", "master"], default="bf16")
     p.add_argument("--compile", action="store_true", help="torch.compile each model before timing")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for nanoseek's blocks (e.g. "
                    "max-autotune-no-cudagraphs); default: torch's")
@@ -201,7 +226,9 @@ def main() -> None:
             else:
                 model = torch.compile(model)
         graph = args.cuda_graph and name == "nanoseek" and device.type == "cuda"
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda", capturable=graph)
+        adamw = dict(lr=1e-4, fused=device.type == "cuda", capturable=graph)
+        opt = MasterWeights(model.parameters(), **adamw) if args.dtype == "master" else \
+            torch.optim.AdamW(model.parameters(), **adamw)
         step = make_step(name, model, opt, device, args.dtype)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
