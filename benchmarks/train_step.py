@@ -148,7 +148,8 @@ def gpu_time(trace: dict) -> dict:
     gaps = []
     end = None
     for start, stop, name, corr in gpu:
-        out["kernels"][bucket_of(name)] = out["kernels"].get(bucket_of(name), 0.0) + (stop - start) / 1e3
+        bucket = bucket_of(name)
+        out["kernels"][bucket] = out["kernels"].get(bucket, 0.0) + (stop - start) / 1e3
         if end is not None and start > end:
             launched = launches.get(corr)
             where = next((p for a, b, p in phases if launched is not None and a <= launched <= b), "other")
@@ -186,7 +187,8 @@ def profile(step, ids, device: torch.device, path: Path, name: str) -> dict:
     buckets: dict[str, float] = {}
     for ev in prof.key_averages():
         if ev.self_cpu_time_total:
-            buckets[bucket_of(ev.key)] = buckets.get(bucket_of(ev.key), 0.0) + ev.self_cpu_time_total / 1e3 / 3
+            bucket = bucket_of(ev.key)
+            buckets[bucket] = buckets.get(bucket, 0.0) + ev.self_cpu_time_total / 1e3 / 3
     return {"kernels": {k: round(v, 2) for k, v in sorted(buckets.items(), key=lambda kv: -kv[1])}}
 
 

@@ -1,6 +1,10 @@
-"""Fixtures the test files share: a micro DeepSeek-V3 shape and a saved micro checkpoint with its tokenizer."""
+"""Fixtures the test files share: a micro DeepSeek-V3 shape, a saved micro checkpoint with its tokenizer, and the
+benchmark scripts loaded as modules."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,3 +55,18 @@ def make_base(root):
 def base_checkpoint(tmp_path_factory):
     """One micro checkpoint (random weights, BPE tokenizer) for the tests that only read it."""
     return make_base(tmp_path_factory.mktemp("micro"))
+
+
+@pytest.fixture
+def load_benchmark(monkeypatch):
+    """load_benchmark("fp8") -> benchmarks/fp8.py as a module (its directory on sys.path: the scripts import
+    their sibling `common`)."""
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"{name}_bench", bench_dir / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

@@ -4,8 +4,6 @@ The reference here is independent of nanoseek.train.fp8: tiles are quantised one
 (scale = amax/448, round to e4m3) and products are taken in float64.
 """
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -281,15 +279,11 @@ def test_fp8_ops_trace_into_one_graph_under_torch_compile(quant, monkeypatch):
         assert torch.equal(eager, compiled)
 
 
-def test_benchmark_v3_width_shape_fits_one_gpu(monkeypatch):
+def test_benchmark_v3_width_shape_fits_one_gpu(load_benchmark):
     """benchmarks/fp8.py's V3-width train shape (--width 7168 --layers 4 --moe-width 2048 --experts 16; RESULTS.md,
     2026-12-02) is a valid config whose fp32 weights, grads and AdamW moments (16 B/param) leave room for
     activations on one 139 GiB H200; with no overrides the preset is unchanged."""
-    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench_dir))                    # the script imports its sibling `common`
-    spec = importlib.util.spec_from_file_location("fp8_bench", bench_dir / "fp8.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("fp8")
     cfg = bench.with_experts(bench.widened_small(7168, 4), 2048, 16)
     assert (cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group,
             cfg.topk_group) == (2048, 16, 6, 8, 4)

@@ -117,17 +117,10 @@ def test_grouped_mm_matches_per_expert_loop(device, dtype, H, tol):
         assert ((got.double() - ref).norm() / ref.norm()).item() < tol
 
 
-def test_benchmark_master_weights_step_as_fp32_adamw(monkeypatch):
+def test_benchmark_master_weights_step_as_fp32_adamw(load_benchmark):
     """benchmarks/train_step.py --dtype master: the fp32 masters take exactly fp32 AdamW's steps on the same
     (bf16) gradients, and the bf16 parameters are the masters rounded, after every step."""
-    import importlib.util
-    from pathlib import Path
-
-    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench_dir))                    # the script imports its sibling `common`
-    spec = importlib.util.spec_from_file_location("train_step_bench", bench_dir / "train_step.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("train_step")
     g = torch.Generator().manual_seed(0)
     w = torch.nn.Parameter(torch.randn(8, 4, generator=g).bfloat16())
     unused = torch.nn.Parameter(torch.zeros(3).bfloat16())         # no gradient: left as it is

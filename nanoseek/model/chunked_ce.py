@@ -27,11 +27,11 @@ from __future__ import annotations
 import torch
 
 
-def _row_chunks(logits: torch.Tensor, chunk: int) -> range:
-    """Starts of the leading-dim slices of logits [R, ..., V] holding about `chunk` positions each (at least one
-    leading row): chunking [B, T, V] over B keeps a sliced view (RL's response columns) uncopied."""
+def _rows_per_chunk(logits: torch.Tensor, chunk: int) -> int:
+    """Leading-dim rows of logits [R, ..., V] that hold about `chunk` positions (at least one): chunking
+    [B, T, V] over B keeps a sliced view (RL's response columns) uncopied."""
     per_row = logits[0, ..., 0].numel() if logits.shape[0] else 1
-    return range(0, logits.shape[0], max(1, chunk // per_row))
+    return max(1, chunk // per_row)
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -41,8 +41,8 @@ class _TokenLogprobs(torch.autograd.Function):
         acc = torch.promote_types(logits.dtype, torch.float32)
         lse = torch.empty(targets.shape, device=logits.device, dtype=acc)
         logp = torch.empty_like(lse)
-        step = _row_chunks(logits, chunk).step
-        for s in _row_chunks(logits, chunk):
+        step = _rows_per_chunk(logits, chunk)
+        for s in range(0, logits.shape[0], step):
             z = logits[s:s + step].to(acc)                                                   # [c, ..., V]
             lse[s:s + step] = torch.logsumexp(z, dim=-1)
             logp[s:s + step] = z.gather(-1, targets[s:s + step, ..., None]).squeeze(-1) - lse[s:s + step]
@@ -55,8 +55,8 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, targets, lse = ctx.saved_tensors
         grad = grad.to(lse.dtype)
         out = torch.empty_like(logits)
-        step = _row_chunks(logits, ctx.chunk).step
-        for s in _row_chunks(logits, ctx.chunk):
+        step = _rows_per_chunk(logits, ctx.chunk)
+        for s in range(0, logits.shape[0], step):
             p = torch.exp(logits[s:s + step].to(lse.dtype) - lse[s:s + step, ..., None])       # softmax [c, ..., V]
             p.scatter_add_(-1, targets[s:s + step, ..., None], -torch.ones_like(p[..., :1]))  # − onehot(target)
             out[s:s + step] = p * -grad[s:s + step, ..., None]
@@ -83,8 +83,8 @@ def token_entropy(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     float32 (float64 for float64 logits), no gradient: logits [R, ..., V] -> [R, ...]."""
     acc = torch.promote_types(logits.dtype, torch.float32)
     out = torch.empty(logits.shape[:-1], device=logits.device, dtype=acc)
-    step = _row_chunks(logits, chunk).step
-    for s in _row_chunks(logits, chunk):
+    step = _rows_per_chunk(logits, chunk)
+    for s in range(0, logits.shape[0], step):
         z = logits[s:s + step].to(acc)
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
         out[s:s + step] = (torch.exp(z - lse) * (lse - z)).sum(-1)

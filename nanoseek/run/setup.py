@@ -58,9 +58,8 @@ def steps_with_gc(steps: range, full_every: int = 100) -> Iterator[int]:
     instead of wherever an allocation count trips it.
 
     Once the first step has compiled its graphs the process holds many long-lived Python objects (graphs, guards,
-    generated code), and an
-    automatic full collection over them stops the host wherever it falls: on the H200 a run of 12 GRPO steps of
-    ~1.05 s made 3 of them, 0.18-0.29 s each (benchmarks/RESULTS.md), a fifth of a step. So automatic collection
+    generated code), and an automatic full collection over them stops the host wherever it falls: on the H200 a
+    run of 12 GRPO steps of ~1.05 s made 3 of them, 0.18-0.29 s each (benchmarks/RESULTS.md), a fifth of a step. So automatic collection
     is off inside the loop; after the first step everything alive is collected once and frozen (`gc.freeze`: out
     of every later traversal), each later step ends with a young-generation collection (milliseconds: what a step
     allocates), and every `full_every` steps with a full one over what is not frozen. torchtitan's trainers switch
@@ -71,11 +70,12 @@ def steps_with_gc(steps: range, full_every: int = 100) -> Iterator[int]:
     try:
         for i, step in enumerate(steps):
             yield step
-            if i == 0:
+            if i == 0 or (i + 1) % full_every == 0:
                 gc.collect()
-                gc.freeze()
             else:
-                gc.collect() if (i + 1) % full_every == 0 else gc.collect(1)
+                gc.collect(1)
+            if i == 0:
+                gc.freeze()
     finally:
         gc.unfreeze()
         if enabled:
