@@ -101,3 +101,32 @@ def test_token_logprobs_keep_no_float32_logits_for_the_backward():
     whole = lambda: logits.float().gather(-1, tokens[..., None]).squeeze(-1) - logits.float().logsumexp(-1)  # noqa: E731
     assert _saved_float32_elements(whole) >= B * T * V                 # the unchunked form: all of them
     assert _saved_float32_elements(lambda: token_logprobs(logits, tokens, 64)) <= B * T
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_token_logprobs_on_cuda_bf16_match_float64_with_one_chunk_of_float32_at_a_time():
+    """The RL update's path on the GPU: bf16 logits of a Qwen-sized vocabulary, log-probs and gradient against the
+    float64 log-softmax of the same bf16 values, and peak extra memory of about one float32 chunk, not [B, T, V]."""
+    from nanoseek.model.chunked_ce import token_entropy, token_logprobs
+
+    B, T, V, chunk = 8, 96, 151_936, 256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = (3 * torch.randn(B, T, V, device="cuda", generator=g)).bfloat16().requires_grad_(True)
+    tokens = torch.randint(0, V, (B, T), device="cuda", generator=g)
+    upstream = torch.randn(B, T, device="cuda", generator=g)
+    ref = F.log_softmax(logits.detach().double(), dim=-1)
+    ref_logp = ref.gather(-1, tokens[..., None]).squeeze(-1)
+    grad_ref = (ref.exp().neg_().scatter_add_(-1, tokens[..., None], torch.ones_like(ref[..., :1]))
+                * upstream.double()[..., None])
+    del ref
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    logp = token_logprobs(logits, tokens, chunk)
+    (grad,) = torch.autograd.grad((logp * upstream).sum(), logits)
+    extra = torch.cuda.max_memory_allocated() - base - grad.numel() * grad.element_size()
+    assert extra < 4 * chunk * V * 4                     # a few float32 chunks at most; the whole would be 58x that
+    assert torch.allclose(logp.double(), ref_logp, rtol=0, atol=1e-4)
+    assert torch.allclose(grad.double(), grad_ref, rtol=2e-2, atol=1e-4)      # bf16 output of the gradient
+    p = F.softmax(logits.detach()[:2].double(), dim=-1)
+    assert torch.allclose(token_entropy(logits[:2], chunk).double(), -(p * p.clamp_min(1e-300).log()).sum(-1), atol=1e-3)

@@ -207,6 +207,40 @@ def test_only_selected_experts_run():
     assert flops.get_total_flops() == 2 * N * (H * cfg.n_routed_experts + K * 3 * H * I + shared)
 
 
+def test_every_expert_pass_equals_the_routed_experts_in_float64():
+    """The decode step's dense form (every expert on every row, weight 0 off the route) gives the routed sum."""
+    torch.manual_seed(5)
+    cfg = tiny_cfg()
+    layer = DeepseekV3ForCausalLM(cfg).model.layers[1].mlp.double()
+    x = torch.randn(40, cfg.hidden_size, dtype=torch.float64)
+    _, idx, w = layer.gate(x)
+    counts = torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts)
+    with torch.no_grad():
+        routed = layer.dispatcher(x, idx, w, counts, layer.experts)
+        dense = layer.experts.every_expert(x, idx, w)
+    assert torch.allclose(dense, routed, rtol=1e-12, atol=1e-13)
+    assert not layer.every_expert_pays(x)                       # the CPU keeps the routed path (compute-bound)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_sized_batches_take_the_every_expert_pass_on_cuda():
+    torch.manual_seed(6)
+    cfg = tiny_cfg(n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4)
+    layer = DeepseekV3ForCausalLM(cfg).model.layers[1].mlp.cuda().bfloat16()
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    rows = lambda n: torch.randn(n, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    with torch.no_grad():
+        assert layer.every_expert_pays(rows(2 * E // K + 1)) and layer.every_expert_pays(rows(128))
+        assert not layer.every_expert_pays(rows(2 * E // K - 1)) and not layer.every_expert_pays(rows(129))
+        x = rows(64)
+        _, idx, w = layer.gate(x)
+        counts = torch.bincount(idx.flatten(), minlength=E)
+        routed = layer.dispatcher(x, idx, w, counts, layer.experts).float()
+        dense = layer.experts.every_expert(x, idx, w).float()
+    assert not layer.every_expert_pays(x)                       # with a gradient: training keeps the routed path
+    assert (dense - routed).abs().max() <= 2e-2 * routed.abs().max()
+
+
 @pytest.mark.parametrize("by_rank", [True, False])
 @pytest.mark.parametrize("slots,E", [(1, 64), (8, 64), (512, 64), (5000, 8)])
 def test_expert_order_is_the_stable_sort_by_expert(slots, E, by_rank):

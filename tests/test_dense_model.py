@@ -180,3 +180,5 @@ def test_masked_attention_on_cuda_matches_float64_and_builds_no_cudnn_plan(kv_he
     ref = s.masked_fill(~mask, float("-inf")).softmax(-1) @ vv
     assert (out.double() - ref).abs().max() < 2e-2
     assert q.grad.isfinite().all() and k.grad.shape == k.shape
+    narrow = sdpa(q, k, v[..., :48], mask)           # MLA's shape: v narrower than q/k, taken unpadded
+    assert narrow.shape[-1] == 48 and (narrow.double() - ref[..., :48]).abs().max() < 2e-2

@@ -17,7 +17,7 @@ memory: one chunk (chunk × V × 4 bytes, ~0.6 GB for 1024 rows of a 152K vocabu
     chunked_cross_entropy   its masked mean (train.loss_chunk; labels -100 = no target)
     token_entropy           the softmax entropy per position, chunked, no gradient (a metric)
 
-On CUDA with train.compile the compiled `cross_entropy` of block.py already fuses the upcast away in
+On CUDA the per-chunk arithmetic is compiled (`_on`). With train.compile the compiled `cross_entropy` of block.py already fuses the upcast away in
 pretraining; these serve the eager paths (the RL update, train.compile=false, the CPU) and shapes where even the
 fused kernel's working set is too large.
 """
@@ -34,18 +34,52 @@ def _rows_per_chunk(logits: torch.Tensor, chunk: int) -> int:
     return max(1, chunk // per_row)
 
 
+# The per-chunk arithmetic. Eager, each is a chain of full passes over a float32 [c, ..., V] chunk (upcast,
+# subtract, exp, sum, ...): a GRPO update of a Qwen2.5-0.5B-shaped model spent ~250 of its ~600 ms of kernel time
+# in them on an H200 (benchmarks/RESULTS.md, 2026-12-04). On CUDA they run through torch.compile (dynamic shapes:
+# one compilation for every chunk size), which reads the bf16 chunk once or twice and writes only the result.
+
+def _lse(z: torch.Tensor) -> torch.Tensor:
+    """z [c, ..., V] -> log Σ exp z [c, ...] in float32 (float64 for float64 z)."""
+    return torch.logsumexp(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
+
+
+def _grad(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """d(g · log p(target))/dz = (onehot(target) − softmax(z)) · g for a chunk, in z's dtype."""
+    p = torch.exp(z.to(lse.dtype) - lse[..., None])                                      # softmax [c, ..., V]
+    hit = torch.arange(z.shape[-1], device=z.device) == targets[..., None]               # onehot(target)
+    return ((hit.to(p.dtype) - p) * grad[..., None]).to(z.dtype)
+
+
+def _entropy(z: torch.Tensor) -> torch.Tensor:
+    """H = Σ p·(lse − z) per position (no cancellation between two large terms), float32 (float64)."""
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    return (torch.exp(z - lse) * (lse - z)).sum(-1)
+
+
+_COMPILED: dict = {}
+
+
+def _on(device: torch.device, fn):
+    """fn as it runs on `device`: compiled on CUDA (once per process), eager elsewhere (the CPU's tiny shapes
+    gain nothing worth a compilation)."""
+    if device.type != "cuda":
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
         # logits [R, ..., V] (any float dtype), targets [R, ...] in [0, V) -> log p [R, ...] in float32 (float64)
-        acc = torch.promote_types(logits.dtype, torch.float32)
-        lse = torch.empty(targets.shape, device=logits.device, dtype=acc)
-        logp = torch.empty_like(lse)
-        step = _rows_per_chunk(logits, chunk)
+        lse = torch.empty(targets.shape, device=logits.device, dtype=torch.promote_types(logits.dtype, torch.float32))
+        step, lse_of = _rows_per_chunk(logits, chunk), _on(logits.device, _lse)
         for s in range(0, logits.shape[0], step):
-            z = logits[s:s + step].to(acc)                                                   # [c, ..., V]
-            lse[s:s + step] = torch.logsumexp(z, dim=-1)
-            logp[s:s + step] = z.gather(-1, targets[s:s + step, ..., None]).squeeze(-1) - lse[s:s + step]
+            lse[s:s + step] = lse_of(logits[s:s + step])
+        logp = logits.gather(-1, targets[..., None]).squeeze(-1).to(lse.dtype) - lse       # z[target] − lse
         ctx.save_for_backward(logits, targets, lse)
         ctx.chunk = chunk
         return logp
@@ -55,11 +89,9 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, targets, lse = ctx.saved_tensors
         grad = grad.to(lse.dtype)
         out = torch.empty_like(logits)
-        step = _rows_per_chunk(logits, ctx.chunk)
+        step, grad_of = _rows_per_chunk(logits, ctx.chunk), _on(logits.device, _grad)
         for s in range(0, logits.shape[0], step):
-            p = torch.exp(logits[s:s + step].to(lse.dtype) - lse[s:s + step, ..., None])       # softmax [c, ..., V]
-            p.scatter_add_(-1, targets[s:s + step, ..., None], -torch.ones_like(p[..., :1]))  # − onehot(target)
-            out[s:s + step] = p * -grad[s:s + step, ..., None]
+            out[s:s + step] = grad_of(logits[s:s + step], targets[s:s + step], lse[s:s + step], grad[s:s + step])
         return out, None, None
 
 
@@ -79,13 +111,10 @@ def chunked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk: int
 
 @torch.no_grad()
 def token_entropy(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Entropy of the softmax at each position, H = Σ p·(lse − z) (no cancellation between two large terms), in
-    float32 (float64 for float64 logits), no gradient: logits [R, ..., V] -> [R, ...]."""
-    acc = torch.promote_types(logits.dtype, torch.float32)
-    out = torch.empty(logits.shape[:-1], device=logits.device, dtype=acc)
-    step = _rows_per_chunk(logits, chunk)
+    """Entropy of the softmax at each position in float32 (float64 for float64 logits), no gradient:
+    logits [R, ..., V] -> [R, ...]."""
+    out = torch.empty(logits.shape[:-1], device=logits.device, dtype=torch.promote_types(logits.dtype, torch.float32))
+    step, entropy_of = _rows_per_chunk(logits, chunk), _on(logits.device, _entropy)
     for s in range(0, logits.shape[0], step):
-        z = logits[s:s + step].to(acc)
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        out[s:s + step] = (torch.exp(z - lse) * (lse - z)).sum(-1)
+        out[s:s + step] = entropy_of(logits[s:s + step])
     return out

@@ -92,8 +92,10 @@ class MLA(packed_linears.Packable):
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, self.n_heads, -1, -1)], dim=-1)
         qk_dim = q.shape[-1]
-        if q.is_cuda:                               # flash attention wants equal head dims: pad v, slice after
-            pad = self.v_dim < qk_dim and not _cudnn_takes(q.device.index, q.dtype, qk_dim, self.v_dim)
+        if q.is_cuda:       # flash attention wants equal head dims: pad v, slice after, unless cuDNN (causal) or
+                            # the memory-efficient kernel (every masked call, see attention.sdpa) takes unequal ones
+            pad = (self.v_dim < qk_dim and mask is None
+                   and not _cudnn_takes(q.device.index, q.dtype, qk_dim, self.v_dim))
         else:   # the CPU's fp32 flash kernel too (unpadded: the math path, T x T scores, ~25% slower at the tiny
                 # shape); its bf16 backward disagreed with the math path in tests/test_parallel_equivalence.py
             pad = self.v_dim < qk_dim and q.dtype == torch.float32

@@ -6,9 +6,9 @@ is moved by the load-based rule in `update_router_biases` instead. Group-limited
 at most `topk_group` of `n_group` expert groups (node-limited routing: groups = nodes under expert parallel).
 
 Execution: the N·K (token, expert) pairs are sorted by expert and every expert runs once on its contiguous
-slice (no token dropping, no dense all-experts pass). All expert GEMMs go through `grouped_mm`, the seam
-that FP8 replaces; moving rows to the experts and back goes through `MoE.dispatcher`, the seam that expert
-parallelism replaces. Shapes stay static and nothing reads the device from the host, so on
+slice (no token dropping). All expert GEMMs go through `grouped_mm`, the seam that FP8 replaces; moving rows
+to the experts and back goes through `MoE.dispatcher`, the seam that expert parallelism replaces. A decode step
+of enough rows runs every expert densely instead (`MoE.every_expert_pays`). Shapes stay static and nothing reads the device from the host, so on
 CUDA a whole MoE layer compiles into one graph (`nanoseek.model.compile.compile_blocks`). Moving rows into
 and out of expert order uses only gathers and dense sums, forward and backward: no atomics, deterministic.
 """
@@ -206,6 +206,17 @@ class GroupedExperts(nn.Module):
         gate, up = grouped_mm(x_sorted, self.gate_up_proj, offs).chunk(2, dim=-1)
         return grouped_mm(F.silu(gate) * up, self.down_proj, offs)
 
+    def every_expert(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_k w_k·E_{idx_k}(x) computed by running EVERY expert on every row, weight 0 off the row's route:
+        x [N, H], idx/weights [N, K] -> [N, H]. The decode step's form (see `MoE.every_expert_pays`): two dense
+        GEMMs instead of a sort, two gathers and a grouped GEMM over near-empty groups."""
+        E, two_i, H = self.gate_up_proj.shape
+        w = torch.zeros(x.shape[0], E, device=x.device, dtype=weights.dtype).scatter_(1, idx, weights)  # [N, E]
+        gate, up = (x @ self.gate_up_proj.view(E * two_i, H).t()).view(-1, E, two_i).chunk(2, dim=-1)
+        act = F.silu(gate) * up * w[..., None].to(up.dtype)                                 # [N, E, I]
+        # [E, N, I] @ [E, I, H] -> [E, N, H], summed over the experts (down_proj read in place, no copy)
+        return torch.bmm(act.transpose(0, 1), self.down_proj.transpose(1, 2)).sum(0)
+
 
 def expert_order(flat_idx: torch.Tensor, counts: torch.Tensor,
                  by_rank: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,10 +287,27 @@ class MoE(nn.Module):
                 self.gate.expert_load += counts
         if torch.is_autocast_enabled(x.device.type):                             # move rows in the GEMM dtype
             flat = flat.to(torch.get_autocast_dtype(x.device.type))
-        y = self.dispatcher(flat, idx, weights, counts, self.experts).to(x.dtype)  # [N, H]
+        if self.every_expert_pays(flat):
+            y = self.experts.every_expert(flat, idx, weights).to(x.dtype)              # [N, H]
+        else:
+            y = self.dispatcher(flat, idx, weights, counts, self.experts).to(x.dtype)  # [N, H]
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(B, T, H), self._balance_loss(scores, idx, B, T) if self.training else None
+
+    # Rows up to which a GEMM over ALL experts stays bound by reading their weights: it does 2·N flops per weight
+    # byte read, under the bf16 ridge point of an H100/H200 (~700 TFLOP/s achieved over 3.3-4.8 TB/s: 150-200).
+    EVERY_EXPERT_MAX_ROWS = 128
+
+    def every_expert_pays(self, x: torch.Tensor) -> bool:
+        """Whether `GroupedExperts.every_expert` is the faster way for these N rows: a decode step on CUDA (no
+        gradient, experts local) with N·K ≥ 2E routed slots — then ≥ 86 % of the experts are touched (1 − e^-2),
+        so the routed GEMMs read nearly all expert weights anyway — and N ≤ EVERY_EXPERT_MAX_ROWS, so the
+        E/K-fold FLOPs of the dense pass hide under that read. On an H200 at batch 64 (`small`: 64 experts, top-6)
+        the grouped GEMM read the weights at ~2 TB/s with ~15 us of sort and gathers per layer around it."""
+        N = x.shape[0]
+        return (x.is_cuda and not torch.is_grad_enabled() and type(self.dispatcher) is LocalDispatch
+                and 2 * self.n_experts <= N * self.top_k and N <= self.EVERY_EXPERT_MAX_ROWS)
 
     def _balance_loss(self, scores: torch.Tensor, idx: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """V3 eq. 17-20: f_i = E/(K·T)·#tokens of the sequence sent to i, P_i = mean_t s_i,t / Σ_j s_j,t."""
