@@ -17,9 +17,9 @@ memory: one chunk (chunk × V × 4 bytes, ~0.6 GB for 1024 rows of a 152K vocabu
     chunked_cross_entropy   its masked mean (train.loss_chunk; labels -100 = no target)
     token_entropy           the softmax entropy per position, chunked, no gradient (a metric)
 
-On CUDA the per-chunk arithmetic is compiled (`_on`). With train.compile the compiled `cross_entropy` of block.py already fuses the upcast away in
-pretraining; these serve the eager paths (the RL update, train.compile=false, the CPU) and shapes where even the
-fused kernel's working set is too large.
+On CUDA the per-chunk arithmetic is compiled (`_on`). In pretraining with train.compile the compiled
+`cross_entropy` of block.py already fuses the upcast away; these serve the eager paths (the RL update,
+train.compile=false, the CPU) and shapes where even the fused kernel's working set is too large.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ at most `topk_group` of `n_group` expert groups (node-limited routing: groups = 
 Execution: the N·K (token, expert) pairs are sorted by expert and every expert runs once on its contiguous
 slice (no token dropping). All expert GEMMs go through `grouped_mm`, the seam that FP8 replaces; moving rows
 to the experts and back goes through `MoE.dispatcher`, the seam that expert parallelism replaces. A decode step
-of enough rows runs every expert densely instead (`MoE.every_expert_pays`). Shapes stay static and nothing reads the device from the host, so on
-CUDA a whole MoE layer compiles into one graph (`nanoseek.model.compile.compile_blocks`). Moving rows into
-and out of expert order uses only gathers and dense sums, forward and backward: no atomics, deterministic.
+of enough rows runs every expert densely instead (`MoE.every_expert_pays`). Shapes stay static and nothing reads
+the device from the host, so on CUDA a whole MoE layer compiles into one graph
+(`nanoseek.model.compile.compile_blocks`). Moving rows into and out of expert order uses only gathers and dense
+sums, forward and backward: no atomics, deterministic.
 """
 
 from __future__ import annotations
@@ -295,8 +296,9 @@ class MoE(nn.Module):
             y = y + self.shared_experts(flat)
         return y.view(B, T, H), self._balance_loss(scores, idx, B, T) if self.training else None
 
-    # Rows up to which a GEMM over ALL experts stays bound by reading their weights: it does 2·N flops per weight
-    # byte read, under the bf16 ridge point of an H100/H200 (~700 TFLOP/s achieved over 3.3-4.8 TB/s: 150-200).
+    # Rows up to which a GEMM over ALL experts stays bound by reading their weights: it does N flops per weight
+    # byte read (2N per bf16 weight), under the bf16 ridge point of an H100/H200 (~700 TFLOP/s achieved over
+    # 3.3-4.8 TB/s: 150-200 flops per byte).
     EVERY_EXPERT_MAX_ROWS = 128
 
     def every_expert_pays(self, x: torch.Tensor) -> bool:
@@ -304,7 +306,7 @@ class MoE(nn.Module):
         gradient, experts local) with N·K ≥ 2E routed slots — then ≥ 86 % of the experts are touched (1 − e^-2),
         so the routed GEMMs read nearly all expert weights anyway — and N ≤ EVERY_EXPERT_MAX_ROWS, so the
         E/K-fold FLOPs of the dense pass hide under that read. On an H200 at batch 64 (`small`: 64 experts, top-6)
-        the grouped GEMM read the weights at ~2 TB/s with ~15 us of sort and gathers per layer around it."""
+        the grouped GEMM read the weights at ~2 TB/s, with ~10 us of group setup, ranking and gathers per layer."""
         N = x.shape[0]
         return (x.is_cuda and not torch.is_grad_enabled() and type(self.dispatcher) is LocalDispatch
                 and 2 * self.n_experts <= N * self.top_k and N <= self.EVERY_EXPERT_MAX_ROWS)
