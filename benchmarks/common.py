@@ -63,3 +63,19 @@ def bf16_peak_tflops(device: torch.device, n: int = 8192) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = time_ms(lambda: a @ b, device, warmup=3, iters=10 if device.type == "cuda" else 3)
     return 2 * n ** 3 / ms / 1e9
+
+
+def kernel_table(prof, runs: int = 1, top: int = 20) -> dict:
+    """GPU kernels of a finished `torch.profiler.profile` over `runs` repetitions: kernels per run, their summed
+    time per run (ms) and the `top` kernels by time as [name, calls per run, us per run]. When the sum is close
+    to the measured wall time, the work is bound by its kernels, and the table says which."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        entry = by_name.setdefault(e.name[:100], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.device_time
+    table = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"kernels_per_step": round(len(kernels) / runs),
+            "kernel_ms_per_step": round(sum(e.device_time for e in kernels) / runs / 1e3, 3),
+            "top_kernels_us_per_step": [[name, round(n / runs, 1), round(us / runs, 1)] for name, (n, us) in table]}

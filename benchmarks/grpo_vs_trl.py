@@ -15,11 +15,13 @@ side is skipped. One JSON line per engine, then the comparison.
 
     python benchmarks/grpo_vs_trl.py --quick                     # CPU: a 2-layer dense model, 2 steps
     python benchmarks/grpo_vs_trl.py --model qwen0.5b --steps 8   # GPU: Qwen2.5-0.5B's shape, 16 x 8 x 256
+    python benchmarks/grpo_vs_trl.py --model qwen0.5b --engines nanoseek --profile-update   # where the update goes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from common import emit, header  # benchmarks/ is the script's directory, first on sys.path
+from common import emit, header, kernel_table  # benchmarks/ is the script's directory, first on sys.path
 from nanoseek.cli import process_defaults
 from nanoseek.config import DenseConfig
 from nanoseek.hf import save_pretrained
@@ -98,6 +100,39 @@ class GCPauses:
                 self.pauses.append(round(time.perf_counter() - self.t0, 3))
 
 
+class UpdateProfile:
+    """--profile-update: torch.profiler around the policy update of the first timed step (nanoseek's
+    `update_policy`, wrapped for the run and restored after): the update's wall time under the profiler, its
+    kernels and their summed time, and the top kernels (common.kernel_table)."""
+
+    def __init__(self, at_call: int):
+        import nanoseek.rl.trainer as rl_trainer
+        self.module, self.at_call, self.calls, self.result = rl_trainer, at_call, 0, {}
+
+    def __enter__(self):
+        self.real = self.module.update_policy
+        self.module.update_policy = self.update
+        return self
+
+    def __exit__(self, *exc):
+        self.module.update_policy = self.real
+
+    def update(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls != self.at_call:
+            return self.real(*args, **kwargs)
+        from torch.profiler import ProfilerActivity, profile
+        cuda = torch.cuda.is_available()
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            out = self.real(*args, **kwargs)
+            sync()
+        self.result = {"update_profiled_ms": round((time.perf_counter() - t0) * 1e3, 1), **kernel_table(prof, top=30)}
+        return out
+
+
 def run_nanoseek(path: Path, out: Path, a) -> tuple[list[float], dict]:
     """Step times, and each step's rollout and update throughput from metrics.jsonl."""
     if a.automatic_gc:                       # the ablation: the loop without nanoseek.run.steps_with_gc
@@ -109,13 +144,16 @@ def run_nanoseek(path: Path, out: Path, a) -> tuple[list[float], dict]:
             "sampling.temperature=1.0", "sampling.stop=[]", f"rl.group_size={a.group}", "rl.beta=0.0", "rl.mu=1",
             'rl.aggregation="dapo"', "eval.problems=0", "optim.lr=1e-6", "optim.warmup_steps=0", *a.set]
     cfg = load_recipe(RLConfig, None, sets)
-    with GCPauses() as gc_pauses:
+    profiler = UpdateProfile(a.warmup + 1) if a.profile_update else contextlib.nullcontext()
+    with GCPauses() as gc_pauses, profiler:
         train_rl(cfg, out, progress=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "step_time" in r]
     detail = {k: [round(r.get(k, 0.0)) for r in records] for k in ("gen_tokens_per_s", "train_tokens_per_s")}
     detail["step_end_unix_s"] = [r["time"] for r in records]     # to line steps up with outside samples (clocks)
     detail["full_gc_pauses_s"] = gc_pauses.pauses
+    if a.profile_update:
+        detail["update_profile"] = profiler.result
     if torch.cuda.is_available():
         detail["peak_allocated_GB"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
         detail["peak_reserved_GB"] = round(torch.cuda.max_memory_reserved() / 2**30, 1)
@@ -177,6 +215,8 @@ def main() -> None:
                     "64 is nanoseek's train.micro_batch default")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--engines", nargs="+", default=["nanoseek", "trl"])
+    ap.add_argument("--profile-update", action="store_true", help="nanoseek: profile the first timed step's policy "
+                    "update (its kernels and their time, in the record's update_profile)")
     ap.add_argument("--automatic-gc", action="store_true", help="nanoseek: leave Python's garbage collector "
                     "automatic inside the loop (what nanoseek.run.steps_with_gc buys)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

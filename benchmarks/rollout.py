@@ -31,6 +31,7 @@ from unittest import mock
 
 import torch
 
+from common import kernel_table  # benchmarks/ is the script's directory, first on sys.path
 from nanoseek.config import DenseConfig, ModelConfig
 from nanoseek.hf import save_pretrained
 from nanoseek.model import attention, build_model, packed_linears
@@ -104,8 +105,7 @@ def time_nanoseek(model, prompts, new_tokens: int, decode: str, amp: bool) -> fl
 
 def profile_step(model, runs: int = 3, top: int = 20) -> dict:
     """Kernels one decode step launches and their summed GPU time (torch.profiler over `runs` steps as `generate`
-    runs them: graph replays, in the engine's packed-linear context), and the `top` kernels by time: when the
-    sum is close to the measured step, the step is bound by its kernels, and the table says which."""
+    runs them: graph replays, in the engine's packed-linear context), and the `top` kernels by time."""
     dec = next(reversed(rollout._DECODERS[model].values()))
     from torch.profiler import ProfilerActivity, profile
     with torch.no_grad(), packed_linears.decoding():
@@ -115,16 +115,7 @@ def profile_step(model, runs: int = 3, top: int = 20) -> dict:
             for _ in range(runs):
                 dec.step(None)
             torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name: dict[str, list] = {}
-    for e in kernels:
-        entry = by_name.setdefault(e.name[:100], [0, 0.0])
-        entry[0] += 1
-        entry[1] += e.device_time
-    table = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
-    return {"graph": dec.use_graph, "kernels_per_step": round(len(kernels) / runs),
-            "kernel_ms_per_step": round(sum(e.device_time for e in kernels) / runs / 1e3, 3),
-            "top_kernels_us_per_step": [[name, round(n / runs, 1), round(us / runs, 1)] for name, (n, us) in table]}
+    return {"graph": dec.use_graph, **kernel_table(prof, runs, top)}
 
 
 def time_transformers(hf_model, prompts, new_tokens: int) -> float:
