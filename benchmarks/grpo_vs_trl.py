@@ -4,7 +4,8 @@ Both train the very same weights (a random-weight dense model saved once in the 
 prompts of the same kind (nanoseek's arithmetic and linear-equation problems under the model's chat template),
 one optimizer step per generation batch of `prompts x group` completions of `new_tokens` tokens (random weights
 never say eos early, so every completion has the full length in both), DAPO's token-mean loss, β = 0, μ = 1,
-bf16 autocast over fp32 master weights, micro-batches of `micro` rows. The reward is the task verifier in both
+bf16 autocast over fp32 master weights, micro-batches of `micro` rows; nanoseek otherwise with its defaults
+(`train.compile = "auto"`: on CUDA a dense model's update runs eager, its log-prob arithmetic compiled). The reward is the task verifier in both
 (it scores random text 0, which costs the same in both). TRL generates with transformers (no vLLM).
 
 A step is timed from its start to its end, rollouts, rewards and update included: nanoseek's `step_time` in
@@ -139,7 +140,7 @@ def run_nanoseek(path: Path, out: Path, a) -> tuple[list[float], dict]:
         import nanoseek.rl.trainer as rl_trainer
         rl_trainer.steps_with_gc = iter
     sets = [f"train.steps={a.steps}", f"train.prompts={a.prompts}", f"train.micro_batch={a.micro}",
-            f"train.precision={a.precision}", f"train.init={path}", "train.compile=false", "checkpoint.every=0",
+            f"train.precision={a.precision}", f"train.init={path}", "checkpoint.every=0",
             f"tasks.names={json.dumps(FAMILY_NAMES)}", "tasks.template=chat", f"sampling.max_new_tokens={a.new_tokens}",
             "sampling.temperature=1.0", "sampling.stop=[]", f"rl.group_size={a.group}", "rl.beta=0.0", "rl.mu=1",
             'rl.aggregation="dapo"', "eval.problems=0", "optim.lr=1e-6", "optim.warmup_steps=0", *a.set]

@@ -104,7 +104,8 @@ def test_token_logprobs_keep_no_float32_logits_for_the_backward():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_token_logprobs_on_cuda_bf16_match_float64_with_one_chunk_of_float32_at_a_time():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_token_logprobs_on_cuda_bf16_match_float64_with_one_chunk_of_float32_at_a_time(compiled):
     """The RL update's path on the GPU: bf16 logits of a Qwen-sized vocabulary, log-probs and gradient against the
     float64 log-softmax of the same bf16 values, and peak extra memory of about one float32 chunk, not [B, T, V]."""
     from nanoseek.model.chunked_ce import token_entropy, token_logprobs
@@ -122,11 +123,11 @@ def test_token_logprobs_on_cuda_bf16_match_float64_with_one_chunk_of_float32_at_
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    logp = token_logprobs(logits, tokens, chunk)
+    logp = token_logprobs(logits, tokens, chunk, compiled)
     (grad,) = torch.autograd.grad((logp * upstream).sum(), logits)
     extra = torch.cuda.max_memory_allocated() - base - grad.numel() * grad.element_size()
     assert extra < 4 * chunk * V * 4                     # a few float32 chunks at most; the whole would be 58x that
     assert torch.allclose(logp.double(), ref_logp, rtol=0, atol=1e-4)
     assert torch.allclose(grad.double(), grad_ref, rtol=2e-2, atol=1e-4)      # bf16 output of the gradient
     p = F.softmax(logits.detach()[:2].double(), dim=-1)
-    assert torch.allclose(token_entropy(logits[:2], chunk).double(), -(p * p.clamp_min(1e-300).log()).sum(-1), atol=1e-3)
+    assert torch.allclose(token_entropy(logits[:2], chunk, compiled).double(), -(p * p.clamp_min(1e-300).log()).sum(-1), atol=1e-3)

@@ -17,9 +17,10 @@ memory: one chunk (chunk × V × 4 bytes, ~0.6 GB for 1024 rows of a 152K vocabu
     chunked_cross_entropy   its masked mean (train.loss_chunk; labels -100 = no target)
     token_entropy           the softmax entropy per position, chunked, no gradient (a metric)
 
-On CUDA the per-chunk arithmetic is compiled (`_on`). In pretraining with train.compile the compiled
-`cross_entropy` of block.py already fuses the upcast away; these serve the eager paths (the RL update,
-train.compile=false, the CPU) and shapes where even the fused kernel's working set is too large.
+On CUDA the per-chunk arithmetic can run compiled (`compiled=True`: the RL trainer passes what `train.compile`
+says). In pretraining with train.compile the compiled `cross_entropy` of block.py already fuses the upcast away;
+these serve the eager paths (the RL update, train.compile=false, the CPU) and shapes where even the fused kernel's
+working set is too large.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def _rows_per_chunk(logits: torch.Tensor, chunk: int) -> int:
 
 # The per-chunk arithmetic. Eager, each is a chain of full passes over a float32 [c, ..., V] chunk (upcast,
 # subtract, exp, sum, ...): a GRPO update of a Qwen2.5-0.5B-shaped model spent ~250 of its ~600 ms of kernel time
-# in them on an H200 (benchmarks/RESULTS.md, 2026-12-04). On CUDA they run through torch.compile (dynamic shapes:
-# one compilation for every chunk size), which reads the bf16 chunk once or twice and writes only the result.
+# in them on an H200 (benchmarks/RESULTS.md, 2026-12-04). Compiled on CUDA (torch.compile, dynamic shapes: one
+# compilation for every chunk size) they read the bf16 chunk once or twice and write only the result.
 
 def _lse(z: torch.Tensor) -> torch.Tensor:
     """z [c, ..., V] -> log Σ exp z [c, ...] in float32 (float64 for float64 z)."""
@@ -61,10 +62,10 @@ def _entropy(z: torch.Tensor) -> torch.Tensor:
 _COMPILED: dict = {}
 
 
-def _on(device: torch.device, fn):
-    """fn as it runs on `device`: compiled on CUDA (once per process), eager elsewhere (the CPU's tiny shapes
-    gain nothing worth a compilation)."""
-    if device.type != "cuda":
+def _on(device: torch.device, fn, compiled: bool):
+    """fn as it runs on `device`: compiled (once per process) when asked and on CUDA; eager on the CPU, whose
+    tiny shapes gain nothing worth a compilation."""
+    if not compiled or device.type != "cuda":
         return fn
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
@@ -73,15 +74,15 @@ def _on(device: torch.device, fn):
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int, compiled: bool) -> torch.Tensor:
         # logits [R, ..., V] (any float dtype), targets [R, ...] in [0, V) -> log p [R, ...] in float32 (float64)
         lse = torch.empty(targets.shape, device=logits.device, dtype=torch.promote_types(logits.dtype, torch.float32))
-        step, lse_of = _rows_per_chunk(logits, chunk), _on(logits.device, _lse)
+        step, lse_of = _rows_per_chunk(logits, chunk), _on(logits.device, _lse, compiled)
         for s in range(0, logits.shape[0], step):
             lse[s:s + step] = lse_of(logits[s:s + step])
         logp = logits.gather(-1, targets[..., None]).squeeze(-1).to(lse.dtype) - lse       # z[target] − lse
         ctx.save_for_backward(logits, targets, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.compiled = chunk, compiled
         return logp
 
     @staticmethod
@@ -89,16 +90,17 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, targets, lse = ctx.saved_tensors
         grad = grad.to(lse.dtype)
         out = torch.empty_like(logits)
-        step, grad_of = _rows_per_chunk(logits, ctx.chunk), _on(logits.device, _grad)
+        step, grad_of = _rows_per_chunk(logits, ctx.chunk), _on(logits.device, _grad, ctx.compiled)
         for s in range(0, logits.shape[0], step):
             out[s:s + step] = grad_of(logits[s:s + step], targets[s:s + step], lse[s:s + step], grad[s:s + step])
-        return out, None, None
+        return out, None, None, None
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024,
+                   compiled: bool = False) -> torch.Tensor:
     """log softmax(logits)[target] in float32 (float64 for float64 logits), with its gradient: logits [R, ..., V],
-    targets [R, ...] (indices in [0, V)) -> [R, ...]."""
-    return _TokenLogprobs.apply(logits, targets, chunk)
+    targets [R, ...] (indices in [0, V)) -> [R, ...]. compiled: the chunk arithmetic through torch.compile on CUDA."""
+    return _TokenLogprobs.apply(logits, targets, chunk, compiled)
 
 
 def chunked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
@@ -110,11 +112,11 @@ def chunked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk: int
 
 
 @torch.no_grad()
-def token_entropy(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def token_entropy(logits: torch.Tensor, chunk: int = 1024, compiled: bool = False) -> torch.Tensor:
     """Entropy of the softmax at each position in float32 (float64 for float64 logits), no gradient:
     logits [R, ..., V] -> [R, ...]."""
     out = torch.empty(logits.shape[:-1], device=logits.device, dtype=torch.promote_types(logits.dtype, torch.float32))
-    step, entropy_of = _rows_per_chunk(logits, chunk), _on(logits.device, _entropy)
+    step, entropy_of = _rows_per_chunk(logits, chunk), _on(logits.device, _entropy, compiled)
     for s in range(0, logits.shape[0], step):
         out[s:s + step] = entropy_of(logits[s:s + step])
     return out

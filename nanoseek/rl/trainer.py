@@ -534,26 +534,27 @@ def update_policy(model, optimizer, par, reference, batch: dict | None, chunks: 
     rc, precision = cfg.rl, cfg.train.precision
     ranks = par.ctx.cfg.dp
     mask = batch["resp_mask"] if batch is not None else None
+    dev = batch["ids"].device if batch is not None else torch.device("cpu")
+    fused = compile_enabled(cfg.train.compile, dev)      # the log-prob and entropy arithmetic compiled (chunked_ce)
     ref_logp = None
     if reference is not None and batch is not None:
         with torch.no_grad():
-            ref_logp = torch.cat([token_logprobs(_response_logits(reference, batch, c, precision), batch["tokens"][c])
-                                  for c in chunks])
+            ref_logp = torch.cat([token_logprobs(_response_logits(reference, batch, c, precision), batch["tokens"][c],
+                                                 compiled=fused) for c in chunks])
     sample_logp = batch.get("sample_logp") if batch is not None else None
     old_logp: list[torch.Tensor] = []
     weights: list[torch.Tensor | None] = []
     # the step's metrics are summed on the device and read once at the end: a host read per micro-batch would
     # stall the launches of the next one (65 reads, 119 ms of a 0.5B model's update on an H200)
-    dev = batch["ids"].device if batch is not None else torch.device("cpu")
     sums = {k: torch.zeros((), dtype=torch.float64, device=dev) for k in (
         "loss", "clip_frac", "clip_frac/low", "clip_frac/high", "entropy", "kl", "rollout/logprob_gap")}
     for it in range(rc.mu):
         for ci, c in enumerate(chunks):
             logits = _response_logits(model, batch, c, precision)
-            logp = token_logprobs(logits, batch["tokens"][c])
+            logp = token_logprobs(logits, batch["tokens"][c], compiled=fused)
             if it == 0:                                        # θ = θ_old here: these ARE the old log-probs
                 old_logp.append(logp.detach())
-                ent = token_entropy(logits.detach())
+                ent = token_entropy(logits.detach(), compiled=fused)
                 sums["entropy"] += (ent * mask[c]).sum() / counts.resp_tokens
                 if sample_logp is not None:                    # the chunk's mean gap × its share of the tokens
                     gap = logprob_gap(old_logp[ci], sample_logp[c], mask[c])
