@@ -303,12 +303,13 @@ class MoE(nn.Module):
 
     def every_expert_pays(self, x: torch.Tensor) -> bool:
         """Whether `GroupedExperts.every_expert` is the faster way for these N rows: a decode step on CUDA (no
-        gradient, experts local) with N·K ≥ 2E routed slots — then ≥ 86 % of the experts are touched (1 − e^-2),
-        so the routed GEMMs read nearly all expert weights anyway — and N ≤ EVERY_EXPERT_MAX_ROWS, so the
-        E/K-fold FLOPs of the dense pass hide under that read. On an H200 at batch 64 (`small`: 64 experts, top-6)
+        gradient, experts local and not FP8) with N·K ≥ 2E routed slots — then ≥ 86 % of the experts are touched
+        (1 − e^-2), so the routed GEMMs read nearly all expert weights anyway — and N ≤ EVERY_EXPERT_MAX_ROWS, so
+        the E/K-fold FLOPs of the dense pass hide under that read. On an H200 at batch 64 (`small`: 64 experts, top-6)
         the grouped GEMM read the weights at ~2 TB/s, with ~10 us of group setup, ranking and gathers per layer."""
         N = x.shape[0]
         return (x.is_cuda and not torch.is_grad_enabled() and type(self.dispatcher) is LocalDispatch
+                and type(self.experts) is GroupedExperts          # FP8 experts keep their own arithmetic
                 and 2 * self.n_experts <= N * self.top_k and N <= self.EVERY_EXPERT_MAX_ROWS)
 
     def _balance_loss(self, scores: torch.Tensor, idx: torch.Tensor, B: int, T: int) -> torch.Tensor:
