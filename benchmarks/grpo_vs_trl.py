@@ -5,8 +5,9 @@ prompts of the same kind (nanoseek's arithmetic and linear-equation problems und
 one optimizer step per generation batch of `prompts x group` completions of `new_tokens` tokens (random weights
 never say eos early, so every completion has the full length in both), DAPO's token-mean loss, β = 0, μ = 1,
 bf16 autocast over fp32 master weights, micro-batches of `micro` rows; nanoseek otherwise with its defaults
-(`train.compile = "auto"`: on CUDA a dense model's update runs eager, its log-prob arithmetic compiled). The reward is the task verifier in both
-(it scores random text 0, which costs the same in both). TRL generates with transformers (no vLLM).
+(`train.compile = "auto"`: on CUDA a dense model's update runs eager, its log-prob arithmetic compiled). The
+reward is the task verifier in both (it scores random text 0, which costs the same in both). TRL generates with
+transformers (no vLLM).
 
 A step is timed from its start to its end, rollouts, rewards and update included: nanoseek's `step_time` in
 metrics.jsonl, TRL's between `on_step_begin` and `on_step_end`. The first `--warmup` steps (model load, CUDA

@@ -18,7 +18,8 @@ MTP depth (the MTP loss is part of the step).
 `--cuda-graph` captures nanoseek's whole step (forward, backward, AdamW with `capturable=True`) in one CUDA graph
 and times its replays: the step with no host in the way, what launch overhead costs. The profile also reports
 how long the GPU sat idle per step and in which phase (forward, backward, optimizer) the kernel that ended each
-idle gap was launched; its kernel buckets come from the trace's kernel events, each kernel counted once: a gap there means the host launched that kernel late.
+idle gap was launched (a gap means the host launched that kernel late); its kernel buckets come from the
+trace's kernel events, each kernel counted once.
 """
 
 from __future__ import annotations

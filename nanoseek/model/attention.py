@@ -57,10 +57,11 @@ DECODE_KERNEL = True    # the split-K Triton kernel for GQA decode steps on CUDA
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """A GQA decode step's attention with SDPA's default scale 1/sqrt(D): q [B, H, G, D] (the G query heads of each KV head as the queries of one
-    head, so the cache is read once per KV head), k [B, H, S, D], v [B, H, S, Dv], mask from `attention_mask_for`
-    ([B|1, 1, 1, S] bool, or None: every slot) -> [B, H, G, Dv]. The split-K kernel on CUDA where it applies;
-    SDPA elsewhere (CPU, an fp32 cache, head dims that are not powers of two, DECODE_KERNEL off)."""
+    """A GQA decode step's attention with SDPA's default scale 1/sqrt(D): q [B, H, G, D] (the G query heads of
+    each KV head as the queries of one head, so the cache is read once per KV head), k [B, H, S, D],
+    v [B, H, S, Dv], mask from `attention_mask_for` ([B|1, 1, 1, S] bool, or None: every slot) -> [B, H, G, Dv].
+    The split-K kernel on CUDA where it applies; SDPA elsewhere (CPU, an fp32 cache, head dims that are not powers
+    of two, DECODE_KERNEL off)."""
     if DECODE_KERNEL and q.is_cuda:
         from nanoseek.kernels import decode_attention as kernel    # lazily: Triton is a GPU install's package
         if kernel.supports(q, k, v):

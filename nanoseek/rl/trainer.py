@@ -50,9 +50,9 @@ from nanoseek.eval import PassAtKConfig, completion_records, evaluate
 from nanoseek.files import atomic_write_bytes, atomic_write_json, read_jsonl
 from nanoseek.hf import load_pretrained
 from nanoseek.model import set_activation_checkpointing
+from nanoseek.model.chunked_ce import token_entropy, token_logprobs
 from nanoseek.parallel import Parallel, ParallelConfig, parallelize
 from nanoseek.rl.algorithms import GRPO, PPO, TRL_GRPO_ALIASES, RLCommonConfig, response_slice
-from nanoseek.model.chunked_ce import token_entropy, token_logprobs
 from nanoseek.rl.grpo import GRPOConfig, policy_loss, zero_variance_groups
 from nanoseek.rl.ppo import PPOConfig
 from nanoseek.rl.tis import logprob_gap, tis_weights

@@ -59,12 +59,12 @@ def steps_with_gc(steps: range, full_every: int = 100) -> Iterator[int]:
 
     Once the first step has compiled its graphs the process holds many long-lived Python objects (graphs, guards,
     generated code), and an automatic full collection over them stops the host wherever it falls: on the H200 a
-    run of 12 GRPO steps of ~1.05 s made 3 of them, 0.18-0.29 s each (benchmarks/RESULTS.md), a fifth of a step. So automatic collection
-    is off inside the loop; after the first step everything alive is collected once and frozen (`gc.freeze`: out
-    of every later traversal), each later step ends with a young-generation collection (milliseconds: what a step
-    allocates), and every `full_every` steps with a full one over what is not frozen. torchtitan's trainers switch
-    automatic collection off for the same reason. The collector's settings are restored when the loop ends or
-    fails."""
+    run of 12 GRPO steps of ~1.05 s made 3 of them, 0.18-0.29 s each (benchmarks/RESULTS.md), a fifth of a step.
+    So automatic collection is off inside the loop; after the first step everything alive is collected once and
+    frozen (`gc.freeze`: out of every later traversal), each later step ends with a young-generation collection
+    (milliseconds: what a step allocates), and every `full_every` steps with a full one over what is not frozen.
+    torchtitan's trainers switch automatic collection off for the same reason. The collector's settings are
+    restored when the loop ends or fails."""
     enabled = gc.isenabled()
     gc.disable()
     try:
